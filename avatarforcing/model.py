@@ -1,0 +1,198 @@
+"""The denoising transformer (Wan2.1 style) with per-frame time modulation and audio injection.
+
+One class serves every size (``ModelConfig``). A pass takes the query frames (the sliding
+window, the anchor, or a clean block), optional prefix keys/values (style anchor + temporal
+history, stored un-rotated) and returns the flow prediction for the query frames, and on
+request each layer's un-rotated keys and values of the query tokens so that they can be cached.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .audio import AudioFrontEnd
+from .config import ModelConfig
+from .rope import RopeTable, apply_rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of t (any shape, in [0, 1000]) -> [..., dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+@dataclass
+class Prefix:
+    """Keys/values the query tokens attend to besides themselves, for one layer.
+
+    k is un-rotated; ``table`` rotates it to its fixed relative positions. ``mask`` [n, M] is
+    True where a prefix token is valid (history frames are missing at the start of a stream).
+    """
+
+    k: torch.Tensor  # [n, M, heads, head_dim]
+    v: torch.Tensor
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, audio: bool) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.norm1 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(d, cfg.eps), RMSNorm(d, cfg.eps)
+        self.cross = cfg.text_len > 0
+        if self.cross:
+            self.norm3 = nn.LayerNorm(d, eps=cfg.eps)
+            self.cq, self.ck, self.cv, self.co = (nn.Linear(d, d) for _ in range(4))
+            self.norm_cq, self.norm_ck = RMSNorm(d, cfg.eps), RMSNorm(d, cfg.eps)
+        self.norm2 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.randn(1, 1, 6, d) / d**0.5)
+        self.audio_proj = nn.Linear(cfg.audio_token_dim, d) if audio else None
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, self.head_dim))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, rope: RopeTable, prefix: Prefix | None,
+                prefix_rope: RopeTable | None, key_mask: torch.Tensor | None, audio: torch.Tensor | None,
+                context: torch.Tensor | None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x [n, F, P, d]; e [n, F, 6, d]; key_mask [n, M + F*P] bool or None."""
+        n, f, p, d = x.shape
+        mod = (self.modulation + e).unsqueeze(3)  # [n, F, 6, 1, d]
+        sh_a, sc_a, g_a, sh_f, sc_f, g_f = mod.unbind(2)
+        h = (self.norm1(x) * (1 + sc_a) + sh_a).reshape(n, f * p, d)
+        q = self._heads(self.norm_q(self.q(h)))
+        k = self._heads(self.norm_k(self.k(h)))
+        v = self._heads(self.v(h))
+        kv_out = (k, v)
+        qr, kr = apply_rope(q, rope), apply_rope(k, rope)
+        if prefix is not None:
+            assert prefix_rope is not None
+            kr = torch.cat([apply_rope(prefix.k, prefix_rope), kr], dim=1)
+            v = torch.cat([prefix.v, v], dim=1)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        a = F.scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask)
+        a = self.o(a.transpose(1, 2).reshape(n, f * p, d)).reshape(n, f, p, d)
+        x = x + g_a * a
+        if self.cross:
+            assert context is not None
+            hq = self._heads(self.norm_cq(self.cq(self.norm3(x).reshape(n, f * p, d))))
+            ck = self._heads(self.norm_ck(self.ck(context))).expand(n, -1, -1, -1)
+            cv = self._heads(self.cv(context)).expand(n, -1, -1, -1)
+            c = F.scaled_dot_product_attention(hq.transpose(1, 2), ck.transpose(1, 2), cv.transpose(1, 2))
+            x = x + self.co(c.transpose(1, 2).reshape(n, f * p, d)).reshape(n, f, p, d)
+        x = x + g_f * self.ffn(self.norm2(x) * (1 + sc_f) + sh_f)
+        if self.audio_proj is not None and audio is not None:
+            x = x + self.audio_proj(audio)[:, :, None, :]
+        return x, kv_out
+
+
+class AvatarDiT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        pt, ph, pw = cfg.patch
+        d = cfg.dim
+        self.patch_embedding = nn.Linear(cfg.in_channels * pt * ph * pw, d)
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        if cfg.text_len > 0:
+            self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"),
+                                                nn.Linear(d, d))
+            # No text encoder ships: a learned constant prompt embedding stands in for umT5's.
+            self.null_context = nn.Parameter(torch.randn(1, cfg.text_len, cfg.text_dim) * 0.02)
+        self.audio_frontend = AudioFrontEnd(cfg)
+        self.audio_token = nn.Sequential(
+            nn.Linear(cfg.frames_per_latent * cfg.audio_feature_dim, cfg.audio_token_dim),
+            nn.LayerNorm(cfg.audio_token_dim),
+        )
+        a0, a1 = cfg.audio_layers
+        self.blocks = nn.ModuleList(Block(cfg, audio=a0 <= i < a1) for i in range(cfg.layers))
+        self.head_norm = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.head_modulation = nn.Parameter(torch.randn(1, 1, 2, d) / d**0.5)
+        self.head = nn.Linear(d, cfg.latent_channels * pt * ph * pw)
+
+    # ---- inputs -------------------------------------------------------------------------
+    def audio_tokens(self, pcm: torch.Tensor) -> torch.Tensor:
+        """pcm [n, context + T*spf] (T a multiple of frames_per_latent) -> [n, T/4, audio_token_dim]."""
+        feats = self.audio_frontend(pcm)  # [n, T, Da]
+        n, t, da = feats.shape
+        k = self.cfg.frames_per_latent
+        return self.audio_token(feats.reshape(n, t // k, k * da))
+
+    def context(self) -> torch.Tensor | None:
+        if self.cfg.text_len == 0:
+            return None
+        return self.text_embedding(self.null_context)
+
+    def patchify(self, lat: torch.Tensor, ref: torch.Tensor, mask_value: float) -> torch.Tensor:
+        """lat [n, F, C, h, w], ref [n, C, h, w] -> tokens [n, F, P, dim]."""
+        n, f, c, h, w = lat.shape
+        _, ph, pw = self.cfg.patch
+        y = ref[:, None].expand(n, f, c, h, w)
+        m = lat.new_full((n, f, 1, h, w), mask_value)
+        x = torch.cat([lat, y, m], dim=2)
+        ci = x.shape[2]
+        x = x.reshape(n, f, ci, h // ph, ph, w // pw, pw).permute(0, 1, 3, 5, 2, 4, 6)
+        x = x.reshape(n, f, (h // ph) * (w // pw), ci * ph * pw)
+        return self.patch_embedding(x)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        n, f, p, _ = x.shape
+        _, ph, pw = self.cfg.patch
+        th, tw = self.cfg.tokens_hw
+        c = self.cfg.latent_channels
+        x = x.reshape(n, f, th, tw, c, ph, pw).permute(0, 1, 4, 2, 5, 3, 6)
+        return x.reshape(n, f, c, th * ph, tw * pw)
+
+    # ---- the pass -----------------------------------------------------------------------
+    def forward(self, lat: torch.Tensor, sigma: torch.Tensor, ref: torch.Tensor, audio: torch.Tensor | None,
+                rope: RopeTable, *, prefix: list[Prefix] | None = None, prefix_rope: RopeTable | None = None,
+                key_mask: torch.Tensor | None = None, mask_value: float = 1.0,
+                context: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Flow prediction (noise - x0) for the query frames.
+
+        lat [n, F, C, h, w] noisy latents; sigma [n, F] noise level per frame in [0, 1];
+        ref [n, C, h, w] reference latent; audio [n, F, audio_token_dim] or None (zero);
+        prefix: per-layer keys/values of the anchor and history (or None);
+        key_mask [n, M + F*P] True where a key takes part (or None: all).
+        Returns (flow [n, F, C, h, w], per-layer un-rotated (k, v) of the query tokens).
+        """
+        x = self.patchify(lat, ref, mask_value)
+        e0 = self.time_embedding(timestep_embedding(sigma * 1000.0, self.cfg.freq_dim).to(x.dtype))
+        n, f = sigma.shape
+        e = self.time_projection(e0).reshape(n, f, 6, self.cfg.dim)
+        if context is None:
+            context = self.context()
+        kvs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for i, blk in enumerate(self.blocks):
+            x, kv = blk(x, e, rope, None if prefix is None else prefix[i], prefix_rope, key_mask, audio, context)
+            kvs.append(kv)
+        sh, sc = (self.head_modulation + e0[:, :, None, :]).unsqueeze(3).unbind(2)
+        out = self.head(self.head_norm(x) * (1 + sc) + sh)
+        return self.unpatchify(out), kvs
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,61 @@
+"""3D rotary position embedding (time, height, width), positions relative to the window.
+
+Every pass builds its tables from small fixed position ranges (anchor, history, window), so
+positions never grow with the stream's length: keys of the anchor and of the clean history are
+stored un-rotated and rotated again at their fixed relative offsets on every step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+
+
+def _inv_freq(dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+
+
+def rope_angles(cfg: ModelConfig, frame_positions: torch.Tensor) -> torch.Tensor:
+    """Angles [F * P, head_dim / 2] for the tokens of the given latent-frame positions.
+
+    Tokens are ordered frame-major, then row, then column, as the patch embedding lays them out.
+    """
+    dt, dh, dw = cfg.rope_split
+    th, tw = cfg.tokens_hw
+    f = frame_positions.to(torch.float64)
+    a_t = f[:, None] * _inv_freq(dt, cfg.rope_theta)[None, :]  # [F, dt/2]
+    a_h = torch.arange(th, dtype=torch.float64)[:, None] * _inv_freq(dh, cfg.rope_theta)[None, :]
+    a_w = torch.arange(tw, dtype=torch.float64)[:, None] * _inv_freq(dw, cfg.rope_theta)[None, :]
+    nf = f.shape[0]
+    at = a_t[:, None, None, :].expand(nf, th, tw, -1)
+    ah = a_h[None, :, None, :].expand(nf, th, tw, -1)
+    aw = a_w[None, None, :, :].expand(nf, th, tw, -1)
+    return torch.cat([at, ah, aw], dim=-1).reshape(nf * th * tw, -1)
+
+
+class RopeTable:
+    """cos/sin for a token range, kept on the model's device and dtype."""
+
+    def __init__(self, cfg: ModelConfig, frame_positions: list[int] | torch.Tensor,
+                 device: torch.device | str, dtype: torch.dtype) -> None:
+        pos = torch.as_tensor(frame_positions)
+        ang = rope_angles(cfg, pos)
+        # Kept in float32 at least: rotation in half precision loses position detail.
+        tdtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        self.cos = ang.cos().to(device=device, dtype=tdtype)
+        self.sin = ang.sin().to(device=device, dtype=tdtype)
+
+    def __len__(self) -> int:
+        return self.cos.shape[0]
+
+
+def apply_rope(x: torch.Tensor, table: RopeTable) -> torch.Tensor:
+    """Rotate x [n, N, heads, head_dim] (pairs interleaved) by the table's N positions."""
+    dtype = x.dtype
+    xf = x.to(table.cos.dtype)
+    x0, x1 = xf[..., 0::2], xf[..., 1::2]
+    cos = table.cos[None, :, None, :]
+    sin = table.sin[None, :, None, :]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+    return out.to(dtype)
