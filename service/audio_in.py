@@ -1,0 +1,144 @@
+"""Per-session audio input: validation, buffering, block cutting on the session's timeline,
+resampling to the model's rate.
+
+Blocks are cut at the client's sample rate, so the audio returned with each block (AudioOut) is
+the client's own samples, bit for bit, plus any silence the server inserted. When a block is
+due and its audio is short (the client is late, or stopped), the gap is filled with silence:
+at the END of the block when speech was already flowing (it stopped or stalled), at the START
+when the block begins from silence (speech starts mid-block), so speech is never split by an
+inserted gap inside a block. Resampling to the model's rate runs over the cut stream with one
+stateful resampler, so the model hears a continuous signal.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+import av
+import numpy as np
+
+SUPPORTED_RATES = (8000, 16000, 24000, 48000)
+
+
+class AudioError(ValueError):
+    """Audio that cannot be accepted (bad format or size); the message is for a person."""
+
+
+class AudioOverflowError(AudioError):
+    """The client sends audio much faster than it is rendered."""
+
+
+@dataclass
+class Block:
+    pcm_in: np.ndarray  # int16 [in_block] at the client's rate, inserted silence included
+    pcm_model: np.ndarray  # float32 [model_block] at the model's rate, in [-1, 1]
+    real_samples: int  # how many of pcm_in came from the client
+    start_sample: int  # position of pcm_in[0] on the session's (re-timed) audio timeline
+    newest_arrival: float | None  # monotonic time the newest real sample of the block arrived
+
+
+class AudioInput:
+    def __init__(self, sample_rate: int, model_rate: int, frames_per_block: int, fps: float,
+                 max_chunk_ms: float, max_buffered_s: float) -> None:
+        if sample_rate not in SUPPORTED_RATES:
+            raise AudioError(f"sample rate {sample_rate} Hz is not supported; use one of "
+                             f"{', '.join(str(r) for r in SUPPORTED_RATES)}")
+        self.rate = sample_rate
+        self.model_rate = model_rate
+        self.in_block = round(frames_per_block * sample_rate / fps)
+        self.model_block = round(frames_per_block * model_rate / fps)
+        if abs(self.in_block - frames_per_block * sample_rate / fps) > 1e-9:
+            raise AudioError(f"{sample_rate} Hz does not divide into whole samples per frame at {fps} fps")
+        self.max_chunk_samples = int(max_chunk_ms * sample_rate / 1000)
+        self.max_buffered = int(max_buffered_s * sample_rate)
+        self._buf = np.zeros(0, dtype=np.int16)
+        self._arrivals: collections.deque[tuple[int, float]] = collections.deque()  # (cum end, t)
+        self._received = 0  # samples received over the session
+        self._consumed = 0  # samples of the client's audio consumed into blocks
+        self._timeline = 0  # samples of the re-timed timeline cut so far
+        self._speaking = False  # the last block ended with real audio
+        self.silence_inserted = 0
+        self._resampler = None if sample_rate == model_rate else av.AudioResampler(
+            format="s16", layout="mono", rate=model_rate)
+        self._model_fifo = np.zeros(0, dtype=np.int16)
+
+    # ---- input -------------------------------------------------------------------------------
+    def push(self, data: bytes, now: float) -> int:
+        """Appends a PCM16LE chunk; returns its sample count. Raises AudioError on bad input."""
+        if len(data) == 0:
+            return 0
+        if len(data) % 2:
+            raise AudioError(f"audio chunk of {len(data)} bytes is not a whole number of 16-bit samples")
+        n = len(data) // 2
+        if n > self.max_chunk_samples:
+            raise AudioError(f"audio chunk of {n} samples ({n / self.rate * 1000:.0f} ms) exceeds the limit of "
+                             f"{self.max_chunk_samples} samples per chunk; send smaller chunks (20-100 ms)")
+        if self.buffered + n > self.max_buffered:
+            raise AudioOverflowError(f"more than {self.max_buffered / self.rate:.0f} s of audio buffered ahead of "
+                             f"rendering; send audio no faster than real time in PACING_REALTIME")
+        self._buf = np.concatenate([self._buf, np.frombuffer(data, dtype="<i2").astype(np.int16)])
+        self._received += n
+        self._arrivals.append((self._received, now))
+        return n
+
+    @property
+    def buffered(self) -> int:
+        return int(self._buf.shape[0])
+
+    @property
+    def received(self) -> int:
+        return self._received
+
+    def has_full_block(self) -> bool:
+        return self.buffered >= self.in_block
+
+    def clear(self) -> int:
+        """Interrupt: drops buffered audio; returns how many samples were dropped."""
+        dropped = self.buffered
+        self._consumed += dropped
+        self._buf = self._buf[:0]
+        self._speaking = False
+        while self._arrivals and self._arrivals[0][0] <= self._consumed:
+            self._arrivals.popleft()
+        return dropped
+
+    # ---- blocks ------------------------------------------------------------------------------
+    def take_block(self) -> Block:
+        """Cuts the next block: a full one if buffered, else what there is padded with silence."""
+        n = min(self.buffered, self.in_block)
+        real = self._buf[:n]
+        self._buf = self._buf[n:]
+        pad = np.zeros(self.in_block - n, dtype=np.int16)
+        if n == self.in_block:
+            pcm = real
+            self._speaking = True
+        elif self._speaking or n == 0:
+            pcm = np.concatenate([real, pad])  # speech stopped or stalled: silence after it
+            self._speaking = False
+        else:
+            pcm = np.concatenate([pad, real])  # speech starts inside this block: silence before it
+            self._speaking = True
+        self.silence_inserted += self.in_block - n
+        newest = None
+        self._consumed += n
+        while self._arrivals and self._arrivals[0][0] <= self._consumed:
+            newest = self._arrivals.popleft()[1]
+        if n and newest is None and self._arrivals:
+            newest = self._arrivals[0][1]  # the block ends inside a chunk: that chunk's arrival
+        start = self._timeline
+        self._timeline += self.in_block
+        return Block(pcm, self._to_model(pcm), n, start, newest)
+
+    def _to_model(self, pcm: np.ndarray) -> np.ndarray:
+        if self._resampler is None:
+            out = pcm
+        else:
+            frame = av.AudioFrame.from_ndarray(pcm[None, :], format="s16", layout="mono")
+            frame.sample_rate = self.rate
+            parts = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
+            fifo = np.concatenate([self._model_fifo, *parts]) if parts else self._model_fifo
+            if fifo.shape[0] < self.model_block:  # the resampler's start-up delay: lead with silence
+                fifo = np.concatenate([np.zeros(self.model_block - fifo.shape[0], np.int16), fifo])
+            out, self._model_fifo = fifo[: self.model_block], fifo[self.model_block:]
+        return out.astype(np.float32) / 32768.0

@@ -1,0 +1,94 @@
+"""The `avatarforcing` command: serve, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+from pathlib import Path
+
+from .config import ServerConfig
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    p.add_argument("--host", default=None, help=f"listen address (default {d.host})")
+    p.add_argument("--port", type=int, default=None, help=f"gRPC port, 0 = any free port (default {d.port})")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help=f"Prometheus port, -1 = off, 0 = any free port (default {d.metrics_port})")
+    p.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped one)")
+    p.add_argument("--preset", default=None, help=f"model preset when no checkpoint exists (default {d.preset})")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default auto)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--max-sessions", type=int, default=None, help=f"session slots (default {d.max_sessions})")
+    p.add_argument("--max-batch", type=int, default=None, help=f"sessions per step at most (default {d.max_batch})")
+    p.add_argument("--idle-timeout", type=float, default=None, dest="idle_timeout_s",
+                   help=f"seconds without a client message before a session ends (default {d.idle_timeout_s:g})")
+    p.add_argument("--max-session-seconds", type=float, default=None, dest="max_session_s",
+                   help=f"longest session in seconds (default {d.max_session_s:g})")
+    p.add_argument("--grace", type=float, default=None, dest="grace_s",
+                   help=f"graceful-shutdown period in seconds (default {d.grace_s:g})")
+    p.add_argument("--log-level", default=None, help=f"debug | info | warning | error (default {d.log_level})")
+
+
+def _server_config(a: argparse.Namespace, **extra: object) -> ServerConfig:
+    names = {f.name for f in dataclasses.fields(ServerConfig)}
+    kw = {k: v for k, v in vars(a).items() if k in names and v is not None}
+    kw.update({k: v for k, v in extra.items() if v is not None})
+    return ServerConfig.from_env(**kw)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .server import App, run_app
+    from .telemetry import configure_logging
+
+    cfg = _server_config(a)
+    configure_logging(cfg.log_level, cfg.log_json)
+    asyncio.run(run_app(App(cfg)))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return asyncio.run(run_demo(a))
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(a)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="avatarforcing", description="AvatarForcing Serve: real-time talking avatars")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="run the gRPC service (embedded defaults: no Redis, no GPU needed)")
+    _add_server_args(s)
+    s.set_defaults(fn=cmd_serve)
+    d = sub.add_parser("demo", help="stream the bundled speech and face through the service, write an MP4")
+    d.add_argument("--connect", default=None, help="address of a running server (default: start one here)")
+    d.add_argument("--out", default="out/demo.mp4", type=Path, help="output MP4 (default out/demo.mp4)")
+    d.add_argument("--wav", default=None, type=Path, help="mono 16-bit WAV (default: the bundled sample)")
+    d.add_argument("--image", default=None, type=Path, help="PNG/JPEG face (default: the bundled one)")
+    d.add_argument("--realtime", action="store_true", help="stream in real time (default: as fast as possible)")
+    d.add_argument("--encoding", default="h264", choices=["raw", "jpeg", "h264", "fmp4"])
+    _add_server_args(d)
+    d.set_defaults(fn=cmd_demo)
+    b = sub.add_parser("bench", help="measure the engine and the server; prints a table, writes JSON")
+    b.add_argument("--out", default=None, type=Path, help="JSON path (default bench/results/cpu-<date>.json)")
+    b.add_argument("--quick", action="store_true", help="shorter runs (for a smoke test)")
+    b.add_argument("--sections", default="engine,server,long",
+                   help="comma list of: engine, server, long (default all)")
+    b.add_argument("--long-frames", type=int, default=3000, help="latent frames for the long-stream run")
+    b.add_argument("--max-sessions", type=int, default=12, help="most sessions tried in the server run")
+    b.add_argument("--threads", type=int, default=None)
+    b.set_defaults(fn=cmd_bench)
+    a = ap.parse_args(argv)
+    return int(a.fn(a) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

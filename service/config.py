@@ -1,0 +1,94 @@
+"""The server's configuration: one object, validated at load, printed at start."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: pick a free port
+    metrics_port: int = 9464  # Prometheus /metrics; -1 disables, 0 picks a free port
+    # Model.
+    checkpoint: str = ""  # empty: the shipped default, else a random-init model of `preset`
+    preset: str = "tiny"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    threads: int = 0  # torch intra-op threads on CPU (0: torch's default)
+    # Capacity and scheduling.
+    max_sessions: int = 8
+    max_batch: int = 16
+    # Delay budget from a block's audio being due to its first frame being shown: half of it
+    # waits for late audio, the rest is for the step, decoding and encoding.
+    processing_budget_ms: float = 240.0
+    # How far ahead of its deadline a session with audio ready may be stepped (in blocks).
+    max_blocks_ahead: int = 2
+    # Session limits.
+    config_timeout_s: float = 10.0  # a stream must send its SessionConfig within this
+    idle_timeout_s: float = 60.0  # no message from the client for this long ends the session
+    max_session_s: float = 4 * 3600.0
+    max_chunk_ms: float = 1000.0  # one AudioChunk may carry at most this much audio
+    max_buffered_s: float = 60.0  # audio buffered ahead of rendering, per session
+    queue_frames: int = 50  # per-session output queue bound (frames)
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_avatars: int = 256
+    grace_s: float = 10.0  # graceful shutdown: live sessions get this long to finish
+    log_level: str = "info"
+    log_json: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 <= self.port < 65536, "port must be in 0..65535"),
+            (-1 <= self.metrics_port < 65536, "metrics_port must be -1 (off) or in 0..65535"),
+            (self.max_sessions >= 1, "max_sessions must be >= 1"),
+            (self.max_batch >= 1, "max_batch must be >= 1"),
+            (self.processing_budget_ms > 0, "processing_budget_ms must be > 0"),
+            (self.max_blocks_ahead >= 0, "max_blocks_ahead must be >= 0"),
+            (self.config_timeout_s > 0 and self.idle_timeout_s > 0 and self.max_session_s > 0,
+             "timeouts must be > 0"),
+            (self.max_chunk_ms > 0 and self.max_buffered_s > 0, "audio limits must be > 0"),
+            (self.queue_frames >= 4, "queue_frames must be >= 4"),
+            (self.grace_s >= 0, "grace_s must be >= 0"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}"),
+            (self.log_level in ("debug", "info", "warning", "error"), f"unknown log level {self.log_level!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"invalid server config: {msg}")
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
+
+    def replace(self, **kw: Any) -> ServerConfig:
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_env(cls, prefix: str = "AVATARFORCING_", **overrides: Any) -> ServerConfig:
+        """Defaults, then AVATARFORCING_<FIELD> environment variables, then ``overrides``."""
+        kw: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = os.environ.get(prefix + f.name.upper())
+            if raw is None:
+                continue
+            typ = type(f.default)
+            kw[f.name] = raw.lower() in ("1", "true", "yes") if typ is bool else typ(raw)
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)

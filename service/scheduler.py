@@ -1,0 +1,188 @@
+"""The scheduler: earliest deadline first, one batched engine step at a time, off the event loop.
+
+Each wake-up it collects the sessions whose next block is due (REALTIME: the deadline is near,
+or a full block of audio is waiting and the session is not too far ahead; ASAP: a block of audio
+is waiting or the tail must be flushed), sorts them by deadline, and runs up to ``max_batch`` of
+them as ONE engine step in the engine thread. Encoding runs in a separate thread pool, so the
+next step can start while the previous block is being encoded. Every engine call (step, slot
+allocation and release, interrupts) runs in the single engine thread, so slot state never races.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import structlog
+from avatarforcing_client.v1 import avatarforcing_pb2 as pb
+
+from avatarforcing import AnchorState, StreamEngine
+from avatarforcing.engine import SlotResult
+
+from .audio_in import Block
+from .session import OutItem, Session, SessionFailure
+from .telemetry import Metrics
+
+T = TypeVar("T")
+log = structlog.get_logger("avatarforcing.scheduler")
+
+
+class Scheduler:
+    def __init__(self, engine: StreamEngine, metrics: Metrics, *, max_batch: int, encode_threads: int = 2) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.sessions: dict[str, Session] = {}
+        self._engine_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self._codec_pool = concurrent.futures.ThreadPoolExecutor(encode_threads, thread_name_prefix="encode")
+        self._kick = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.steps_run = 0
+
+    # ---- engine thread ---------------------------------------------------------------------------
+    async def in_engine(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._engine_pool, fn, *args)
+
+    async def allocate(self, anchor: AnchorState, seed: int) -> int:
+        return await self.in_engine(self.engine.allocate, anchor, seed)
+
+    async def release(self, s: Session) -> None:
+        """Frees the session's slot and encoder exactly once, whenever and however it ended."""
+        if s.released:
+            return
+        s.released = True
+        s.ending = True
+        self.sessions.pop(s.id, None)
+        while s.in_flight:  # its slot is in the running step: free it after
+            await asyncio.sleep(0.005)
+        await self.in_engine(self.engine.free, s.slot)
+        s.encoder.close()
+        self.metrics.sessions_active.set(len(self.sessions))
+        self.kick()
+
+    # ---- loop ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="scheduler")
+
+    def add(self, s: Session) -> None:
+        self.sessions[s.id] = s
+        self.metrics.sessions_active.set(len(self.sessions))
+        self.kick()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    async def stop(self) -> None:
+        self._stopped = True
+        self.kick()
+        if self._task is not None:
+            await self._task
+        self._engine_pool.shutdown(wait=True)
+        self._codec_pool.shutdown(wait=True)
+
+    async def _run(self) -> None:
+        horizon = 0.25 * self.engine.frames_per_block / self.engine.cfg.fps
+        while not self._stopped:
+            now = time.monotonic()
+            ready = [s for s in self.sessions.values() if s.ready(now, horizon)]
+            if not ready:
+                wake = min((s.next_wake(horizon) for s in self.sessions.values()), default=float("inf"))
+                self._kick.clear()
+                try:
+                    await asyncio.wait_for(self._kick.wait(), timeout=min(max(wake - now, 0.0), 0.1))
+                except TimeoutError:
+                    pass
+                continue
+            ready.sort(key=Session.deadline)
+            batch = ready[: self.max_batch]
+            await self._step(batch)
+
+    async def _step(self, batch: list[Session]) -> None:
+        blocks = [s.take_block() for s in batch]
+        clears = [s for s in self.sessions.values() if s.clear_requested and not s.released]
+        for s in clears:
+            s.clear_requested = False
+        for s in batch:
+            s.in_flight = True
+        pcm = np.stack([b.pcm_model for b in blocks])
+        slots = [s.slot for s in batch]
+        clear_slots = [s.slot for s in clears]
+
+        def work() -> list[SlotResult]:
+            for c in clear_slots:
+                if self.engine.is_allocated(c):
+                    self.engine.clear_audio(c)
+            return self.engine.step(slots, pcm)
+
+        t0 = time.perf_counter()
+        try:
+            results = await self.in_engine(work)
+        except Exception as e:  # a broken step fails its sessions, not the server
+            log.exception("engine step failed", batch=[s.id for s in batch])
+            for s in batch:
+                s.in_flight = False
+                s.fail(SessionFailure(grpc.StatusCode.INTERNAL, f"the engine failed on this session's step: {e}"))
+            return
+        dt = time.perf_counter() - t0
+        self.steps_run += 1
+        self.metrics.step_duration.observe(dt)
+        self.metrics.batch_size.observe(len(batch))
+        for s, r, b in zip(batch, results, blocks, strict=True):
+            s.steps += 1
+            s.in_flight = False
+            self.metrics.silence_inserted.inc((b.pcm_in.shape[0] - b.real_samples) / s.audio.rate)
+            if r.emitted_block is not None:
+                blk = s.pending.popleft()
+                t = asyncio.create_task(self._deliver(s, r, blk))
+                self._tasks.add(t)
+                t.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, s: Session, r: SlotResult, blk: Block) -> None:
+        """Encodes an emitted block and queues its audio and frames in order."""
+        async with s.deliver_lock:  # FIFO: blocks of one session are delivered in order
+            if s.ending or s.released:
+                return
+            assert r.frames is not None and r.emitted_block is not None
+            j = r.emitted_block
+            fpb = s.fpb
+            dropped = s.make_room(fpb)
+            if dropped:
+                self.metrics.frames_dropped.inc(dropped)
+            t0 = time.perf_counter()
+            try:
+                encoded = await asyncio.get_running_loop().run_in_executor(self._codec_pool, s.encoder.encode, r.frames)
+            except Exception as e:
+                if not s.released:
+                    log.exception("encoding failed", session_id=s.id)
+                    s.fail(SessionFailure(grpc.StatusCode.INTERNAL, f"encoding failed: {e}"))
+                return
+            self.metrics.decode_encode_duration.observe(time.perf_counter() - t0)
+            self.metrics.blocks_emitted.inc()
+            if r.anchor_similarity is not None:
+                self.metrics.anchor_similarity.observe(r.anchor_similarity)
+                s.recent_sim.append(r.anchor_similarity)
+            spf = s.audio.in_block // fpb
+            first = j * fpb
+            s.out.put(OutItem(pb.StreamResponse(audio=pb.AudioOut(
+                block_index=j, start_sample=blk.start_sample, data=blk.pcm_in.astype("<i2").tobytes(),
+                silent=blk.real_samples == 0)), block=j, due=s.frame_due(first)))
+            for i, ef in enumerate(encoded):
+                n = first + i
+                a0 = blk.start_sample + i * spf
+                msg = pb.StreamResponse(frame=pb.VideoFrame(
+                    index=n, pts_us=round(n * 1e6 / s.timeline.fps), audio_start_sample=a0,
+                    audio_end_sample=a0 + spf, data=ef.data, keyframe=ef.keyframe, block_index=j))
+                s.out.put(OutItem(msg, frames=1, block=j, due=s.frame_due(n),
+                                  arrival=blk.newest_arrival if blk.real_samples else None))
+            if (j + 1) * fpb // int(s.timeline.fps) != j * fpb // int(s.timeline.fps):
+                s.out.put(OutItem(s.stats(), block=j, due=s.frame_due(first + fpb - 1)))
+            s.delivered_block = j
+            s.maybe_finish()
+        self.kick()  # backpressured sessions may be ready again

@@ -1,0 +1,87 @@
+"""Prometheus metrics (one registry per server) and structlog JSON logging."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LAT = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+_GAP = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+_STEP = (0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
+
+
+class Metrics:
+    """All of the service's metrics. Names: avatarforcing_*, base units, no per-session labels."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        p = "avatarforcing_"
+        self.sessions_active = Gauge(p + "sessions_active", "Sessions holding a slot", registry=r)
+        self.sessions_capacity = Gauge(p + "sessions_capacity", "Session slots on this replica", registry=r)
+        self.sessions_started = Counter(p + "sessions_started", "Sessions admitted", registry=r)
+        self.sessions_ended = Counter(p + "sessions_ended", "Sessions ended, by reason", ["reason"], registry=r)
+        self.sessions_rejected = Counter(p + "sessions_rejected", "Streams refused, by gRPC status code",
+                                         ["code"], registry=r)
+        self.frames_emitted = Counter(p + "frames_emitted", "Video frames sent to clients", registry=r)
+        self.frames_dropped = Counter(p + "frames_dropped", "Video frames dropped for slow clients", registry=r)
+        self.blocks_emitted = Counter(p + "blocks_emitted", "Blocks emitted by the engine", registry=r)
+        self.silence_inserted = Counter(p + "silence_inserted_seconds", "Silence inserted for audio that was late",
+                                        registry=r)
+        self.step_duration = Histogram(p + "step_duration_seconds", "Engine step wall time (one batched pass)",
+                                       buckets=_STEP, registry=r)
+        self.decode_encode_duration = Histogram(p + "encode_duration_seconds", "Encoding time of one block",
+                                                buckets=_STEP, registry=r)
+        self.batch_size = Histogram(p + "batch_size", "Sessions per engine step",
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
+        self.time_to_first_frame = Histogram(p + "time_to_first_frame_seconds",
+                                             "From session start to its first frame sent", buckets=_LAT, registry=r)
+        self.frame_latency = Histogram(p + "frame_latency_seconds",
+                                       "From a frame's audio being received to the frame being sent",
+                                       buckets=_LAT, registry=r)
+        self.inter_frame_gap = Histogram(p + "inter_frame_gap_seconds", "Time between consecutive frames sent",
+                                         buckets=_GAP, registry=r)
+        self.queue_depth = Histogram(p + "output_queue_frames", "Output queue depth when a frame is sent",
+                                     buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.anchor_similarity = Histogram(p + "anchor_similarity",
+                                           "Cosine similarity of each emitted block to the style anchor "
+                                           "(drift signal: falls as a stream drifts)",
+                                           buckets=(-1, -0.5, 0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1),
+                                           registry=r)
+        self.anchor_similarity_last = Gauge(p + "anchor_similarity_mean_recent",
+                                            "Mean anchor similarity over recently emitted blocks", registry=r)
+        self.slot_bytes = Gauge(p + "slot_memory_bytes", "Device memory of one session slot", registry=r)
+        self._http: Any = None
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Starts the /metrics HTTP endpoint; returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+def configure_logging(level: str = "info", json_logs: bool = True) -> None:
+    lvl = getattr(logging, level.upper())
+    logging.basicConfig(level=lvl, stream=sys.stderr, format="%(message)s")
+    renderer: Any = structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
