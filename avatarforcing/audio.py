@@ -19,10 +19,6 @@ WIN = 400  # 25 ms at 16 kHz
 HOP = 160  # 10 ms
 
 
-def _hz_to_mel(f: torch.Tensor) -> torch.Tensor:
-    return 2595.0 * torch.log10(1.0 + f / 700.0)
-
-
 def _mel_to_hz(m: torch.Tensor) -> torch.Tensor:
     return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
 
@@ -32,8 +28,8 @@ def mel_filterbank(n_mels: int, sample_rate: int, n_fft: int = N_FFT,
     """Triangular HTK-style mel filters, [n_fft // 2 + 1, n_mels]."""
     fmax = fmax or sample_rate / 2
     freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
-    mels = torch.linspace(_hz_to_mel(torch.tensor(fmin)).item(), _hz_to_mel(torch.tensor(fmax)).item(),
-                          n_mels + 2, dtype=torch.float64)
+    m_lo, m_hi = (2595.0 * math.log10(1.0 + f / 700.0) for f in (fmin, fmax))
+    mels = torch.linspace(m_lo, m_hi, n_mels + 2, dtype=torch.float64)
     hz = _mel_to_hz(mels)
     lo, ce, hi = hz[:-2, None], hz[1:-1, None], hz[2:, None]
     up = (freqs[None, :] - lo) / (ce - lo)
@@ -50,10 +46,11 @@ class LogMel(nn.Module):
 
     def forward(self, pcm: torch.Tensor) -> torch.Tensor:
         """pcm [n, S] in [-1, 1] -> log-mel [n, 1 + (S - N_FFT) // HOP, n_mels] (no padding)."""
-        spec = torch.stft(pcm.float(), N_FFT, hop_length=HOP, win_length=WIN, window=self.window,
+        # Always in float32: the spectrum's dynamic range needs it, whatever the model's dtype.
+        spec = torch.stft(pcm.float(), N_FFT, hop_length=HOP, win_length=WIN, window=self.window.float(),
                           center=False, return_complex=True)
         power = spec.real.square() + spec.imag.square()  # [n, freq, frames]
-        mel = torch.einsum("nft,fm->ntm", power, self.fb)
+        mel = torch.einsum("nft,fm->ntm", power, self.fb.float())
         return torch.log(mel + 1e-6)
 
 
@@ -84,5 +81,5 @@ class AudioFrontEnd(nn.Module):
                              f"{self.spf}-sample frames")
         windows = pcm.unfold(1, self.context + self.spf, self.spf)  # [n, T, span]
         mel = self.logmel(windows.reshape(n * t, -1))  # [n*T, mel_frames, n_mels]
-        mel = self.norm(mel / math.log(10.0))
+        mel = self.norm((mel / math.log(10.0)).to(self.norm.weight.dtype))
         return self.net(mel.reshape(n, t, -1))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Sequence
 from typing import Any, TypeAlias
 
 import grpc
@@ -48,6 +48,9 @@ DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 )
+
+
+_CLOSE_WAIT_S = 1.0
 
 
 class SessionClosedError(RuntimeError):
@@ -284,7 +287,9 @@ class Session:
     async def close(self) -> None:
         """Half-close the request stream and cancel the call if it is still running.
 
-        Idempotent; called when leaving the ``async with`` block.
+        Idempotent; called when leaving the ``async with`` block. A concurrent :meth:`events`
+        loop then ends quietly and later sends raise :class:`SessionClosedError`. If a send
+        stays blocked (the server stopped reading) the half-close is skipped after one second.
         """
         if self._closed:
             return
@@ -293,10 +298,12 @@ class Session:
         if call is None:
             return
         try:
-            async with self._write_lock:
+            # A write blocked by flow control (a server that stopped reading) must not block
+            # close(): give up on the graceful half-close after a short wait and cancel.
+            async with asyncio.timeout(_CLOSE_WAIT_S), self._write_lock:
                 if not call.done():
                     await call.done_writing()
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        except (TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
             pass
         finally:
             if not call.done():
@@ -374,6 +381,12 @@ class Session:
                 raise SessionClosedError("session is closed")
             try:
                 await call.write(req)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self._closed and not (task and task.cancelling()):
+                    # The call was cancelled by close() from another task, not this task.
+                    raise SessionClosedError("session was closed while sending") from None
+                raise
             except asyncio.InvalidStateError as e:
                 # The RPC finished: surface the server's error status if there is one.
                 code = await call.code()
@@ -491,7 +504,7 @@ class Session:
 
     # -- receiving ---------------------------------------------------------------------------
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(self) -> AsyncGenerator[Event, None]:
         """Yield the session's responses in order: ``pb.VideoFrame``, ``pb.AudioOut``,
         ``pb.Stats`` and finally ``pb.End``.
 
@@ -510,12 +523,16 @@ class Session:
                     resp = await call.read()
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
-                    if self._closed and call.cancelled() and not (task and task.cancelling()):
+                    if self._closed and not (task and task.cancelling()):
                         return  # closed locally by another task: end of events
                     raise
                 except asyncio.InvalidStateError:
                     if self._closed:
                         return
+                    raise
+                except grpc.aio.AioRpcError as e:
+                    if self._closed and e.code() == grpc.StatusCode.CANCELLED:
+                        return  # our own cancellation, seen as a status
                     raise
                 if resp is grpc.aio.EOF:
                     self._finished = True

@@ -1,0 +1,366 @@
+"""Unit tests of the Python SDK (clients/python/avatarforcing_client) that need no server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import subprocess
+import sys
+import time
+import wave
+from fractions import Fraction
+from pathlib import Path
+
+import avatarforcing_client as afc
+import grpc
+import numpy as np
+import pytest
+from avatarforcing_client import (
+    AvatarForcingClient,
+    Mp4Writer,
+    SyncClient,
+    decode_video_frames,
+    pb,
+    pcm_chunks,
+    read_wav,
+    record_session,
+    write_wav,
+)
+
+av = pytest.importorskip("av")
+
+W, H, FPS = 64, 48, 25
+
+
+def _frames(n: int) -> np.ndarray:
+    """Smooth, distinct synthetic RGB frames (compress well, decode close to the original)."""
+    yy, xx = np.mgrid[0:H, 0:W]
+    out = np.empty((n, H, W, 3), dtype=np.uint8)
+    for i in range(n):
+        out[i, ..., 0] = (xx * 3 + i * 9) % 256
+        out[i, ..., 1] = (yy * 4 + i * 5) % 256
+        out[i, ..., 2] = (40 + i * 11) % 256
+    return out
+
+
+def _h264_annexb(frames: np.ndarray) -> list[bytes]:
+    cc = av.CodecContext.create("libx264", "w")
+    cc.width, cc.height, cc.pix_fmt = W, H, "yuv420p"
+    cc.time_base = Fraction(1, FPS)
+    cc.framerate = FPS
+    cc.options = {"bf": "0", "tune": "zerolatency", "preset": "ultrafast", "qp": "10"}
+    aus: list[bytes] = []
+    for i, f in enumerate(frames):
+        vf = av.VideoFrame.from_ndarray(f, format="rgb24")
+        vf.pts = i
+        aus += [bytes(p) for p in cc.encode(vf)]
+    aus += [bytes(p) for p in cc.encode(None)]
+    return aus
+
+
+def _close(a: np.ndarray, b: np.ndarray, tol: float) -> bool:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean()) < tol
+
+
+# -- package ---------------------------------------------------------------------------------------
+
+
+def test_package_is_light() -> None:
+    """Importing the SDK pulls in neither PyAV, Pillow nor the server packages."""
+    assert afc.pb is pb and afc.pb_grpc.AvatarForcingStub
+    code = (
+        "import sys, avatarforcing_client; "
+        "bad = [m for m in ('av', 'PIL', 'avatarforcing', 'avatarforcing_service') if m in sys.modules]; "
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+# -- audio -----------------------------------------------------------------------------------------
+
+
+def test_wav_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(-32768, 32767, size=4321, dtype=np.int16)
+    p = tmp_path / "a.wav"
+    write_wav(p, x, 24000)
+    y, rate = read_wav(p)
+    assert rate == 24000 and y.dtype == np.int16
+    np.testing.assert_array_equal(x, y)
+
+
+def _write_raw_wav(path: Path, channels: int, width: int) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(16000)
+        w.writeframes(b"\x01" * (channels * width * 100))
+
+
+def test_read_wav_errors(tmp_path: Path) -> None:
+    _write_raw_wav(tmp_path / "stereo.wav", 2, 2)
+    with pytest.raises(ValueError, match="mono"):
+        read_wav(tmp_path / "stereo.wav")
+    _write_raw_wav(tmp_path / "u8.wav", 1, 1)
+    with pytest.raises(ValueError, match="16-bit"):
+        read_wav(tmp_path / "u8.wav")
+    (tmp_path / "junk.wav").write_bytes(b"not a wav file at all")
+    with pytest.raises(ValueError, match="WAV"):
+        read_wav(tmp_path / "junk.wav")
+    with pytest.raises(FileNotFoundError):
+        read_wav(tmp_path / "missing.wav")
+    with pytest.raises(ValueError, match="int16"):
+        write_wav(tmp_path / "f.wav", np.zeros(10, dtype=np.float32), 16000)
+
+
+def test_pcm_chunks_sizes() -> None:
+    x = np.arange(1000, dtype=np.int16)
+    chunks = list(pcm_chunks(x, 16000, 20))
+    assert [len(c) for c in chunks] == [640, 640, 640, 80]
+    assert b"".join(chunks) == x.astype("<i2").tobytes()
+    assert [len(c) for c in pcm_chunks(np.zeros(480, np.int16), 48000, 5)] == [480, 480]
+    assert list(pcm_chunks(np.zeros(0, np.int16), 16000)) == []
+    with pytest.raises(ValueError):
+        list(pcm_chunks(np.zeros((2, 10), np.int16), 16000))
+
+
+# -- client (no server) ----------------------------------------------------------------------------
+
+
+def test_session_needs_exactly_one_reference() -> None:
+    client = AvatarForcingClient("127.0.0.1:1")
+    with pytest.raises(ValueError, match="exactly one"):
+        client.session(image=b"png", avatar_id="abc")
+    with pytest.raises(ValueError, match="exactly one"):
+        client.session()
+    with pytest.raises(ValueError):
+        client.session(image=b"")
+    assert client._channel is None  # nothing was connected
+
+
+async def test_session_config_and_client_side_validation(tmp_path: Path) -> None:
+    async with AvatarForcingClient("127.0.0.1:1") as client:
+        s = client.session(
+            avatar_id="av1", sample_rate=24000, video_encoding=pb.VIDEO_ENCODING_JPEG, seed=7, jpeg_quality=90
+        )
+        cfg = s.config
+        assert cfg.WhichOneof("reference") == "avatar_id" and cfg.avatar_id == "av1"
+        assert cfg.audio_format.sample_rate_hz == 24000 and cfg.audio_format.channels == 1
+        assert cfg.audio_format.encoding == pb.AUDIO_ENCODING_PCM16LE
+        assert cfg.video_encoding == pb.VIDEO_ENCODING_JPEG and cfg.seed == 7 and cfg.jpeg_quality == 90
+        assert cfg.pacing == pb.PACING_REALTIME
+        with pytest.raises(ValueError, match="even"):
+            await s.send_audio(b"\x00\x01\x02")
+        write_wav(tmp_path / "16k.wav", np.zeros(160, np.int16), 16000)
+        with pytest.raises(ValueError, match="sample_rate=24000"):
+            await s.stream_wav(tmp_path / "16k.wav")
+        with pytest.raises(RuntimeError):
+            _ = s.started
+        await s.close()
+        await s.close()  # idempotent
+
+
+async def test_stream_pcm_paces_and_rejoins_odd_chunks() -> None:
+    client = AvatarForcingClient("127.0.0.1:1")
+    s = client.session(image=b"png", sample_rate=16000)
+    sent: list[tuple[float, bytes]] = []
+    ended: list[bool] = []
+
+    async def fake_send(pcm: bytes) -> None:
+        sent.append((time.monotonic(), pcm))
+
+    async def fake_end() -> None:
+        ended.append(True)
+
+    s.send_audio = fake_send  # type: ignore[method-assign]
+    s.end_of_audio = fake_end  # type: ignore[method-assign]
+    chunk = b"\x00\x00" * 320  # 20 ms
+    n = await s.stream_pcm([chunk] * 6, realtime=True)
+    assert n == 6 * 320 and ended == [True]
+    # Chunk k may not go out before k * 20 ms after the first one.
+    t0 = sent[0][0]
+    for k, (t, _) in enumerate(sent):
+        assert t - t0 >= k * 0.020 - 0.002
+
+    async def odd_chunks():  # type: ignore[no-untyped-def]
+        for c in (b"\x01", b"\x02\x03", b"\x04"):
+            yield c
+
+    sent.clear()
+    assert await s.stream_pcm(odd_chunks(), realtime=False, end=False) == 2
+    assert b"".join(p for _, p in sent) == b"\x01\x02\x03\x04" and ended == [True]
+    with pytest.raises(ValueError, match="dangling"):
+        await s.stream_pcm([b"\x01\x02\x03"], realtime=False)
+
+
+def test_sync_client_reports_unavailable_server() -> None:
+    with SyncClient("127.0.0.1:1") as c:
+        with pytest.raises(grpc.RpcError) as ei:
+            c.server_info(timeout=5)
+        assert ei.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+# -- decoding --------------------------------------------------------------------------------------
+
+
+def test_decode_raw() -> None:
+    frames = _frames(3)
+    out = decode_video_frames(pb.VIDEO_ENCODING_RAW_RGB24, [f.tobytes() for f in frames], W, H)
+    assert out.shape == (3, H, W, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, frames)
+    with pytest.raises(ValueError, match="bytes"):
+        decode_video_frames(pb.VIDEO_ENCODING_RAW_RGB24, [b"\x00" * 10], W, H)
+    assert decode_video_frames(pb.VIDEO_ENCODING_H264, [], W, H).shape == (0, H, W, 3)
+
+
+def test_decode_h264_annexb() -> None:
+    frames = _frames(8)
+    aus = _h264_annexb(frames)
+    assert len(aus) == 8 and aus[0].startswith(b"\x00\x00\x00\x01")
+    out = decode_video_frames(pb.VIDEO_ENCODING_H264, aus, W, H)
+    assert out.shape == (8, H, W, 3)
+    for a, b in zip(out, frames, strict=True):
+        assert _close(a, b, 6.0)
+
+
+def test_decode_jpeg() -> None:
+    from PIL import Image
+
+    frames = _frames(3)
+    datas = []
+    for f in frames:
+        buf = io.BytesIO()
+        Image.fromarray(f).save(buf, format="JPEG", quality=95)
+        datas.append(buf.getvalue())
+    out = decode_video_frames(pb.VIDEO_ENCODING_JPEG, datas, W, H)
+    assert out.shape == (3, H, W, 3)
+    for a, b in zip(out, frames, strict=True):
+        assert _close(a, b, 6.0)
+
+
+def test_decode_fmp4() -> None:
+    frames = _frames(5)
+    buf = io.BytesIO()
+    movflags = {"movflags": "frag_every_frame+empty_moov+default_base_moof"}
+    with av.open(buf, "w", format="mp4", options=movflags) as c:
+        s = c.add_stream("libx264", rate=FPS)
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        s.options = {"bf": "0", "preset": "ultrafast", "qp": "10"}
+        for i, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
+            vf.pts = i
+            for p in s.encode(vf):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    data, boxes, off = buf.getvalue(), [], 0
+    while off < len(data):
+        size, kind = struct.unpack(">I4s", data[off : off + 8])
+        boxes.append((kind, data[off : off + size]))
+        off += size
+    init = b"".join(b for k, b in boxes if k in (b"ftyp", b"moov"))
+    frags = [boxes[i][1] + boxes[i + 1][1] for i in range(len(boxes) - 1) if boxes[i][0] == b"moof"]
+    assert len(frags) == 5
+    out = decode_video_frames(pb.VIDEO_ENCODING_FMP4, frags, W, H, init_segment=init)
+    assert out.shape == (5, H, W, 3)
+    assert _close(out[4], frames[4], 6.0)
+
+
+# -- recording -------------------------------------------------------------------------------------
+
+
+def _read_back(path: Path) -> tuple[int, float]:
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].codec_context.name == "h264"
+        a = c.streams.audio[0]
+        assert a.codec_context.name == "aac" and a.codec_context.sample_rate == 16000
+        n_video = sum(1 for _ in c.decode(video=0))
+    with av.open(str(path)) as c:
+        n_audio = sum(f.samples for f in c.decode(audio=0))
+    return n_video, n_audio / 16000
+
+
+def _synthetic_events(n_frames: int, rate: int = 16000) -> list[pb.VideoFrame | pb.AudioOut]:
+    frames = _frames(n_frames)
+    per_frame = rate // FPS
+    events: list[pb.VideoFrame | pb.AudioOut] = []
+    tone = (np.sin(np.arange(per_frame * 4) * 0.07) * 6000).astype("<i2")
+    for i, f in enumerate(frames):
+        if i % 4 == 0 and i // 4 != 2:  # block 2 has no AudioOut: silence there
+            events.append(pb.AudioOut(block_index=i // 4, start_sample=i * per_frame, data=tone.tobytes()))
+        events.append(
+            pb.VideoFrame(
+                index=i,
+                pts_us=i * 1_000_000 // FPS,
+                audio_start_sample=i * per_frame,
+                audio_end_sample=(i + 1) * per_frame,
+                data=f.tobytes(),
+                keyframe=True,
+                block_index=i // 4,
+            )
+        )
+    return events
+
+
+def test_mp4_writer_raw(tmp_path: Path) -> None:
+    out = tmp_path / "out.mp4"
+    with Mp4Writer(out, FPS, W, H, 16000, encoding=pb.VIDEO_ENCODING_RAW_RGB24) as w:
+        for ev in _synthetic_events(40):
+            w.add_event(ev)
+        w.add_event(pb.Stats(frames_sent=40))  # ignored
+    assert w.frames_written == 40 and w.audio_samples == 9 * 4 * 640
+    n_video, audio_s = _read_back(out)
+    assert n_video == 40
+    assert abs(audio_s - 40 / FPS) < 0.15
+
+
+def test_mp4_writer_h264_input(tmp_path: Path) -> None:
+    aus = _h264_annexb(_frames(10))
+    out = tmp_path / "h264.mp4"
+    w = Mp4Writer(out, FPS, W, H, 16000, encoding=pb.VIDEO_ENCODING_H264)
+    for i, au in enumerate(aus):
+        w.add_event(pb.VideoFrame(index=i, data=au))
+    w.add_event(pb.AudioOut(start_sample=0, data=b"\x00\x10" * 6400))
+    w.close()
+    w.close()  # idempotent
+    n_video, audio_s = _read_back(out)
+    assert n_video == 10 and abs(audio_s - 0.4) < 0.15
+
+
+class _FakeSession:
+    """Just what record_session uses: started, sample_rate, video_encoding and events()."""
+
+    def __init__(self, events: list) -> None:  # type: ignore[type-arg]
+        self.started = pb.SessionStarted(
+            session_id="s1",
+            fps=FPS,
+            width=W,
+            height=H,
+            video_encoding=pb.VIDEO_ENCODING_RAW_RGB24,
+            audio_sample_rate_hz=16000,
+        )
+        self.sample_rate = 16000
+        self.video_encoding = pb.VIDEO_ENCODING_RAW_RGB24
+        self._events = events
+
+    async def events(self):  # type: ignore[no-untyped-def]
+        for ev in self._events:
+            await asyncio.sleep(0)
+            yield ev
+
+
+async def test_record_session(tmp_path: Path) -> None:
+    evs = [*_synthetic_events(12), pb.Stats(frames_sent=12), pb.End(reason=pb.END_REASON_END_OF_AUDIO)]
+    stats = await record_session(_FakeSession(evs), tmp_path / "rec.mp4")  # type: ignore[arg-type]
+    assert stats.frames == 12 and stats.audio_samples == 2 * 4 * 640
+    assert stats.end_reason == pb.END_REASON_END_OF_AUDIO
+    assert stats.end_reason_name == "END_REASON_END_OF_AUDIO"
+    assert stats.last_stats is not None and stats.last_stats.frames_sent == 12
+    assert _read_back(tmp_path / "rec.mp4")[0] == 12
+
+    stats = await record_session(
+        _FakeSession(_synthetic_events(12)), tmp_path / "cut.mp4", max_frames=5  # type: ignore[arg-type]
+    )
+    assert stats.frames == 5 and stats.end_reason == pb.END_REASON_UNSPECIFIED
