@@ -45,7 +45,6 @@ __all__ = [
     "EncodedFrame",
     "FrameEncoder",
     "UnsupportedEncodingError",
-    "decode_frames",
     "encoding_name",
     "make_encoder",
 ]
@@ -482,47 +481,3 @@ def make_encoder(
     if encoding == pb.VIDEO_ENCODING_H264:
         return H264Encoder(width, height, fps, bitrate_bps=bitrate_bps, gop=gop)
     return FMP4Encoder(width, height, fps, bitrate_bps=bitrate_bps, gop=gop)
-
-
-def _check_decoded(frame: np.ndarray, width: int, height: int) -> np.ndarray:
-    if frame.shape != (height, width, 3):
-        raise ValueError(f"decoded frame is {frame.shape[1]}x{frame.shape[0]}, expected {width}x{height}")
-    return frame
-
-
-def decode_frames(
-    encoding: int, chunks: list[bytes], width: int, height: int, init_segment: bytes = b""
-) -> np.ndarray:
-    """Decode encoded frames back to uint8 ``[N, H, W, 3]`` RGB (for tests and the demo client).
-
-    ``chunks`` are the ``EncodedFrame.data`` values in order; for FMP4 pass the encoder's
-    ``init_segment`` too.  H264 decoding may start at any keyframe.
-    """
-    _check_encoding(encoding)
-    empty = np.empty((0, height, width, 3), dtype=np.uint8)
-    decoded: list[np.ndarray] = []
-    if encoding == pb.VIDEO_ENCODING_RAW_RGB24:
-        frame_bytes = height * width * 3
-        for i, chunk in enumerate(chunks):
-            if len(chunk) != frame_bytes:
-                raise ValueError(f"raw frame {i} has {len(chunk)} bytes, expected {frame_bytes}")
-            decoded.append(np.frombuffer(chunk, dtype=np.uint8).reshape(height, width, 3))
-    elif encoding == pb.VIDEO_ENCODING_JPEG:
-        for chunk in chunks:
-            with Image.open(io.BytesIO(chunk)) as img:
-                decoded.append(_check_decoded(np.asarray(img.convert("RGB")), width, height))
-    elif encoding == pb.VIDEO_ENCODING_H264:
-        ctx = av.CodecContext.create("h264", "r")
-        ctx.thread_count = 1
-        for unit in [*chunks, None]:  # None flushes the decoder
-            for frame in ctx.decode(av.Packet(unit) if unit is not None else None):
-                decoded.append(_check_decoded(frame.to_ndarray(format="rgb24"), width, height))
-    else:
-        if not chunks:
-            return empty
-        with av.open(io.BytesIO(init_segment + b"".join(chunks)), "r", format="mp4") as container:
-            stream = container.streams.video[0]
-            stream.thread_count = 1
-            for frame in container.decode(stream):
-                decoded.append(_check_decoded(frame.to_ndarray(format="rgb24"), width, height))
-    return np.stack(decoded) if decoded else empty

@@ -7,13 +7,13 @@ import struct
 
 import numpy as np
 import pytest
+from avatarforcing_client.media import decode_video_frames
 from avatarforcing_client.v1 import avatarforcing_pb2 as pb
 from avatarforcing_service.codecs import (
     SUPPORTED_ENCODINGS,
     EncodedFrame,
     FrameEncoder,
     UnsupportedEncodingError,
-    decode_frames,
     make_encoder,
 )
 
@@ -88,7 +88,7 @@ def test_round_trip(frames: np.ndarray, encoding: int, min_psnr: float) -> None:
         out = enc.encode(frames[:10]) + encode_one_by_one(enc, frames[10:])
         assert len(out) == N and all(isinstance(f, EncodedFrame) for f in out)
         assert out[0].keyframe
-        decoded = decode_frames(encoding, [f.data for f in out], W, H, enc.init_segment)
+        decoded = decode_video_frames(encoding, [f.data for f in out], W, H, enc.init_segment)
     assert decoded.shape == (N, H, W, 3) and decoded.dtype == np.uint8
     if min_psnr == float("inf"):
         np.testing.assert_array_equal(decoded, frames)
@@ -123,7 +123,7 @@ def test_h264_access_units_and_forced_keyframe(frames: np.ndarray) -> None:
     assert all(f.data.startswith(b"\x00\x00\x00\x01") or f.data.startswith(b"\x00\x00\x01") for f in out)
     assert [i for i, f in enumerate(out) if f.keyframe] == [0, 17]
     # Decoding can start at the forced keyframe: SPS/PPS are repeated in-band.
-    tail = decode_frames(H264, [f.data for f in out[17:]], W, H)
+    tail = decode_video_frames(H264, [f.data for f in out[17:]], W, H)
     assert tail.shape == (N - 17, H, W, 3)
     assert min(psnr(tail[i], frames[17 + i]) for i in range(len(tail))) > 25.0
 
@@ -145,15 +145,14 @@ def test_fmp4_layout(frames: np.ndarray) -> None:
         trun = f.data.index(b"trun")
         (sample_count,) = struct.unpack_from(">I", f.data, trun + 8)
         assert sample_count == 1
-    decoded = decode_frames(FMP4, [f.data for f in out], W, H, init)
+    decoded = decode_video_frames(FMP4, [f.data for f in out], W, H, init)
     assert decoded.shape == (8, H, W, 3)
 
 
-def test_empty_batch_and_decode_empty() -> None:
+def test_empty_batch() -> None:
     for encoding in SUPPORTED_ENCODINGS:
         with make_encoder(encoding, W, H, FPS) as enc:
             assert enc.encode(np.zeros((0, H, W, 3), np.uint8)) == []
-        assert decode_frames(encoding, [], W, H).shape == (0, H, W, 3)
 
 
 @pytest.mark.parametrize("encoding", SUPPORTED_ENCODINGS)
@@ -184,8 +183,6 @@ def test_make_encoder_errors() -> None:
     for encoding in (0, 5, 99):
         with pytest.raises(UnsupportedEncodingError, match="VIDEO_ENCODING_H264"):
             make_encoder(encoding, W, H, FPS)
-    with pytest.raises(UnsupportedEncodingError):
-        decode_frames(0, [], W, H)
     for q in (-1, 101):
         with pytest.raises(ValueError, match="jpeg_quality"):
             make_encoder(JPEG, W, H, FPS, jpeg_quality=q)
