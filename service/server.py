@@ -221,6 +221,7 @@ class App:
         self.port = 0
         self.metrics_port = -1
         self.draining = False
+        self.stopped = False
         self._watchdog: asyncio.Task[None] | None = None
         c = self.engine.cfg
         self.timeline = Timeline(c.fps, self.engine.frames_per_block, self.engine.L, cfg.processing_budget_ms / 1000)
@@ -261,6 +262,8 @@ class App:
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: NOT_SERVING, refuse new sessions, let live ones finish within the grace
         period, then end the rest with END_REASON_SERVER_SHUTDOWN."""
+        if self.stopped:
+            return
         grace = self.cfg.grace_s if grace is None else grace
         self.draining = True
         await self.health.enter_graceful_shutdown()
@@ -279,6 +282,7 @@ class App:
             self._watchdog.cancel()
         await self.scheduler.stop()
         self.metrics.close()
+        self.stopped = True
         log.info("stopped")
 
     # ---- sessions ------------------------------------------------------------------------------
