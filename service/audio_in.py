@@ -107,7 +107,7 @@ class AudioInput:
     def take_block(self) -> Block:
         """Cuts the next block: a full one if buffered, else what there is padded with silence."""
         n = min(self.buffered, self.in_block)
-        real = self._buf[:n]
+        real = self._buf[:n].copy()
         self._buf = self._buf[n:]
         pad = np.zeros(self.in_block - n, dtype=np.int16)
         if n == self.in_block:

@@ -51,7 +51,17 @@ class Scheduler:
         return await asyncio.get_running_loop().run_in_executor(self._engine_pool, fn, *args)
 
     async def allocate(self, anchor: AnchorState, seed: int) -> int:
-        return await self.in_engine(self.engine.allocate, anchor, seed)
+        """A slot for a new session. If the caller is cancelled meanwhile, the slot is freed again."""
+        fut = asyncio.ensure_future(self.in_engine(self.engine.allocate, anchor, seed))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            try:
+                slot = await fut
+            except Exception:
+                raise asyncio.CancelledError from None
+            await self.in_engine(self.engine.free, slot)
+            raise
 
     async def release(self, s: Session) -> None:
         """Frees the session's slot and encoder exactly once, whenever and however it ended."""
@@ -63,7 +73,8 @@ class Scheduler:
         while s.in_flight:  # its slot is in the running step: free it after
             await asyncio.sleep(0.005)
         await self.in_engine(self.engine.free, s.slot)
-        s.encoder.close()
+        async with s.deliver_lock:  # never close the encoder under a running encode
+            s.encoder.close()
         self.metrics.sessions_active.set(len(self.sessions))
         self.kick()
 
@@ -102,7 +113,13 @@ class Scheduler:
                 continue
             ready.sort(key=Session.deadline)
             batch = ready[: self.max_batch]
-            await self._step(batch)
+            try:
+                await self._step(batch)
+            except Exception as e:  # never let one bad batch stop every session's stream
+                log.exception("scheduler step failed")
+                for s in batch:
+                    s.in_flight = False
+                    s.fail(SessionFailure(grpc.StatusCode.INTERNAL, f"internal error while stepping: {e}"))
 
     async def _step(self, batch: list[Session]) -> None:
         blocks = [s.take_block() for s in batch]
