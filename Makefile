@@ -15,15 +15,16 @@ demo: setup
 serve: setup
 	$(BIN)/avatarforcing serve
 
-# Every check CI runs: generated code up to date, lint, the whole test suite.
+# Every check CI runs: generated code up to date, lint, types, the whole test suite.
 test: setup
 	PYTHON=$(BIN)/python scripts/gen_proto.sh --check
 	$(BIN)/ruff check .
+	$(BIN)/mypy avatarforcing service clients/python/avatarforcing_client
 	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy avatarforcing service
+	$(BIN)/mypy avatarforcing service clients/python/avatarforcing_client
 
 bench: setup
 	$(BIN)/avatarforcing bench

@@ -41,6 +41,8 @@ def mel_filterbank(n_mels: int, sample_rate: int, n_fft: int = N_FFT,
 class LogMel(nn.Module):
     def __init__(self, n_mels: int, sample_rate: int) -> None:
         super().__init__()
+        self.window: torch.Tensor
+        self.fb: torch.Tensor
         self.register_buffer("window", torch.hann_window(WIN), persistent=False)
         self.register_buffer("fb", mel_filterbank(n_mels, sample_rate), persistent=False)
 

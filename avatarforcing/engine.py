@@ -258,8 +258,8 @@ class StreamEngine:
         sims: list[float] = []
         if rows.numel() > 0:
             frames = self.vae.decode(clean)  # [m, 4B, 3, H, W]
-            frames_np = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            frames_np = frames_np.permute(0, 1, 3, 4, 2).contiguous().cpu().numpy()
+            frames_u8 = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            frames_np = frames_u8.permute(0, 1, 3, 4, 2).contiguous().cpu().numpy()
             ref = self.ref_lat[idx[rows]].float().flatten(1)[:, None]
             sims = F.cosine_similarity(clean.float().flatten(2), ref, dim=-1).mean(1).tolist()
         out: list[SlotResult] = []

@@ -85,7 +85,7 @@ class ServerConfig:
             raw = os.environ.get(prefix + f.name.upper())
             if raw is None:
                 continue
-            typ = type(f.default)
+            typ: Any = type(f.default)
             kw[f.name] = raw.lower() in ("1", "true", "yes") if typ is bool else typ(raw)
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)

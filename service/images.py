@@ -24,7 +24,7 @@ def load_reference_image(data: bytes, width: int, height: int, *, max_bytes: int
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             fmt = img.format
             w, h = img.size
             if fmt not in ALLOWED_FORMATS:
