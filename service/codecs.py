@@ -37,8 +37,9 @@ from typing import Any
 
 import av
 import numpy as np
-from avatarforcing_client.v1 import avatarforcing_pb2 as pb
 from PIL import Image
+
+from avatarforcing_client.v1 import avatarforcing_pb2 as pb
 
 __all__ = [
     "SUPPORTED_ENCODINGS",

@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import structlog
-from avatarforcing_client.v1 import avatarforcing_pb2 as pb
 
 from avatarforcing import AnchorState, StreamEngine
 from avatarforcing.engine import SlotResult
+from avatarforcing_client.v1 import avatarforcing_pb2 as pb
 
 from .audio_in import Block
 from .session import OutItem, Session, SessionFailure

@@ -14,14 +14,14 @@ from typing import Any
 import grpc
 import structlog
 import torch
-from avatarforcing_client.v1 import avatarforcing_pb2 as pb
-from avatarforcing_client.v1 import avatarforcing_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from avatarforcing import AnchorState, NoFreeSlotError, StreamEngine
 from avatarforcing.checkpoint import LoadedModel, load_default
 from avatarforcing.model import count_parameters
+from avatarforcing_client.v1 import avatarforcing_pb2 as pb
+from avatarforcing_client.v1 import avatarforcing_pb2_grpc as pb_grpc
 
 from . import __version__
 from .audio_in import SUPPORTED_RATES, AudioError, AudioInput, AudioOverflowError

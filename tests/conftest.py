@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import torch
-from avatarforcing_service.config import ServerConfig
-from avatarforcing_service.server import App
 from PIL import Image
 
 from avatarforcing.checkpoint import random_init
+from avatarforcing_service.config import ServerConfig
+from avatarforcing_service.server import App
 
 torch.set_num_threads(2)
 

@@ -12,10 +12,11 @@ import wave
 from fractions import Fraction
 from pathlib import Path
 
-import avatarforcing_client as afc
 import grpc
 import numpy as np
 import pytest
+
+import avatarforcing_client as afc
 from avatarforcing_client import (
     AvatarForcingClient,
     Mp4Writer,

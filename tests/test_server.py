@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import grpc
 import numpy as np
 import pytest
-from avatarforcing_client import AvatarForcingClient, decode_video_frames, pb, pb_grpc
-from avatarforcing_service.server import App
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+
+from avatarforcing_client import AvatarForcingClient, decode_video_frames, pb, pb_grpc
+from avatarforcing_service.server import App
 
 from .conftest import png_bytes, speechlike_pcm
 
@@ -387,4 +388,29 @@ async def test_audio_faster_than_realtime_overflows_cleanly(make_app: AppFactory
     app = await make_app(max_buffered_s=1.0)
     reqs = [cfg(png, pacing=pb.PACING_REALTIME), *audio_reqs(speechlike_pcm(3.0), 16000, chunk_ms=100)]
     await expect_error(app, gen(reqs, asyncio.Event()), grpc.StatusCode.RESOURCE_EXHAUSTED, "faster than real time")
+    await wait_free(app)
+
+
+async def test_slow_client_loses_whole_blocks_not_the_session(make_app: AppFactory, png: bytes) -> None:
+    """A REALTIME client that stops reading: the server drops whole blocks, oldest first, and goes on."""
+    app = await make_app(queue_frames=8)
+    hold = asyncio.Event()
+    opts = [("grpc.http2.bdp_probe", 0), ("grpc.max_receive_message_length", 64 * 2**20)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=opts) as ch:
+        call = pb_grpc.AvatarForcingStub(ch).Stream(gen([cfg(png, pacing=pb.PACING_REALTIME)], hold))
+        assert (await call.read()).HasField("started")
+        await asyncio.sleep(3.0)  # not reading: the transport fills, then the session's queue
+        idx: list[int] = []
+        stats: list[pb.Stats] = []
+        while len(idx) < 40:
+            r = await call.read()
+            if r.HasField("frame"):
+                idx.append(r.frame.index)
+            elif r.HasField("stats"):
+                stats.append(r.stats)
+        call.cancel()
+    resumed = [b for a, b in zip(idx, idx[1:], strict=False) if b - a != 1]
+    assert resumed and all(b % FPB == 0 for b in resumed), idx  # dropping stops at block boundaries
+    assert idx == sorted(idx)
+    assert stats and stats[-1].frames_dropped > 0
     await wait_free(app)
