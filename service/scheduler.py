@@ -64,12 +64,21 @@ class Scheduler:
             raise
 
     async def release(self, s: Session) -> None:
-        """Frees the session's slot and encoder exactly once, whenever and however it ended."""
-        if s.released:
-            return
-        s.released = True
-        s.ending = True
-        self.sessions.pop(s.id, None)
+        """Frees the session's slot and encoder exactly once, whenever and however it ended.
+
+        The work runs in its own task: a handler cancelled while releasing (the client went away)
+        cannot interrupt it half way and leak the slot.
+        """
+        if s.release_task is None:
+            s.released = True
+            s.ending = True
+            self.sessions.pop(s.id, None)
+            s.release_task = asyncio.create_task(self._release(s), name=f"release-{s.id}")
+            self._tasks.add(s.release_task)
+            s.release_task.add_done_callback(self._tasks.discard)
+        await asyncio.shield(s.release_task)
+
+    async def _release(self, s: Session) -> None:
         while s.in_flight:  # its slot is in the running step: free it after
             await asyncio.sleep(0.005)
         await self.in_engine(self.engine.free, s.slot)
@@ -95,6 +104,8 @@ class Scheduler:
         self.kick()
         if self._task is not None:
             await self._task
+        if self._tasks:  # releases and deliveries still running
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
         self._engine_pool.shutdown(wait=True)
         self._codec_pool.shutdown(wait=True)
 

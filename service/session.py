@@ -130,6 +130,7 @@ class Session:
     clear_requested: bool = False
     ending: bool = False  # End queued or failure set: no more steps
     released: bool = False
+    release_task: asyncio.Task[None] | None = None
     failure: SessionFailure | None = None
     # counters
     frames_sent: int = 0

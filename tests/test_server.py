@@ -414,3 +414,27 @@ async def test_slow_client_loses_whole_blocks_not_the_session(make_app: AppFacto
     assert idx == sorted(idx)
     assert stats and stats[-1].frames_dropped > 0
     await wait_free(app)
+
+
+async def test_slots_freed_when_clients_vanish_at_any_moment(make_app: AppFactory, png: bytes) -> None:
+    """Clients that cancel right after the start, mid-stream, or right after End: no slot leaks."""
+    app = await make_app(max_sessions=3)
+    pcm = speechlike_pcm(0.6)
+
+    async def one(i: int) -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+            call = pb_grpc.AvatarForcingStub(ch).Stream(
+                gen([cfg(png), *audio_reqs(pcm, 16000), EOA], asyncio.Event()))
+            n = 0
+            try:
+                while (r := await call.read()) is not grpc.aio.EOF:
+                    n += 1
+                    if (i % 3 == 0 and n == 1) or (i % 3 == 1 and n == 5) or r.HasField("end"):
+                        break
+            except grpc.aio.AioRpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            call.cancel()
+
+    for round_ in range(4):
+        await asyncio.gather(*(one(round_ * 3 + i) for i in range(3)))
+        await wait_free(app)
