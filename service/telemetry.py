@@ -50,10 +50,8 @@ class Metrics:
         self.anchor_similarity = Histogram(p + "anchor_similarity",
                                            "Cosine similarity of each emitted block to the style anchor "
                                            "(drift signal: falls as a stream drifts)",
-                                           buckets=(-1, -0.5, 0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1),
+                                           buckets=(0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1),
                                            registry=r)
-        self.anchor_similarity_last = Gauge(p + "anchor_similarity_mean_recent",
-                                            "Mean anchor similarity over recently emitted blocks", registry=r)
         self.slot_bytes = Gauge(p + "slot_memory_bytes", "Device memory of one session slot", registry=r)
         self._http: Any = None
 
