@@ -12,34 +12,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from avatarforcing_service.bench import free_port, wait_port
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 120.0) -> None:
-    t = time.monotonic()
-    while time.monotonic() - t < timeout:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError("the server exited during start-up")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on port {port}")
 
 
 def _stats(prefix: Path) -> dict[str, dict[str, str]]:
@@ -112,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     proc = None
     if a.host is None:
-        port, mport = _free_port(), _free_port()
+        port, mport = free_port(), free_port()
         proc = subprocess.Popen([sys.executable, "-m", "avatarforcing_service.cli", "serve", "--port", str(port),
                                  "--metrics-port", str(mport), "--max-sessions", str(max(levels)),
                                  "--log-level", "warning"], stderr=subprocess.DEVNULL)
         host, metrics_url = f"127.0.0.1:{port}", f"http://127.0.0.1:{mport}/metrics"
-        _wait(port, proc)
+        wait_port(port, proc)
     else:
         host, metrics_url = a.host, a.metrics or f"http://{a.host.rsplit(':', 1)[0]}:9464/metrics"
     results: list[dict[str, Any]] = []

@@ -54,39 +54,37 @@ def bench_engine(quick: bool) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     n_steps = 6 if quick else 20
     rows, out = [], []
-    for bs in (1, 2, 4, 8, 16):
+
+    def session_batch(bs: int) -> tuple[list[int], np.ndarray]:
         slots = [eng.allocate(anchor, seed=i + 1) for i in range(bs)]
         pcm = (rng.standard_normal((bs, eng.block_samples)) * 0.1).astype(np.float32)
-        for _ in range(4):
+        for _ in range(4):  # warm-up (and past the window's warm-up steps)
             eng.step(slots, pcm)
+        return slots, pcm
+
+    def timed(fn: Any) -> float:
         t = time.perf_counter()
         for _ in range(n_steps):
-            eng.step(slots, pcm)
-        step = (time.perf_counter() - t) / n_steps
+            fn()
+        return (time.perf_counter() - t) / n_steps
+
+    for bs in (1, 2, 4, 8, 16):
+        slots, pcm = session_batch(bs)
+        step = timed(lambda: eng.step(slots, pcm))  # noqa: B023 (used inside the iteration)
         frames = bs * eng.frames_per_block
         rt = (eng.frames_per_block / cfg.fps) / step * bs  # sessions this batch size could keep in real time
         rows.append([bs, step * 1000, step * 1000 / frames, frames / step, rt])
         out.append({"batch": bs, "step_ms": step * 1000, "ms_per_frame": step * 1000 / frames,
-                    "frames_per_s": frames / step})
+                    "frames_per_s": frames / step, "realtime_capacity": rt})
         for s in slots:
             eng.free(s)
     _table("Engine step (one batched pass + temporal anchor + decode), tiny config",
            ["batch", "step ms", "ms/frame", "frames/s", "real-time capacity"], rows)
     # Batched vs the same sessions stepped one at a time.
     bs = 8
-    slots = [eng.allocate(anchor, seed=i + 1) for i in range(bs)]
-    pcm = (rng.standard_normal((bs, eng.block_samples)) * 0.1).astype(np.float32)
-    for _ in range(4):
-        eng.step(slots, pcm)
-    t = time.perf_counter()
-    for _ in range(n_steps):
-        eng.step(slots, pcm)
-    batched = (time.perf_counter() - t) / n_steps
-    t = time.perf_counter()
-    for _ in range(n_steps):
-        for i, s in enumerate(slots):
-            eng.step([s], pcm[i : i + 1])
-    single = (time.perf_counter() - t) / n_steps
+    slots, pcm = session_batch(bs)
+    batched = timed(lambda: eng.step(slots, pcm))
+    single = timed(lambda: [eng.step([s], pcm[i : i + 1]) for i, s in enumerate(slots)])
     for s in slots:
         eng.free(s)
     ratio = single / batched
@@ -134,7 +132,7 @@ def bench_long(latent_frames: int) -> dict[str, Any]:
             "step_change_pct": change, "rss_bytes_at_30": r0, "rss_bytes_at_end": r1}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -213,14 +211,14 @@ def bench_server(max_sessions: int, quick: bool, threads: int | None) -> dict[st
     results = []
     best = 0
     for n in levels:
-        port, mport = _free_port(), _free_port()
+        port, mport = free_port(), free_port()
         cmd = [sys.executable, "-m", "avatarforcing_service.cli", "serve", "--port", str(port), "--metrics-port",
                str(mport), "--max-sessions", str(n), "--log-level", "warning"]
         if threads:
             cmd += ["--threads", str(threads)]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            _wait_port(port, proc)
+            wait_port(port, proc)
             r = asyncio.run(_run_sessions(f"127.0.0.1:{port}", n, seconds, warmup))
             body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics").read().decode()
         finally:
@@ -253,10 +251,11 @@ def bench_server(max_sessions: int, quick: bool, threads: int | None) -> dict[st
     return {"levels": results, "max_realtime_sessions": best, "seconds_per_level": seconds}
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 120.0) -> None:
+    """Waits until something listens on 127.0.0.1:port; fails early if ``proc`` exits."""
     t = time.monotonic()
     while time.monotonic() - t < timeout:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
