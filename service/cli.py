@@ -87,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--threads", type=int, default=None)
     b.set_defaults(fn=cmd_bench)
     a = ap.parse_args(argv)
-    return int(a.fn(a) or 0)
+    try:
+        return int(a.fn(a) or 0)
+    except ValueError as e:  # configuration errors: one clear line, no traceback
+        if "invalid server config" not in str(e):
+            raise
+        ap.error(str(e))
+        return 2
 
 
 if __name__ == "__main__":
