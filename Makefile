@@ -15,11 +15,14 @@ demo: setup
 serve: setup
 	$(BIN)/avatarforcing serve
 
-# Every check CI runs: generated code up to date, lint, types, the whole test suite.
+# Every check CI runs: generated code up to date (Python and Go), lint, types, the Go SDK's tests
+# (against a real server), the whole pytest suite.
 test: setup
 	PYTHON=$(BIN)/python scripts/gen_proto.sh --check
+	PYTHON=$(BIN)/python scripts/gen_go.sh --check
 	$(BIN)/ruff check .
 	$(BIN)/mypy avatarforcing service clients/python/avatarforcing_client
+	cd clients/go && go vet ./... && AVATARFORCING_PYTHON=$(abspath $(BIN))/python go test ./...
 	$(BIN)/python -m pytest -q
 
 lint: setup
@@ -31,3 +34,4 @@ bench: setup
 
 proto: setup
 	PYTHON=$(BIN)/python scripts/gen_proto.sh
+	PYTHON=$(BIN)/python scripts/gen_go.sh

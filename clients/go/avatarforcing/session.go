@@ -1,0 +1,489 @@
+package avatarforcing
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	pb "github.com/avatarforcing/serve/clients/go/avatarforcingv1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// DefaultChunk is the audio chunk duration StreamWAV uses, and StreamPCM when given 0.
+const DefaultChunk = 20 * time.Millisecond
+
+// MaxChunk is the longest audio one message may carry (the server's limit). SendAudio splits
+// longer buffers into chunks of this length.
+const MaxChunk = time.Second
+
+// closeSendWait bounds how long Close waits for the send goroutine to half-close the stream
+// (it may be blocked in a Send that flow control holds back) before cancelling it.
+const closeSendWait = time.Second
+
+// Event is one response of a started session. Exactly one field is set.
+type Event struct {
+	// Frame is a video frame; its Data is in the session's video encoding.
+	Frame *pb.VideoFrame
+	// Audio is the re-timed audio (PCM16LE mono at SessionStarted.AudioSampleRateHz) that
+	// plays with one block of frames, silence the server inserted included.
+	Audio *pb.AudioOut
+	// Stats are the session's periodic counters.
+	Stats *pb.Stats
+	// End is the last event: why the session ended.
+	End *pb.End
+}
+
+// Session is one Stream call: a lip-synced avatar session. Create it with
+// Client.StartSession. Its methods are safe for concurrent use; Events should be read by one
+// goroutine. Always call Close when done (it is idempotent).
+type Session struct {
+	opts    SessionOptions
+	stream  grpc.BidiStreamingClient[pb.StreamRequest, pb.StreamResponse]
+	started *pb.SessionStarted
+	ctx     context.Context // the stream's context; cancelled when the session ends
+	cancel  context.CancelFunc
+
+	sendq      chan sendItem
+	closing    chan struct{} // closed by Close
+	senderDone chan struct{}
+	recvDone   chan struct{}
+	events     chan Event
+
+	closeOnce sync.Once
+	closed    atomic.Bool
+
+	mu         sync.Mutex
+	sendClosed bool  // CloseSend was called
+	sendErr    error // why the send goroutine stopped
+	end        *pb.End
+	done       bool  // the receive side has finished (err is final)
+	err        error // the terminal error
+}
+
+type sendItem struct {
+	req       *pb.StreamRequest
+	closeSend bool
+}
+
+// StartSession validates opts, opens a Stream, sends the SessionConfig and waits for
+// SessionStarted.
+//
+// Invalid options are rejected before any RPC with an error wrapping ErrInvalidArgument. When
+// the server refuses the session, the error is its gRPC status error (see status.Code):
+// INVALID_ARGUMENT (bad image or config), NOT_FOUND (unknown AvatarID), RESOURCE_EXHAUSTED (no
+// free slot), UNAVAILABLE (the replica is shutting down).
+//
+// ctx governs the whole session, not only its start: when it is cancelled or its deadline
+// passes the stream is cancelled, the server frees the session's slot, Events closes and Err
+// reports the cancellation. Use a context that lives as long as the session.
+func (c *Client) StartSession(ctx context.Context, opts SessionOptions) (*Session, error) {
+	o, err := opts.normalized()
+	if err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	var cc grpc.ClientConnInterface = c.conn
+	if c.router != nil {
+		if cc, err = c.router.Route(ctx, o, c.conn); err != nil {
+			return nil, fmt.Errorf("avatarforcing: routing the session: %w", err)
+		}
+	}
+	sctx, cancel := context.WithCancel(ctx)
+	stream, err := pb.NewAvatarForcingClient(cc).Stream(sctx)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	// io.EOF from Send means the stream already failed; Recv returns the real status.
+	if err := stream.Send(&pb.StreamRequest{Message: &pb.StreamRequest_Config{Config: o.config()}}); err != nil && err != io.EOF {
+		cancel()
+		return nil, err
+	}
+	resp, err := stream.Recv()
+	if err != nil {
+		cancel()
+		if err == io.EOF {
+			err = fmt.Errorf("%w: the server closed the stream without sending SessionStarted", ErrProtocol)
+		}
+		return nil, err
+	}
+	started := resp.GetStarted()
+	if started == nil {
+		cancel()
+		return nil, fmt.Errorf("%w: the first response is %T, expected SessionStarted", ErrProtocol, resp.GetMessage())
+	}
+	s := &Session{
+		opts:       o,
+		stream:     stream,
+		started:    started,
+		ctx:        sctx,
+		cancel:     cancel,
+		sendq:      make(chan sendItem, o.SendBuffer),
+		closing:    make(chan struct{}),
+		senderDone: make(chan struct{}),
+		recvDone:   make(chan struct{}),
+		events:     make(chan Event, o.EventBuffer),
+	}
+	go s.sendLoop()
+	go s.recvLoop()
+	return s, nil
+}
+
+// Started returns the server's SessionStarted message (session id, fps, size, latency, ...).
+func (s *Session) Started() *pb.SessionStarted { return s.started }
+
+// SampleRate is the sample rate of the audio the session takes (SessionOptions.SampleRate).
+func (s *Session) SampleRate() int { return s.opts.SampleRate }
+
+// Events returns the session's responses in order: frames, audio, stats, and finally End.
+// The channel closes after End or when the stream ends for any other reason; Err then says
+// why. If nobody reads it, the session stalls rather than losing events (see the package
+// documentation), until Close or the StartSession context ends it.
+func (s *Session) Events() <-chan Event { return s.events }
+
+// Err returns the terminal error once Events has closed (nil while the session runs): nil
+// after the server's End, the server's gRPC status error when the stream failed (for example
+// INVALID_ARGUMENT for a malformed message, or codes.Canceled when the StartSession context was
+// cancelled), ErrClosed when Close ended the session before End, or an error wrapping
+// ErrProtocol.
+func (s *Session) Err() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.err
+}
+
+// End returns the End message once it was received, else nil.
+func (s *Session) End() *pb.End {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.end
+}
+
+// Done is closed when the session has finished: Events is closed, Err is final and both
+// goroutines have exited, or are about to.
+func (s *Session) Done() <-chan struct{} { return s.recvDone }
+
+// SendAudio queues PCM16LE mono audio at the session's sample rate. pcm must hold a whole
+// number of samples (an even number of bytes); buffers over MaxChunk are split. The data is
+// copied, so the caller may reuse pcm at once.
+//
+// SendAudio returns once the audio is queued, not when it is on the wire: when the queue
+// (SessionOptions.SendBuffer messages) is full it blocks until there is room or ctx ends;
+// that is the backpressure. A failed send shows up as an error from a later send (wrapping
+// ErrSessionEnded) and as Err.
+func (s *Session) SendAudio(ctx context.Context, pcm []byte) error {
+	if len(pcm)%2 != 0 {
+		return invalid("PCM16 audio must have an even number of bytes (whole 16-bit samples), got %d", len(pcm))
+	}
+	if len(pcm) == 0 {
+		return s.sendState()
+	}
+	maxBytes := 2 * s.opts.SampleRate * int(MaxChunk/time.Second)
+	for len(pcm) > 0 {
+		n := min(len(pcm), maxBytes)
+		req := &pb.StreamRequest{Message: &pb.StreamRequest_Audio{Audio: &pb.AudioChunk{Data: bytes.Clone(pcm[:n])}}}
+		if err := s.enqueue(ctx, sendItem{req: req}); err != nil {
+			return err
+		}
+		pcm = pcm[n:]
+	}
+	return nil
+}
+
+// Interrupt queues an Interrupt: the server drops the audio it has buffered and not yet
+// rendered (including audio queued here before the call) and the avatar goes back to idle.
+// Stop any goroutine still streaming audio first, or its audio follows the interrupt.
+func (s *Session) Interrupt(ctx context.Context) error {
+	return s.enqueue(ctx, sendItem{req: &pb.StreamRequest{Message: &pb.StreamRequest_Interrupt{Interrupt: &pb.Interrupt{}}}})
+}
+
+// EndOfAudio queues an EndOfAudio: the server renders every sample received. With PACING_ASAP
+// the stream then ends (End reason END_OF_AUDIO, and more audio is an error); with
+// PACING_REALTIME idle frames follow and more audio may still be sent.
+func (s *Session) EndOfAudio(ctx context.Context) error {
+	return s.enqueue(ctx, sendItem{req: &pb.StreamRequest{Message: &pb.StreamRequest_EndOfAudio{EndOfAudio: &pb.EndOfAudio{}}}})
+}
+
+// KeepAlive queues a KeepAlive, which resets the server's idle timer for the session (a
+// session that sends nothing for the server's idle timeout, 60 s by default, ends).
+func (s *Session) KeepAlive(ctx context.Context) error {
+	return s.enqueue(ctx, sendItem{req: &pb.StreamRequest{Message: &pb.StreamRequest_KeepAlive{KeepAlive: &pb.KeepAlive{}}}})
+}
+
+// CloseSend queues a half-close after the messages already queued: the server renders the
+// audio it has and ends the session (End reason END_OF_AUDIO after an EndOfAudio, else
+// CLIENT_CLOSED). Later sends return ErrSendClosed; keep reading Events until it closes.
+func (s *Session) CloseSend(ctx context.Context) error {
+	if err := s.sendState(); err != nil {
+		return err
+	}
+	// Refuse later sends first, so that none is queued behind the half-close.
+	s.mu.Lock()
+	s.sendClosed = true
+	s.mu.Unlock()
+	select {
+	case s.sendq <- sendItem{closeSend: true}:
+		return nil
+	case <-ctx.Done():
+		s.mu.Lock()
+		s.sendClosed = false
+		s.mu.Unlock()
+		return ctx.Err()
+	case <-s.senderDone:
+		return ErrSessionEnded
+	}
+}
+
+// StreamPCM sends PCM16LE mono audio read from r, at the session's sample rate, in chunks of
+// the given duration (0: DefaultChunk; at most MaxChunk), until r returns io.EOF. It returns
+// the number of samples sent. With realtime set, audio goes out no faster than real time:
+// each chunk leaves when the clock, started at the first chunk, reaches the duration of the
+// audio sent before it. StreamPCM does not send EndOfAudio; call EndOfAudio afterwards when
+// the utterance is complete. A dangling byte at the end of r is an error.
+func (s *Session) StreamPCM(ctx context.Context, r io.Reader, realtime bool, chunk time.Duration) (int64, error) {
+	if chunk == 0 {
+		chunk = DefaultChunk
+	}
+	if chunk < 0 || chunk > MaxChunk {
+		return 0, invalid("chunk duration %v is out of range; use up to %v (0: %v)", chunk, MaxChunk, DefaultChunk)
+	}
+	rate := int64(s.opts.SampleRate)
+	n := max(1, int(rate*int64(chunk)/int64(time.Second)))
+	buf := make([]byte, 2*n)
+	var (
+		sent  int64
+		t0    time.Time
+		timer *time.Timer
+	)
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	for {
+		k, err := io.ReadFull(r, buf)
+		if k%2 != 0 {
+			return sent, invalid("PCM16 audio ended with a dangling byte (odd total length)")
+		}
+		if k > 0 {
+			if realtime {
+				if sent == 0 {
+					t0 = time.Now()
+				} else if wait := time.Until(t0.Add(samplesDuration(sent, rate))); wait > 0 {
+					if timer == nil {
+						timer = time.NewTimer(wait)
+					} else {
+						timer.Reset(wait)
+					}
+					select {
+					case <-timer.C:
+					case <-ctx.Done():
+						return sent, ctx.Err()
+					}
+				}
+			}
+			if err := s.SendAudio(ctx, buf[:k]); err != nil {
+				return sent, err
+			}
+			sent += int64(k / 2)
+		}
+		switch {
+		case err == io.EOF || err == io.ErrUnexpectedEOF:
+			return sent, nil
+		case err != nil:
+			return sent, err
+		}
+	}
+}
+
+func samplesDuration(n, rate int64) time.Duration {
+	return time.Duration(n/rate)*time.Second + time.Duration(n%rate)*time.Second/time.Duration(rate)
+}
+
+// StreamWAV sends a mono 16-bit PCM WAV file whose sample rate is the session's, in
+// DefaultChunk chunks, as StreamPCM does (realtime paces it; no EndOfAudio is sent). Other
+// formats are rejected with an error that says what the file holds; nothing is resampled.
+func (s *Session) StreamWAV(ctx context.Context, path string, realtime bool) (int64, error) {
+	w, err := ReadWAV(path)
+	if err != nil {
+		return 0, err
+	}
+	if w.SampleRate != s.opts.SampleRate {
+		return 0, invalid("%s is sampled at %d Hz but the session takes %d Hz; resample the file or start the session with SampleRate %d",
+			path, w.SampleRate, s.opts.SampleRate, w.SampleRate)
+	}
+	return s.StreamPCM(ctx, bytes.NewReader(w.PCM), realtime, DefaultChunk)
+}
+
+// Close ends the session now: it half-closes the stream, cancels it (the server frees the
+// slot), discards messages still queued, and waits for both goroutines to exit. It is
+// idempotent and safe to call from any goroutine. To let the server finish rendering first,
+// call EndOfAudio (PACING_ASAP) or CloseSend and read Events until it closes before Close.
+//
+// Close returns Err, except that it returns nil when Close itself ended the session.
+func (s *Session) Close() error {
+	s.closeOnce.Do(func() {
+		s.closed.Store(true)
+		close(s.closing)
+		t := time.NewTimer(closeSendWait)
+		select {
+		case <-s.senderDone:
+		case <-t.C:
+		}
+		t.Stop()
+		s.cancel()
+		<-s.senderDone
+		<-s.recvDone
+	})
+	if err := s.Err(); !errors.Is(err, ErrClosed) {
+		return err
+	}
+	return nil
+}
+
+// enqueue hands one item to the send goroutine, blocking while the queue is full.
+func (s *Session) enqueue(ctx context.Context, it sendItem) error {
+	if err := s.sendState(); err != nil {
+		return err
+	}
+	select {
+	case s.sendq <- it:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-s.senderDone:
+		if err := s.sendState(); err != nil {
+			return err
+		}
+		return ErrSessionEnded
+	}
+}
+
+// sendState returns why sends are no longer possible, or nil.
+func (s *Session) sendState() error {
+	if s.closed.Load() {
+		return ErrClosed
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.sendClosed {
+		return ErrSendClosed
+	}
+	if s.done || s.end != nil {
+		if s.err != nil {
+			return fmt.Errorf("%w: %w", ErrSessionEnded, s.err)
+		}
+		return ErrSessionEnded
+	}
+	select {
+	case <-s.senderDone:
+		if s.sendErr != nil && s.sendErr != io.EOF {
+			return fmt.Errorf("%w: %w", ErrSessionEnded, s.sendErr)
+		}
+		return ErrSessionEnded
+	default:
+	}
+	return nil
+}
+
+func (s *Session) sendLoop() {
+	defer close(s.senderDone)
+	for {
+		select {
+		case <-s.closing:
+			_ = s.stream.CloseSend()
+			return
+		case <-s.ctx.Done():
+			return
+		case it := <-s.sendq:
+			if it.closeSend {
+				_ = s.stream.CloseSend()
+				return
+			}
+			// io.EOF: the stream has finished; the receive goroutine gets its status.
+			if err := s.stream.Send(it.req); err != nil {
+				s.mu.Lock()
+				s.sendErr = err
+				s.mu.Unlock()
+				return
+			}
+		}
+	}
+}
+
+func (s *Session) recvLoop() {
+	defer close(s.recvDone)
+	defer s.cancel()
+	for {
+		resp, err := s.stream.Recv()
+		if err != nil {
+			s.finish(err)
+			return
+		}
+		var ev Event
+		switch m := resp.GetMessage().(type) {
+		case *pb.StreamResponse_Frame:
+			ev.Frame = m.Frame
+		case *pb.StreamResponse_Audio:
+			ev.Audio = m.Audio
+		case *pb.StreamResponse_Stats:
+			ev.Stats = m.Stats
+		case *pb.StreamResponse_End:
+			ev.End = m.End
+			s.mu.Lock()
+			s.end = m.End
+			s.mu.Unlock()
+		case *pb.StreamResponse_Started:
+			s.finish(fmt.Errorf("%w: a second SessionStarted", ErrProtocol))
+			return
+		default:
+			continue // a response type newer than this client
+		}
+		select {
+		case s.events <- ev:
+		case <-s.ctx.Done():
+			s.finish(status.FromContextError(s.ctx.Err()).Err())
+			return
+		}
+		if ev.End != nil {
+			s.finish(nil)
+			// The server closes the stream right after End: read its status without cancelling
+			// the call, so the server's handler finishes cleanly.
+			for {
+				if _, err := s.stream.Recv(); err != nil {
+					return
+				}
+			}
+		}
+	}
+}
+
+// finish records the terminal error (once) and closes Events.
+func (s *Session) finish(err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done {
+		return
+	}
+	s.done = true
+	switch {
+	case s.end != nil:
+		s.err = nil
+	case err == io.EOF:
+		s.err = fmt.Errorf("%w: the server closed the stream without sending End", ErrProtocol)
+	case s.closed.Load() && status.Code(err) == codes.Canceled:
+		s.err = ErrClosed
+	default:
+		s.err = err
+	}
+	close(s.events)
+}
