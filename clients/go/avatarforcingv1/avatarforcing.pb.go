@@ -750,10 +750,11 @@ type SessionStarted struct {
 	// Audio the model must hear beyond a block before it can emit it, in milliseconds
 	// (frames_per_block * (window_blocks - 1) / fps).
 	LookaheadMs float64 `protobuf:"fixed64,6,opt,name=lookahead_ms,json=lookaheadMs,proto3" json:"lookahead_ms,omitempty"`
-	// Expected delay from an audio sample arriving to its frame being sent, in milliseconds
-	// (look-ahead + the block itself + the server's processing budget). A client that plays
-	// its own copy of the audio delays it by this much; one that plays the audio returned in
-	// AudioOut needs nothing.
+	// Expected delay from an audio sample arriving to its frame being sent, in milliseconds.
+	// PACING_REALTIME: look-ahead + the block itself + the server's processing budget, which is
+	// when frames are sent. PACING_ASAP: look-ahead + the block (compute time comes on top).
+	// A client that plays its own copy of the audio delays it by this much; one that plays the
+	// audio returned in AudioOut needs nothing.
 	LatencyMs     float64       `protobuf:"fixed64,7,opt,name=latency_ms,json=latencyMs,proto3" json:"latency_ms,omitempty"`
 	VideoEncoding VideoEncoding `protobuf:"varint,8,opt,name=video_encoding,json=videoEncoding,proto3,enum=avatarforcing.v1.VideoEncoding" json:"video_encoding,omitempty"`
 	// For VIDEO_ENCODING_FMP4: the initialization segment (ftyp + moov).

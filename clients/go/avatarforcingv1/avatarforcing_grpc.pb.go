@@ -39,6 +39,7 @@ type AvatarForcingClient interface {
 	Stream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[StreamRequest, StreamResponse], error)
 	// Upload a reference image once; the returned id can be used in SessionConfig.avatar_id.
 	// The avatar's style anchor is computed once and reused by every session that uses it.
+	// Registering the same image again returns the same id (the first name is kept).
 	RegisterAvatar(ctx context.Context, in *RegisterAvatarRequest, opts ...grpc.CallOption) (*RegisterAvatarResponse, error)
 	// Model and stream configuration, capacity and free slots of this replica.
 	GetServerInfo(ctx context.Context, in *GetServerInfoRequest, opts ...grpc.CallOption) (*ServerInfo, error)
@@ -94,6 +95,7 @@ type AvatarForcingServer interface {
 	Stream(grpc.BidiStreamingServer[StreamRequest, StreamResponse]) error
 	// Upload a reference image once; the returned id can be used in SessionConfig.avatar_id.
 	// The avatar's style anchor is computed once and reused by every session that uses it.
+	// Registering the same image again returns the same id (the first name is kept).
 	RegisterAvatar(context.Context, *RegisterAvatarRequest) (*RegisterAvatarResponse, error)
 	// Model and stream configuration, capacity and free slots of this replica.
 	GetServerInfo(context.Context, *GetServerInfoRequest) (*ServerInfo, error)

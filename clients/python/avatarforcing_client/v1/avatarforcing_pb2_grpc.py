@@ -65,6 +65,7 @@ class AvatarForcingServicer:
     def RegisterAvatar(self, request, context):
         """Upload a reference image once; the returned id can be used in SessionConfig.avatar_id.
         The avatar's style anchor is computed once and reused by every session that uses it.
+        Registering the same image again returns the same id (the first name is kept).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
