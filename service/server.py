@@ -9,7 +9,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import structlog
@@ -413,7 +413,8 @@ class App:
                                  width=c.width, height=c.height, frames_per_block=e.frames_per_block,
                                  lookahead_ms=self.lookahead_ms()),
             capacity_sessions=e.capacity, free_slots=e.free_slots, active_sessions=len(self.scheduler.sessions),
-            supported_sample_rates_hz=list(SUPPORTED_RATES), supported_video_encodings=list(SUPPORTED_ENCODINGS),
+            supported_sample_rates_hz=list(SUPPORTED_RATES),
+            supported_video_encodings=cast(list[pb.VideoEncoding], list(SUPPORTED_ENCODINGS)),
             registered_avatars=len(self.avatars))
 
     async def watchdog(self) -> None:

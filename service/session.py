@@ -221,7 +221,7 @@ class Session:
             audio_samples_received=self.audio.received, silence_samples_inserted=self.audio.silence_inserted,
             queue_depth=self.out.frames, anchor_similarity=sim, utterance_id=self.config.utterance_id))
 
-    def end(self, reason: int, message: str = "") -> None:
+    def end(self, reason: pb.EndReason, message: str = "") -> None:
         """Queues End (once); no more steps run for this session."""
         if self.ending:
             return

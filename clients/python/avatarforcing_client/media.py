@@ -255,7 +255,7 @@ class Mp4Writer:
         sample_rate = started.audio_sample_rate_hz
         if not sample_rate and not isinstance(session, pb.SessionStarted):
             sample_rate = session.sample_rate
-        encoding = started.video_encoding
+        encoding: int = started.video_encoding
         if not encoding and not isinstance(session, pb.SessionStarted):
             encoding = session.video_encoding
         return cls(

@@ -1,0 +1,546 @@
+"""LiveKit Agents avatar adapter: an AvatarForcing session as a ``VideoGenerator``.
+
+Install with ``pip install 'avatarforcing-client[livekit]'`` (this module imports
+``livekit-agents``; ``import avatarforcing_client`` alone never does).
+
+`livekit-agents` (1.8.9) runs an avatar with ``livekit.agents.voice.avatar.AvatarRunner``: it
+reads the agent's speech from an ``AudioReceiver`` (``DataStreamAudioReceiver`` when the agent
+runs in another process, ``QueueAudioOutput`` in-process), pushes it into a ``VideoGenerator``
+(``push_audio(rtc.AudioFrame | AudioSegmentEnd)``, ``clear_buffer()``) and publishes what the
+generator yields (``rtc.VideoFrame``, ``rtc.AudioFrame``, ``AudioSegmentEnd``) through an
+``rtc.AVSynchronizer``. An ``AudioSegmentEnd`` yielded by the generator makes the runner call
+``notify_playback_finished(position, interrupted=False)``, where ``position`` is the duration of
+the audio frames yielded since the segment started; on ``clear_buffer`` the runner itself calls
+``notify_playback_finished(position, interrupted=True)`` after ``clear_buffer()`` returns.
+
+:class:`AvatarForcingVideoGenerator` maps this onto one ``PACING_REALTIME`` session:
+
+- ``push_audio(rtc.AudioFrame)``: int16 frames are mixed down to mono and, when their rate is not
+  the session's, resampled with ``rtc.AudioResampler``; the PCM is sent as ``AudioChunk``.
+- ``push_audio(AudioSegmentEnd())``: the resampler's tail is flushed and ``EndOfAudio`` is sent;
+  the segment now waits for its audio to come back.
+- ``clear_buffer()``: ``Interrupt`` is sent; queued segments are forgotten (no ``AudioSegmentEnd``
+  is yielded for them: the runner has already reported the interruption, and a late one would end
+  the next segment), and the audio the server had already rendered (the blocks queued for sending,
+  up to ``max_blocks_ahead`` + 1 of them) is muted, from the middle of the block being yielded up
+  to the first silent block: the server zeroes the blocks in its window on ``Interrupt``, so that
+  block marks where audio pushed after the interruption starts, and counting starts afresh there.
+- ``KeepAlive`` is sent whenever nothing was sent for ``keepalive_s`` (the server ends a session
+  that hears nothing from its client for ``idle_timeout``, 60 s by default).
+- iterating: every ``VideoFrame`` becomes an ``rtc.VideoFrame`` (RGBA by default), each followed
+  by that frame's share of the block's ``AudioOut`` as an ``rtc.AudioFrame`` (the server's
+  re-timed audio, so lips and sound stay in sync). Idle blocks (``AudioOut.silent`` while no
+  segment is playing) yield video only, as the runner expects, so the playback position it
+  reports counts the segment's audio and not the avatar's idle time.
+
+**Segment end.** The server returns the client's own samples, bit for bit, inside blocks of
+``in_block = frames_per_block * rate / fps`` samples, with silence inserted before speech that
+starts mid-block and after speech that stalls or stops; an ``AudioOut`` only says whether a block
+holds *no* client audio (``silent``). So the adapter bounds the real samples of each non-silent
+block: at most ``in_block`` (``hi``) and at least ``in_block`` minus the longer of its leading and
+trailing runs of zero samples (``lo``: inserted silence is such a run). With ``C`` the number of
+samples pushed (at the session rate) up to a segment's ``AudioSegmentEnd``, counted from the last
+point where the stream was idle, the segment has played out, and ``AudioSegmentEnd`` is yielded
+right after the audio of the block in which this becomes known, when
+
+1. ``sum(lo) >= C``: every one of its samples was certainly returned; this is exact for speech
+   whose block edges are not exact zeros; or
+2. a silent block arrives while ``sum(hi) >= C``: the server has nothing left of it (this covers
+   audio that itself begins or ends with digital silence; it can be one block early only when the
+   agent's audio stalled mid-segment).
+
+A segment with no audio ends with the next block. Blocks the server dropped for a slow reader
+(gaps in ``block_index``) count toward ``hi`` only. Audio is yielded from a segment's first
+non-silent block to its end (silence the server inserted inside it included); the silent blocks
+before it (the service's latency) and after it yield video only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+try:
+    from livekit import rtc
+    from livekit.agents.voice.avatar import (
+        AudioReceiver,
+        AudioSegmentEnd,
+        AvatarOptions,
+        AvatarRunner,
+        DataStreamAudioReceiver,
+        VideoGenerator,
+    )
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "avatarforcing_client.livekit needs livekit-agents (pip install 'avatarforcing-client[livekit]')"
+    ) from e
+
+from .client import AvatarForcingClient, Session
+from .media import VideoDecoder
+from .v1 import avatarforcing_pb2 as pb
+
+__all__ = [
+    "AvatarForcingVideoGenerator",
+    "start_avatar_runner",
+    "SUPPORTED_SAMPLE_RATES",
+]
+
+log = logging.getLogger(__name__)
+
+#: Sample rates the service accepts (and returns AudioOut at).
+SUPPORTED_SAMPLE_RATES = (8000, 16000, 24000, 48000)
+
+_MAX_CHUNK_S = 0.5  # the server takes chunks of at most 1 s
+_MAX_QUEUED = 256  # outgoing requests queued before push_audio waits
+_MAX_DRAIN_BLOCKS = 16  # stop muting after this many blocks even if no silent block came
+
+
+@dataclass
+class _BlockAudio:
+    """The audio of one received block, cut into one chunk per video frame."""
+
+    index: int
+    chunks: list[np.ndarray]
+    play: bool  # yield the audio (False: idle silence, or muted after clear_buffer)
+    clears: int  # clear_buffer calls before this block arrived: a later one mutes the rest of it
+    next_chunk: int = 0
+    segment_ends: int = 0  # AudioSegmentEnds to yield once the block's audio has been yielded
+
+
+def _zero_run(x: np.ndarray) -> int:
+    nz = np.flatnonzero(x)
+    return int(x.shape[0]) if nz.size == 0 else int(nz[0])
+
+
+class AvatarForcingVideoGenerator(VideoGenerator):
+    """A ``livekit.agents.voice.avatar.VideoGenerator`` backed by an AvatarForcing session.
+
+    Either wrap a started :class:`~avatarforcing_client.Session` opened with
+    ``pacing=pb.PACING_REALTIME`` (and a ``RAW_RGB24``, ``JPEG`` or ``H264`` encoding), or use
+    :meth:`open`, which opens one and closes it in :meth:`aclose`. See the module docstring for
+    how segments end.
+
+    Args:
+        session: a started REALTIME session; the generator becomes its only reader and writer.
+        buffer_type: ``rtc.VideoBufferType.RGBA`` (default; what LiveKit's own generators
+            produce) or ``rtc.VideoBufferType.RGB24``.
+        own_session: close the session in :meth:`aclose`.
+        keepalive_s: send ``KeepAlive`` after this long without sending anything, so a quiet
+            agent does not hit the server's idle timeout.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        *,
+        buffer_type: rtc.VideoBufferType.ValueType = rtc.VideoBufferType.RGBA,
+        own_session: bool = False,
+        keepalive_s: float = 15.0,
+    ) -> None:
+        started = session.started  # raises if the session was not started
+        if session.config.pacing != pb.PACING_REALTIME:
+            raise ValueError("AvatarForcingVideoGenerator needs a session opened with pacing=pb.PACING_REALTIME")
+        if session.video_encoding == pb.VIDEO_ENCODING_FMP4:
+            raise ValueError("use VIDEO_ENCODING_RAW_RGB24, JPEG or H264 with LiveKit (fMP4 decodes only at the end)")
+        if buffer_type not in (rtc.VideoBufferType.RGBA, rtc.VideoBufferType.RGB24):
+            raise ValueError("buffer_type must be rtc.VideoBufferType.RGBA or RGB24")
+        self.session = session
+        self.width = int(started.width)
+        self.height = int(started.height)
+        self.fps = float(started.fps)
+        self.frames_per_block = int(started.frames_per_block)
+        self.sample_rate = int(session.output_sample_rate)
+        self.block_samples = round(self.frames_per_block * self.sample_rate / self.fps)
+        self._samples_per_frame = self.block_samples // self.frames_per_block
+        self.buffer_type = buffer_type
+        self._own_session = own_session
+        self._keepalive_s = keepalive_s
+        self._decoder = VideoDecoder(session.video_encoding, self.width, self.height, session.init_segment)
+        self._raw = session.video_encoding == pb.VIDEO_ENCODING_RAW_RGB24
+
+        # input side
+        self._resampler: Any = None  # rtc.AudioResampler
+        self._resampler_rate = 0
+        self._segment_open = False  # audio pushed since the last AudioSegmentEnd
+        self._pushed = 0  # samples (session rate) pushed since the last idle point
+        self._ends: deque[int] = deque()  # cumulative end of each segment awaiting playout
+        self._outq: deque[pb.StreamRequest] = deque()
+        self._out_ev = asyncio.Event()
+        self._space_ev = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._writer_error: BaseException | None = None
+
+        # output side
+        self._lo = 0  # lower bound of the real samples returned since the last idle point
+        self._hi = 0  # upper bound
+        self._playing = False  # a segment's audio is being yielded
+        self._draining = False  # after clear_buffer: muting audio rendered before the Interrupt
+        self._drain_left = 0
+        self._last_block = -1
+        self._iterating = False
+        self._closed = False
+
+        #: ``VideoFrame.pts_us`` / ``index`` of the last video frame yielded (-1 before the first).
+        self.last_pts_us = -1
+        self.last_frame_index = -1
+        #: Counters, for logs and tests.
+        self.segments_ended = 0
+        self.interrupts = 0
+        self.muted_blocks = 0  # non-silent blocks muted after clear_buffer
+        self.samples_sent = 0  # samples (session rate) sent over the session
+        self._ensure_writer()
+
+    @property
+    def muting(self) -> bool:
+        """True after :meth:`clear_buffer` until the audio rendered before it has gone by."""
+        return self._draining
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        client: AvatarForcingClient,
+        *,
+        image: bytes | None = None,
+        avatar_id: str | None = None,
+        sample_rate: int = 24000,
+        video_encoding: int = pb.VIDEO_ENCODING_RAW_RGB24,
+        buffer_type: rtc.VideoBufferType.ValueType = rtc.VideoBufferType.RGBA,
+        seed: int = 0,
+        **session_kwargs: Any,
+    ) -> AvatarForcingVideoGenerator:
+        """Open a REALTIME session on ``client`` and wrap it (closed again by :meth:`aclose`).
+
+        ``sample_rate`` is the rate of the session (8000, 16000, 24000 or 48000): pick the
+        agent's TTS rate to avoid resampling (frames at other rates are resampled to it); the
+        audio yielded back is at this rate too (``AvatarOptions.audio_sample_rate``).
+        """
+        if sample_rate not in SUPPORTED_SAMPLE_RATES:
+            raise ValueError(f"sample_rate must be one of {SUPPORTED_SAMPLE_RATES}, got {sample_rate}")
+        session = client.session(
+            image=image, avatar_id=avatar_id, sample_rate=sample_rate, video_encoding=video_encoding,
+            pacing=pb.PACING_REALTIME, seed=seed, **session_kwargs,
+        )
+        await session.start()
+        try:
+            return cls(session, buffer_type=buffer_type, own_session=True)
+        except BaseException:
+            await session.close()
+            raise
+
+    def avatar_options(self) -> AvatarOptions:
+        """``AvatarOptions`` for an ``AvatarRunner`` publishing this generator's output."""
+        return AvatarOptions(
+            video_width=self.width, video_height=self.height, video_fps=self.fps,
+            audio_sample_rate=self.sample_rate, audio_channels=1,
+        )
+
+    async def __aenter__(self) -> AvatarForcingVideoGenerator:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop sending; close the session when the generator opened it (or ``own_session``)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._writer
+        if self._own_session:
+            await self.session.close()
+
+    # -- VideoGenerator: input ---------------------------------------------------------------
+
+    async def push_audio(self, frame: rtc.AudioFrame | AudioSegmentEnd) -> None:
+        """Forward one agent frame (any rate, any channel count) or end the current segment."""
+        self._check_writer()
+        if isinstance(frame, AudioSegmentEnd):
+            self._flush_resampler()
+            self._queue(pb.StreamRequest(end_of_audio=pb.EndOfAudio()))
+            if self._segment_open:
+                self._segment_open = False
+                self._ends.append(self._pushed)
+            return
+        self._segment_open = True
+        self._send_samples(self._convert(frame))
+        while len(self._outq) > _MAX_QUEUED and self._writer_error is None and not self._closed:
+            self._space_ev.clear()
+            await self._space_ev.wait()
+        self._check_writer()
+
+    def clear_buffer(self) -> None:
+        """Interrupt: the server drops the audio it has not rendered; what it has rendered is muted.
+
+        Synchronous, so that the ``Interrupt`` is queued before any audio pushed afterwards.
+        """
+        self._outq = deque(r for r in self._outq if r.WhichOneof("message") not in ("audio", "end_of_audio"))
+        self._queue(pb.StreamRequest(interrupt=pb.Interrupt()))
+        self._resampler = None
+        self._resampler_rate = 0
+        had_audio = self._segment_open or bool(self._ends) or self._playing or self._hi < self._pushed
+        self._segment_open = False
+        self._ends.clear()
+        self._pushed = 0
+        self._lo = self._hi = 0
+        self._playing = False
+        # The blocks the server had rendered before the Interrupt still arrive; the blocks in its
+        # window come back silent, so the first silent block marks the end of the old audio.
+        if had_audio and not self._draining:
+            self._draining = True
+            self._drain_left = _MAX_DRAIN_BLOCKS
+        self.interrupts += 1  # also mutes the rest of the block being yielded (see _BlockAudio.clears)
+        self._space_ev.set()
+
+    def _convert(self, frame: rtc.AudioFrame) -> np.ndarray:
+        channels = max(1, int(frame.num_channels))
+        n = int(frame.samples_per_channel)
+        x = np.frombuffer(frame.data, dtype=np.int16, count=n * channels)
+        if channels > 1:
+            x = np.rint(x.reshape(n, channels).astype(np.float32).mean(axis=1)).astype(np.int16)
+        rate = int(frame.sample_rate)
+        if rate == self.sample_rate and self._resampler is None:
+            return x.copy()
+        if self._resampler is not None and rate != self._resampler_rate:
+            self._flush_resampler()
+        if rate == self.sample_rate:
+            return x.copy()
+        if self._resampler is None:
+            self._resampler = rtc.AudioResampler(
+                input_rate=rate, output_rate=self.sample_rate, num_channels=1,
+                quality=rtc.AudioResamplerQuality.MEDIUM,
+            )
+            self._resampler_rate = rate
+        mono = rtc.AudioFrame(x.tobytes(), rate, 1, n)
+        out = [np.frombuffer(f.data, dtype=np.int16).copy() for f in self._resampler.push(mono)]
+        return np.concatenate(out) if out else np.zeros(0, np.int16)
+
+    def _flush_resampler(self) -> None:
+        if self._resampler is None:
+            return
+        tail = [np.frombuffer(f.data, dtype=np.int16).copy() for f in self._resampler.flush()]
+        self._resampler = None
+        self._resampler_rate = 0
+        if tail:
+            self._send_samples(np.concatenate(tail))
+
+    def _send_samples(self, x: np.ndarray) -> None:
+        if x.size == 0:
+            return
+        step = max(1, int(self.sample_rate * _MAX_CHUNK_S))
+        for i in range(0, x.size, step):
+            self._queue(pb.StreamRequest(audio=pb.AudioChunk(data=x[i : i + step].astype("<i2").tobytes())))
+        self._pushed += int(x.size)
+        self.samples_sent += int(x.size)
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _queue(self, req: pb.StreamRequest) -> None:
+        self._ensure_writer()
+        self._outq.append(req)
+        self._out_ev.set()
+
+    def _ensure_writer(self) -> None:
+        if self._writer is None and not self._closed:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return  # started by the first call made inside the event loop
+            self._writer = asyncio.create_task(self._write_loop(), name="avatarforcing-livekit-writer")
+
+    def _check_writer(self) -> None:
+        if self._closed:
+            raise RuntimeError("the generator is closed")
+        if self._writer_error is not None:
+            raise RuntimeError(f"sending to the avatar session failed: {self._writer_error!r}") from self._writer_error
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                if not self._outq:
+                    self._out_ev.clear()
+                    try:
+                        await asyncio.wait_for(self._out_ev.wait(), self._keepalive_s)
+                    except TimeoutError:
+                        await self.session.keep_alive()
+                    continue
+                req = self._outq.popleft()
+                if len(self._outq) <= _MAX_QUEUED:
+                    self._space_ev.set()
+                if req.HasField("audio"):
+                    await self.session.send_audio(req.audio.data)
+                elif req.HasField("end_of_audio"):
+                    await self.session.end_of_audio()
+                elif req.HasField("interrupt"):
+                    await self.session.interrupt()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # the session ended or failed: surface it on the next push
+            self._writer_error = e
+            self._space_ev.set()
+            log.debug("avatar session writer stopped: %r", e)
+
+    # -- VideoGenerator: output --------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd]:
+        return self._stream()
+
+    async def _stream(self) -> AsyncGenerator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd, None]:
+        if self._iterating:
+            raise RuntimeError("the generator is already being iterated")
+        self._iterating = True
+        self._ensure_writer()
+        block: _BlockAudio | None = None
+        try:
+            async with contextlib.aclosing(self.session.events()) as events:
+                async for ev in events:
+                    if isinstance(ev, pb.AudioOut):
+                        if block is not None:  # frames of the previous block were dropped
+                            for item in self._finish_block(block):
+                                yield item
+                        block = self._on_audio_out(ev)
+                        for _ in range(self._take_immediate_ends(block)):
+                            yield AudioSegmentEnd()
+                    elif isinstance(ev, pb.VideoFrame):
+                        if block is not None and ev.block_index != block.index:
+                            for item in self._finish_block(block):
+                                yield item
+                            block = None
+                        for rgb in await self._decode(ev.data):
+                            self.last_pts_us = int(ev.pts_us)
+                            self.last_frame_index = int(ev.index)
+                            yield self._video_frame(rgb)
+                        if block is not None:
+                            i = int(ev.index) - block.index * self.frames_per_block
+                            while block.next_chunk <= min(i, len(block.chunks) - 1):
+                                chunk = block.chunks[block.next_chunk]
+                                block.next_chunk += 1
+                                if block.play and block.clears == self.interrupts:
+                                    yield self._audio_frame(chunk)
+                            if block.next_chunk >= len(block.chunks):
+                                for item in self._finish_block(block):
+                                    yield item
+                                block = None
+                    elif isinstance(ev, pb.End):
+                        log.info("avatar session ended: %s %s", pb.EndReason.Name(ev.reason), ev.message)
+                if block is not None:
+                    for item in self._finish_block(block):
+                        yield item
+        finally:
+            self._iterating = False
+
+    def _finish_block(self, block: _BlockAudio) -> list[rtc.AudioFrame | AudioSegmentEnd]:
+        out: list[rtc.AudioFrame | AudioSegmentEnd] = []
+        if block.clears != self.interrupts:  # clear_buffer was called while the block played
+            block.play = False
+            block.segment_ends = 0
+        if block.play:
+            out.extend(self._audio_frame(c) for c in block.chunks[block.next_chunk :])
+        block.next_chunk = len(block.chunks)
+        out.extend(AudioSegmentEnd() for _ in range(block.segment_ends))
+        block.segment_ends = 0
+        return out
+
+    def _take_immediate_ends(self, block: _BlockAudio) -> int:
+        """Segment ends that need not wait for this block's audio (it is not played)."""
+        if block.play:
+            return 0
+        n, block.segment_ends = block.segment_ends, 0
+        return n
+
+    def _on_audio_out(self, ev: pb.AudioOut) -> _BlockAudio:
+        """Bookkeeping for one block: whether to yield its audio, and which segments it ends."""
+        pcm = np.frombuffer(ev.data, dtype="<i2").astype(np.int16)
+        j = int(ev.block_index)
+        gap = j - self._last_block - 1 if self._last_block >= 0 else 0
+        self._last_block = max(self._last_block, j)
+        silent = bool(ev.silent)
+        ends = 0
+        if self._draining:
+            # Rendered before the Interrupt reached the server: muted. The blocks that were in the
+            # server's window come back silent, so the first silent block ends the old audio.
+            self._drain_left -= 1
+            if silent or self._drain_left <= 0:
+                self._draining = False
+            if not silent:
+                self.muted_blocks += 1
+            play = False
+        else:
+            if gap > 0 and self._playing:
+                self._hi += gap * self.block_samples
+            if not silent:
+                n = int(pcm.shape[0])
+                self._hi += n
+                self._lo += n - max(_zero_run(pcm), _zero_run(pcm[::-1]))
+            while self._ends and (self._lo >= self._ends[0] or (silent and self._hi >= self._ends[0])):
+                self._ends.popleft()
+                ends += 1
+            outstanding = self._segment_open or bool(self._ends)
+            if silent:
+                # Inside a segment (the agent's audio stalled) the silence is part of its playback;
+                # a silent block that ends the last segment, or an idle one, yields video only.
+                play = self._playing and outstanding
+                if not outstanding:  # idle: every pushed sample is accounted for; count afresh
+                    self._pushed = self._lo = self._hi = 0
+            else:
+                play = True
+            self._playing = outstanding and (self._playing or not silent)
+        self.segments_ended += ends
+        spf = self._samples_per_frame
+        chunks = [pcm[i * spf : (i + 1) * spf] for i in range(self.frames_per_block)]
+        if self.frames_per_block * spf < pcm.shape[0]:
+            chunks[-1] = pcm[(self.frames_per_block - 1) * spf :]
+        return _BlockAudio(index=j, chunks=chunks, play=play, clears=self.interrupts, segment_ends=ends)
+
+    async def _decode(self, data: bytes) -> list[np.ndarray]:
+        if self._raw:
+            return self._decoder.decode(data)
+        return await asyncio.to_thread(self._decoder.decode, data)
+
+    def _video_frame(self, rgb: np.ndarray) -> rtc.VideoFrame:
+        if self.buffer_type == rtc.VideoBufferType.RGB24:
+            data = np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()
+        else:
+            rgba = np.empty((self.height, self.width, 4), dtype=np.uint8)
+            rgba[..., :3] = rgb
+            rgba[..., 3] = 255
+            data = rgba.tobytes()
+        return rtc.VideoFrame(self.width, self.height, self.buffer_type, data)
+
+    def _audio_frame(self, chunk: np.ndarray) -> rtc.AudioFrame:
+        return rtc.AudioFrame(chunk.astype("<i2").tobytes(), self.sample_rate, 1, int(chunk.shape[0]))
+
+
+async def start_avatar_runner(
+    room: rtc.Room,
+    generator: AvatarForcingVideoGenerator,
+    *,
+    audio_recv: AudioReceiver | None = None,
+) -> AvatarRunner:
+    """Create and start an ``AvatarRunner`` that publishes ``generator`` in ``room``.
+
+    ``audio_recv`` defaults to ``DataStreamAudioReceiver(room)``: the agent runs elsewhere and
+    streams its speech to this participant (``DataStreamAudioOutput`` on the agent's side). Pass a
+    ``QueueAudioOutput`` to drive the avatar from an ``AgentSession`` in the same process. The
+    tracks are published when the first frame is ready (the room must be connected by then).
+    Stop with ``await runner.aclose()`` and ``await generator.aclose()``.
+    """
+    runner = AvatarRunner(
+        room,
+        audio_recv=audio_recv if audio_recv is not None else DataStreamAudioReceiver(room),
+        video_gen=generator,
+        options=generator.avatar_options(),
+    )
+    await runner.start()
+    return runner
