@@ -7,7 +7,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 venv=${AVATARFORCING_VENV:-$root/.venv}
 
-apt_pkgs=(redis-server espeak-ng)
+apt_pkgs=(espeak-ng)  # espeak-ng: scripts/make_demo_assets.py (the bundled speech sample)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
