@@ -117,10 +117,12 @@ def bench_long(latent_frames: int) -> dict[str, Any]:
         if k % 500 == 0:
             print(f"\r  long stream: {k * eng.B}/{latent_frames} latent frames", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    w = max(10, steps // 100)
-    a = 30 // eng.B
-    early = float(np.median(times[max(0, a - w // 2) : a + w // 2]))
+    # Medians over 100 steps: around latent frame 30 (after the window's warm-up) and at the end.
+    w = min(100, steps // 3)
+    a = max(eng.L, 30 // eng.B - w // 2)
+    early = float(np.median(times[a : a + w]))
     late = float(np.median(times[-w:]))
+    segments = [float(np.median(seg)) * 1000 for seg in np.array_split(times[eng.L :], 10)]
     r0, r1 = rss[30 // eng.B], rss[steps - 1]
     _table(f"Long stream, one session, {latent_frames} latent frames ({latent_frames * 4 / 25 / 60:.1f} min of video)",
            ["at latent frame", "median step ms", "RSS MiB"],
@@ -128,8 +130,9 @@ def bench_long(latent_frames: int) -> dict[str, Any]:
     change = (late - early) / early * 100
     print(f"  step time change {change:+.1f}% (target within 5%), RSS change {(r1 - r0) / 2**20:+.1f} MiB, "
           f"total {time.perf_counter() - t_all:.0f} s")
+    print("  median step ms per tenth of the stream: " + " ".join(f"{x:.2f}" for x in segments))
     return {"latent_frames": latent_frames, "step_ms_at_30": early * 1000, "step_ms_at_end": late * 1000,
-            "step_change_pct": change, "rss_bytes_at_30": r0, "rss_bytes_at_end": r1}
+            "step_change_pct": change, "step_ms_by_tenth": segments, "rss_bytes_at_30": r0, "rss_bytes_at_end": r1}
 
 
 def free_port() -> int:
