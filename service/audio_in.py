@@ -34,6 +34,7 @@ class Block:
     pcm_in: np.ndarray  # int16 [in_block] at the client's rate, inserted silence included
     pcm_model: np.ndarray  # float32 [model_block] at the model's rate, in [-1, 1]
     real_samples: int  # how many of pcm_in came from the client
+    real_offset: int  # where they start in pcm_in
     start_sample: int  # position of pcm_in[0] on the session's (re-timed) audio timeline
     newest_arrival: float | None  # monotonic time the newest real sample of the block arrived
 
@@ -110,6 +111,7 @@ class AudioInput:
         real = self._buf[:n].copy()
         self._buf = self._buf[n:]
         pad = np.zeros(self.in_block - n, dtype=np.int16)
+        offset = 0
         if n == self.in_block:
             pcm = real
             self._speaking = True
@@ -118,6 +120,7 @@ class AudioInput:
             self._speaking = False
         else:
             pcm = np.concatenate([pad, real])  # speech starts inside this block: silence before it
+            offset = self.in_block - n
             self._speaking = True
         self.silence_inserted += self.in_block - n
         newest = None
@@ -128,7 +131,7 @@ class AudioInput:
             newest = self._arrivals[0][1]  # the block ends inside a chunk: that chunk's arrival
         start = self._timeline
         self._timeline += self.in_block
-        return Block(pcm, self._to_model(pcm), n, start, newest)
+        return Block(pcm, self._to_model(pcm), n, offset, start, newest)
 
     def _to_model(self, pcm: np.ndarray) -> np.ndarray:
         if self._resampler is None:

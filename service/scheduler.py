@@ -200,7 +200,8 @@ class Scheduler:
             first = j * fpb
             s.out.put(OutItem(pb.StreamResponse(audio=pb.AudioOut(
                 block_index=j, start_sample=blk.start_sample, data=blk.pcm_in.astype("<i2").tobytes(),
-                silent=blk.real_samples == 0)), block=j, due=s.frame_due(first)))
+                silent=blk.real_samples == 0, real_samples=blk.real_samples, real_offset=blk.real_offset)),
+                block=j, due=s.frame_due(first)))
             for i, ef in enumerate(encoded):
                 n = first + i
                 a0 = blk.start_sample + i * spf

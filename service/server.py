@@ -177,7 +177,7 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
                     s.clear_requested = True
                     for b in s.pending:  # blocks in the window finish silent
                         b.pcm_in[:] = 0
-                        b.real_samples = 0
+                        b.real_samples = b.real_offset = 0
                     s.last_real_block = -1
                 elif kind == "end_of_audio":
                     s.eoa = True
@@ -377,7 +377,8 @@ class App:
         return pb.SessionStarted(
             session_id=s.id, fps=c.fps, width=c.width, height=c.height, frames_per_block=self.engine.frames_per_block,
             lookahead_ms=self.lookahead_ms(), latency_ms=lat, video_encoding=s.config.video_encoding,
-            init_segment=s.encoder.init_segment, audio_sample_rate_hz=s.audio.rate, avatar_id=s.avatar_id)
+            init_segment=s.encoder.init_segment, audio_sample_rate_hz=s.audio.rate, avatar_id=s.avatar_id,
+            idle_timeout_ms=self.cfg.idle_timeout_s * 1000)
 
     def on_frame_sent(self, s: Session, item: Any) -> None:
         now = time.monotonic()

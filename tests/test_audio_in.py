@@ -44,10 +44,12 @@ def test_silence_goes_before_speech_that_starts_and_after_speech_that_stops() ->
     a.push(np.full(1000, 7, np.int16).tobytes(), 0.0)
     start = a.take_block()  # speech starts inside the block: silence first, speech at the end
     assert start.real_samples == 1000 and not start.pcm_in[:1560].any() and (start.pcm_in[1560:] == 7).all()
+    assert start.real_offset == 1560
     a.push(np.full(2560 + 500, 9, np.int16).tobytes(), 0.0)
     assert (a.take_block().pcm_in == 9).all()  # flowing speech: full block
     stop = a.take_block()  # speech stalls: what there is first, then silence
     assert (stop.pcm_in[:500] == 9).all() and not stop.pcm_in[500:].any()
+    assert (stop.real_samples, stop.real_offset) == (500, 0)
     assert a.silence_inserted == 2560 + 1560 + 2060
 
 

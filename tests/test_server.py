@@ -101,6 +101,12 @@ async def test_every_encoding_end_to_end(make_app: AppFactory, png: bytes, enc: 
     audio = b"".join(r.audio.data for r in resps if r.HasField("audio"))
     assert len(audio) == 28 * 640 * 2
     assert np.array_equal(np.frombuffer(audio, "<i2")[:16000], pcm)  # the client's own samples, re-timed
+    outs = [r.audio for r in resps if r.HasField("audio")]
+    assert sum(a.real_samples for a in outs) == 16000
+    assert (outs[-1].real_samples, outs[-1].real_offset) == (16000 - 6 * 2560, 0)  # speech stopped: silence after
+    real = b"".join(a.data[2 * a.real_offset : 2 * (a.real_offset + a.real_samples)] for a in outs)
+    assert np.array_equal(np.frombuffer(real, "<i2"), pcm)
+    assert started.idle_timeout_ms == app.cfg.idle_timeout_s * 1000
     await wait_free(app)
 
 

@@ -762,8 +762,11 @@ type SessionStarted struct {
 	// Sample rate of AudioOut.data (the session's input rate).
 	AudioSampleRateHz uint32 `protobuf:"varint,10,opt,name=audio_sample_rate_hz,json=audioSampleRateHz,proto3" json:"audio_sample_rate_hz,omitempty"`
 	AvatarId          string `protobuf:"bytes,11,opt,name=avatar_id,json=avatarId,proto3" json:"avatar_id,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// A session with no message from the client for this long ends (END_REASON_IDLE_TIMEOUT);
+	// a client that only listens sends KeepAlive more often than this (the SDKs do it for you).
+	IdleTimeoutMs float64 `protobuf:"fixed64,12,opt,name=idle_timeout_ms,json=idleTimeoutMs,proto3" json:"idle_timeout_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SessionStarted) Reset() {
@@ -873,6 +876,13 @@ func (x *SessionStarted) GetAvatarId() string {
 	return ""
 }
 
+func (x *SessionStarted) GetIdleTimeoutMs() float64 {
+	if x != nil {
+		return x.IdleTimeoutMs
+	}
+	return 0
+}
+
 type VideoFrame struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// 0, 1, 2, ... over the whole session, without gaps (a dropped frame keeps its index).
@@ -977,7 +987,12 @@ type AudioOut struct {
 	StartSample uint64                 `protobuf:"varint,2,opt,name=start_sample,json=startSample,proto3" json:"start_sample,omitempty"`
 	Data        []byte                 `protobuf:"bytes,3,opt,name=data,proto3" json:"data,omitempty"`
 	// True when the block holds only inserted silence.
-	Silent        bool `protobuf:"varint,4,opt,name=silent,proto3" json:"silent,omitempty"`
+	Silent bool `protobuf:"varint,4,opt,name=silent,proto3" json:"silent,omitempty"`
+	// How many samples of data came from the client (the rest is inserted silence), and where
+	// they start in data: they are data[real_offset : real_offset + real_samples]. Silence is
+	// inserted before the audio when speech starts inside a block, after it when speech stops.
+	RealSamples   uint32 `protobuf:"varint,5,opt,name=real_samples,json=realSamples,proto3" json:"real_samples,omitempty"`
+	RealOffset    uint32 `protobuf:"varint,6,opt,name=real_offset,json=realOffset,proto3" json:"real_offset,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1038,6 +1053,20 @@ func (x *AudioOut) GetSilent() bool {
 		return x.Silent
 	}
 	return false
+}
+
+func (x *AudioOut) GetRealSamples() uint32 {
+	if x != nil {
+		return x.RealSamples
+	}
+	return 0
+}
+
+func (x *AudioOut) GetRealOffset() uint32 {
+	if x != nil {
+		return x.RealOffset
+	}
+	return 0
 }
 
 type Stats struct {
@@ -1834,7 +1863,7 @@ const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"endOfAudio\x12<\n" +
 	"\n" +
 	"keep_alive\x18\x05 \x01(\v2\x1b.avatarforcing.v1.KeepAliveH\x00R\tkeepAliveB\t\n" +
-	"\amessage\"\x94\x03\n" +
+	"\amessage\"\xbc\x03\n" +
 	"\x0eSessionStarted\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x10\n" +
@@ -1849,7 +1878,8 @@ const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"\finit_segment\x18\t \x01(\fR\vinitSegment\x12/\n" +
 	"\x14audio_sample_rate_hz\x18\n" +
 	" \x01(\rR\x11audioSampleRateHz\x12\x1b\n" +
-	"\tavatar_id\x18\v \x01(\tR\bavatarId\"\xe2\x01\n" +
+	"\tavatar_id\x18\v \x01(\tR\bavatarId\x12&\n" +
+	"\x0fidle_timeout_ms\x18\f \x01(\x01R\ridleTimeoutMs\"\xe2\x01\n" +
 	"\n" +
 	"VideoFrame\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x15\n" +
@@ -1859,13 +1889,16 @@ const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"\x04data\x18\x05 \x01(\fR\x04data\x12\x1a\n" +
 	"\bkeyframe\x18\x06 \x01(\bR\bkeyframe\x12\x1f\n" +
 	"\vblock_index\x18\a \x01(\rR\n" +
-	"blockIndex\"z\n" +
+	"blockIndex\"\xbe\x01\n" +
 	"\bAudioOut\x12\x1f\n" +
 	"\vblock_index\x18\x01 \x01(\rR\n" +
 	"blockIndex\x12!\n" +
 	"\fstart_sample\x18\x02 \x01(\x04R\vstartSample\x12\x12\n" +
 	"\x04data\x18\x03 \x01(\fR\x04data\x12\x16\n" +
-	"\x06silent\x18\x04 \x01(\bR\x06silent\"\xb0\x02\n" +
+	"\x06silent\x18\x04 \x01(\bR\x06silent\x12!\n" +
+	"\freal_samples\x18\x05 \x01(\rR\vrealSamples\x12\x1f\n" +
+	"\vreal_offset\x18\x06 \x01(\rR\n" +
+	"realOffset\"\xb0\x02\n" +
 	"\x05Stats\x12\x1f\n" +
 	"\vframes_sent\x18\x01 \x01(\x04R\n" +
 	"framesSent\x12%\n" +

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$avatarforcing/v1/avatarforcing.proto\x12\x10\x61vatarforcing.v1\"j\n\x0b\x41udioFormat\x12\x31\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1f.avatarforcing.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\"\xb9\x02\n\rSessionConfig\x12\x19\n\x0freference_image\x18\x01 \x01(\x0cH\x00\x12\x13\n\tavatar_id\x18\x02 \x01(\tH\x00\x12\x33\n\x0c\x61udio_format\x18\x03 \x01(\x0b\x32\x1d.avatarforcing.v1.AudioFormat\x12\x37\n\x0evideo_encoding\x18\x04 \x01(\x0e\x32\x1f.avatarforcing.v1.VideoEncoding\x12(\n\x06pacing\x18\x05 \x01(\x0e\x32\x18.avatarforcing.v1.Pacing\x12\x14\n\x0cutterance_id\x18\x06 \x01(\t\x12\x14\n\x0cjpeg_quality\x18\x07 \x01(\r\x12\x19\n\x11video_bitrate_bps\x18\x08 \x01(\r\x12\x0c\n\x04seed\x18\t \x01(\x04\x42\x0b\n\treference\"\x1a\n\nAudioChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x0b\n\tInterrupt\"\x0c\n\nEndOfAudio\"\x0b\n\tKeepAlive\"\x97\x02\n\rStreamRequest\x12\x31\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1f.avatarforcing.v1.SessionConfigH\x00\x12-\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x1c.avatarforcing.v1.AudioChunkH\x00\x12\x30\n\tinterrupt\x18\x03 \x01(\x0b\x32\x1b.avatarforcing.v1.InterruptH\x00\x12\x34\n\x0c\x65nd_of_audio\x18\x04 \x01(\x0b\x32\x1c.avatarforcing.v1.EndOfAudioH\x00\x12\x31\n\nkeep_alive\x18\x05 \x01(\x0b\x32\x1b.avatarforcing.v1.KeepAliveH\x00\x42\t\n\x07message\"\x94\x02\n\x0eSessionStarted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x01\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x18\n\x10\x66rames_per_block\x18\x05 \x01(\r\x12\x14\n\x0clookahead_ms\x18\x06 \x01(\x01\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\x12\x37\n\x0evideo_encoding\x18\x08 \x01(\x0e\x32\x1f.avatarforcing.v1.VideoEncoding\x12\x14\n\x0cinit_segment\x18\t \x01(\x0c\x12\x1c\n\x14\x61udio_sample_rate_hz\x18\n \x01(\r\x12\x11\n\tavatar_id\x18\x0b \x01(\t\"\x96\x01\n\nVideoFrame\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0e\n\x06pts_us\x18\x02 \x01(\x03\x12\x1a\n\x12\x61udio_start_sample\x18\x03 \x01(\x04\x12\x18\n\x10\x61udio_end_sample\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x10\n\x08keyframe\x18\x06 \x01(\x08\x12\x13\n\x0b\x62lock_index\x18\x07 \x01(\r\"S\n\x08\x41udioOut\x12\x13\n\x0b\x62lock_index\x18\x01 \x01(\r\x12\x14\n\x0cstart_sample\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06silent\x18\x04 \x01(\x08\"\xbc\x01\n\x05Stats\x12\x13\n\x0b\x66rames_sent\x18\x01 \x01(\x04\x12\x16\n\x0e\x66rames_dropped\x18\x02 \x01(\x04\x12\x1e\n\x16\x61udio_samples_received\x18\x03 \x01(\x04\x12 \n\x18silence_samples_inserted\x18\x04 \x01(\x04\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\r\x12\x19\n\x11\x61nchor_similarity\x18\x06 \x01(\x01\x12\x14\n\x0cutterance_id\x18\x07 \x01(\t\"C\n\x03\x45nd\x12+\n\x06reason\x18\x01 \x01(\x0e\x32\x1b.avatarforcing.v1.EndReason\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xfc\x01\n\x0eStreamResponse\x12\x33\n\x07started\x18\x01 \x01(\x0b\x32 .avatarforcing.v1.SessionStartedH\x00\x12-\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x1c.avatarforcing.v1.VideoFrameH\x00\x12+\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x1a.avatarforcing.v1.AudioOutH\x00\x12(\n\x05stats\x18\x04 \x01(\x0b\x32\x17.avatarforcing.v1.StatsH\x00\x12$\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x15.avatarforcing.v1.EndH\x00\x42\t\n\x07message\"4\n\x15RegisterAvatarRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\"J\n\x16RegisterAvatarResponse\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\"\x16\n\x14GetServerInfoRequest\"\x9f\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x0f\n\x07trained\x18\x03 \x01(\x08\x12\x0e\n\x06layers\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\x12\r\n\x05heads\x18\x06 \x01(\r\x12\x12\n\nparameters\x18\x07 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\t\"\xdf\x01\n\nStreamInfo\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x1b\n\x13\x62lock_latent_frames\x18\x02 \x01(\r\x12\x15\n\rwindow_blocks\x18\x03 \x01(\r\x12\x14\n\x0cnoise_levels\x18\x04 \x03(\x01\x12\x1d\n\x15history_latent_frames\x18\x05 \x01(\r\x12\x0b\n\x03\x66ps\x18\x06 \x01(\x01\x12\r\n\x05width\x18\x07 \x01(\r\x12\x0e\n\x06height\x18\x08 \x01(\r\x12\x18\n\x10\x66rames_per_block\x18\t \x01(\r\x12\x14\n\x0clookahead_ms\x18\n \x01(\x01\"\xc2\x02\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.avatarforcing.v1.ModelInfo\x12,\n\x06stream\x18\x03 \x01(\x0b\x32\x1c.avatarforcing.v1.StreamInfo\x12\x19\n\x11\x63\x61pacity_sessions\x18\x04 \x01(\r\x12\x12\n\nfree_slots\x18\x05 \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\x06 \x01(\r\x12!\n\x19supported_sample_rates_hz\x18\x07 \x03(\r\x12\x42\n\x19supported_video_encodings\x18\x08 \x03(\x0e\x32\x1f.avatarforcing.v1.VideoEncoding\x12\x1a\n\x12registered_avatars\x18\t \x01(\r*K\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41UDIO_ENCODING_PCM16LE\x10\x01*\x98\x01\n\rVideoEncoding\x12\x1e\n\x1aVIDEO_ENCODING_UNSPECIFIED\x10\x00\x12\x1c\n\x18VIDEO_ENCODING_RAW_RGB24\x10\x01\x12\x17\n\x13VIDEO_ENCODING_JPEG\x10\x02\x12\x17\n\x13VIDEO_ENCODING_H264\x10\x03\x12\x17\n\x13VIDEO_ENCODING_FMP4\x10\x04*F\n\x06Pacing\x12\x16\n\x12PACING_UNSPECIFIED\x10\x00\x12\x13\n\x0fPACING_REALTIME\x10\x01\x12\x0f\n\x0bPACING_ASAP\x10\x02*\xbc\x01\n\tEndReason\x12\x1a\n\x16\x45ND_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45ND_REASON_END_OF_AUDIO\x10\x01\x12\x1c\n\x18\x45ND_REASON_CLIENT_CLOSED\x10\x02\x12\x1b\n\x17\x45ND_REASON_IDLE_TIMEOUT\x10\x03\x12\x1b\n\x17\x45ND_REASON_MAX_DURATION\x10\x04\x12\x1e\n\x1a\x45ND_REASON_SERVER_SHUTDOWN\x10\x05\x32\x9c\x02\n\rAvatarForcing\x12O\n\x06Stream\x12\x1f.avatarforcing.v1.StreamRequest\x1a .avatarforcing.v1.StreamResponse(\x01\x30\x01\x12\x63\n\x0eRegisterAvatar\x12\'.avatarforcing.v1.RegisterAvatarRequest\x1a(.avatarforcing.v1.RegisterAvatarResponse\x12U\n\rGetServerInfo\x12&.avatarforcing.v1.GetServerInfoRequest\x1a\x1c.avatarforcing.v1.ServerInfoBKZIgithub.com/avatarforcing/serve/clients/go/avatarforcingv1;avatarforcingv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$avatarforcing/v1/avatarforcing.proto\x12\x10\x61vatarforcing.v1\"j\n\x0b\x41udioFormat\x12\x31\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1f.avatarforcing.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\"\xb9\x02\n\rSessionConfig\x12\x19\n\x0freference_image\x18\x01 \x01(\x0cH\x00\x12\x13\n\tavatar_id\x18\x02 \x01(\tH\x00\x12\x33\n\x0c\x61udio_format\x18\x03 \x01(\x0b\x32\x1d.avatarforcing.v1.AudioFormat\x12\x37\n\x0evideo_encoding\x18\x04 \x01(\x0e\x32\x1f.avatarforcing.v1.VideoEncoding\x12(\n\x06pacing\x18\x05 \x01(\x0e\x32\x18.avatarforcing.v1.Pacing\x12\x14\n\x0cutterance_id\x18\x06 \x01(\t\x12\x14\n\x0cjpeg_quality\x18\x07 \x01(\r\x12\x19\n\x11video_bitrate_bps\x18\x08 \x01(\r\x12\x0c\n\x04seed\x18\t \x01(\x04\x42\x0b\n\treference\"\x1a\n\nAudioChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x0b\n\tInterrupt\"\x0c\n\nEndOfAudio\"\x0b\n\tKeepAlive\"\x97\x02\n\rStreamRequest\x12\x31\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1f.avatarforcing.v1.SessionConfigH\x00\x12-\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x1c.avatarforcing.v1.AudioChunkH\x00\x12\x30\n\tinterrupt\x18\x03 \x01(\x0b\x32\x1b.avatarforcing.v1.InterruptH\x00\x12\x34\n\x0c\x65nd_of_audio\x18\x04 \x01(\x0b\x32\x1c.avatarforcing.v1.EndOfAudioH\x00\x12\x31\n\nkeep_alive\x18\x05 \x01(\x0b\x32\x1b.avatarforcing.v1.KeepAliveH\x00\x42\t\n\x07message\"\xad\x02\n\x0eSessionStarted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x01\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x18\n\x10\x66rames_per_block\x18\x05 \x01(\r\x12\x14\n\x0clookahead_ms\x18\x06 \x01(\x01\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\x12\x37\n\x0evideo_encoding\x18\x08 \x01(\x0e\x32\x1f.avatarforcing.v1.VideoEncoding\x12\x14\n\x0cinit_segment\x18\t \x01(\x0c\x12\x1c\n\x14\x61udio_sample_rate_hz\x18\n \x01(\r\x12\x11\n\tavatar_id\x18\x0b \x01(\t\x12\x17\n\x0fidle_timeout_ms\x18\x0c \x01(\x01\"\x96\x01\n\nVideoFrame\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0e\n\x06pts_us\x18\x02 \x01(\x03\x12\x1a\n\x12\x61udio_start_sample\x18\x03 \x01(\x04\x12\x18\n\x10\x61udio_end_sample\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x10\n\x08keyframe\x18\x06 \x01(\x08\x12\x13\n\x0b\x62lock_index\x18\x07 \x01(\r\"~\n\x08\x41udioOut\x12\x13\n\x0b\x62lock_index\x18\x01 \x01(\r\x12\x14\n\x0cstart_sample\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06silent\x18\x04 \x01(\x08\x12\x14\n\x0creal_samples\x18\x05 \x01(\r\x12\x13\n\x0breal_offset\x18\x06 \x01(\r\"\xbc\x01\n\x05Stats\x12\x13\n\x0b\x66rames_sent\x18\x01 \x01(\x04\x12\x16\n\x0e\x66rames_dropped\x18\x02 \x01(\x04\x12\x1e\n\x16\x61udio_samples_received\x18\x03 \x01(\x04\x12 \n\x18silence_samples_inserted\x18\x04 \x01(\x04\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\r\x12\x19\n\x11\x61nchor_similarity\x18\x06 \x01(\x01\x12\x14\n\x0cutterance_id\x18\x07 \x01(\t\"C\n\x03\x45nd\x12+\n\x06reason\x18\x01 \x01(\x0e\x32\x1b.avatarforcing.v1.EndReason\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xfc\x01\n\x0eStreamResponse\x12\x33\n\x07started\x18\x01 \x01(\x0b\x32 .avatarforcing.v1.SessionStartedH\x00\x12-\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x1c.avatarforcing.v1.VideoFrameH\x00\x12+\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x1a.avatarforcing.v1.AudioOutH\x00\x12(\n\x05stats\x18\x04 \x01(\x0b\x32\x17.avatarforcing.v1.StatsH\x00\x12$\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x15.avatarforcing.v1.EndH\x00\x42\t\n\x07message\"4\n\x15RegisterAvatarRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\"J\n\x16RegisterAvatarResponse\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\"\x16\n\x14GetServerInfoRequest\"\x9f\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x0f\n\x07trained\x18\x03 \x01(\x08\x12\x0e\n\x06layers\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\x12\r\n\x05heads\x18\x06 \x01(\r\x12\x12\n\nparameters\x18\x07 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\t\"\xdf\x01\n\nStreamInfo\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x1b\n\x13\x62lock_latent_frames\x18\x02 \x01(\r\x12\x15\n\rwindow_blocks\x18\x03 \x01(\r\x12\x14\n\x0cnoise_levels\x18\x04 \x03(\x01\x12\x1d\n\x15history_latent_frames\x18\x05 \x01(\r\x12\x0b\n\x03\x66ps\x18\x06 \x01(\x01\x12\r\n\x05width\x18\x07 \x01(\r\x12\x0e\n\x06height\x18\x08 \x01(\r\x12\x18\n\x10\x66rames_per_block\x18\t \x01(\r\x12\x14\n\x0clookahead_ms\x18\n \x01(\x01\"\xc2\x02\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.avatarforcing.v1.ModelInfo\x12,\n\x06stream\x18\x03 \x01(\x0b\x32\x1c.avatarforcing.v1.StreamInfo\x12\x19\n\x11\x63\x61pacity_sessions\x18\x04 \x01(\r\x12\x12\n\nfree_slots\x18\x05 \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\x06 \x01(\r\x12!\n\x19supported_sample_rates_hz\x18\x07 \x03(\r\x12\x42\n\x19supported_video_encodings\x18\x08 \x03(\x0e\x32\x1f.avatarforcing.v1.VideoEncoding\x12\x1a\n\x12registered_avatars\x18\t \x01(\r*K\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41UDIO_ENCODING_PCM16LE\x10\x01*\x98\x01\n\rVideoEncoding\x12\x1e\n\x1aVIDEO_ENCODING_UNSPECIFIED\x10\x00\x12\x1c\n\x18VIDEO_ENCODING_RAW_RGB24\x10\x01\x12\x17\n\x13VIDEO_ENCODING_JPEG\x10\x02\x12\x17\n\x13VIDEO_ENCODING_H264\x10\x03\x12\x17\n\x13VIDEO_ENCODING_FMP4\x10\x04*F\n\x06Pacing\x12\x16\n\x12PACING_UNSPECIFIED\x10\x00\x12\x13\n\x0fPACING_REALTIME\x10\x01\x12\x0f\n\x0bPACING_ASAP\x10\x02*\xbc\x01\n\tEndReason\x12\x1a\n\x16\x45ND_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45ND_REASON_END_OF_AUDIO\x10\x01\x12\x1c\n\x18\x45ND_REASON_CLIENT_CLOSED\x10\x02\x12\x1b\n\x17\x45ND_REASON_IDLE_TIMEOUT\x10\x03\x12\x1b\n\x17\x45ND_REASON_MAX_DURATION\x10\x04\x12\x1e\n\x1a\x45ND_REASON_SERVER_SHUTDOWN\x10\x05\x32\x9c\x02\n\rAvatarForcing\x12O\n\x06Stream\x12\x1f.avatarforcing.v1.StreamRequest\x1a .avatarforcing.v1.StreamResponse(\x01\x30\x01\x12\x63\n\x0eRegisterAvatar\x12\'.avatarforcing.v1.RegisterAvatarRequest\x1a(.avatarforcing.v1.RegisterAvatarResponse\x12U\n\rGetServerInfo\x12&.avatarforcing.v1.GetServerInfoRequest\x1a\x1c.avatarforcing.v1.ServerInfoBKZIgithub.com/avatarforcing/serve/clients/go/avatarforcingv1;avatarforcingv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,14 +32,14 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'avatarforcing.v1.avatarforc
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'ZIgithub.com/avatarforcing/serve/clients/go/avatarforcingv1;avatarforcingv1'
-  _globals['_AUDIOENCODING']._serialized_start=2731
-  _globals['_AUDIOENCODING']._serialized_end=2806
-  _globals['_VIDEOENCODING']._serialized_start=2809
-  _globals['_VIDEOENCODING']._serialized_end=2961
-  _globals['_PACING']._serialized_start=2963
-  _globals['_PACING']._serialized_end=3033
-  _globals['_ENDREASON']._serialized_start=3036
-  _globals['_ENDREASON']._serialized_end=3224
+  _globals['_AUDIOENCODING']._serialized_start=2799
+  _globals['_AUDIOENCODING']._serialized_end=2874
+  _globals['_VIDEOENCODING']._serialized_start=2877
+  _globals['_VIDEOENCODING']._serialized_end=3029
+  _globals['_PACING']._serialized_start=3031
+  _globals['_PACING']._serialized_end=3101
+  _globals['_ENDREASON']._serialized_start=3104
+  _globals['_ENDREASON']._serialized_end=3292
   _globals['_AUDIOFORMAT']._serialized_start=58
   _globals['_AUDIOFORMAT']._serialized_end=164
   _globals['_SESSIONCONFIG']._serialized_start=167
@@ -55,29 +55,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMREQUEST']._serialized_start=551
   _globals['_STREAMREQUEST']._serialized_end=830
   _globals['_SESSIONSTARTED']._serialized_start=833
-  _globals['_SESSIONSTARTED']._serialized_end=1109
-  _globals['_VIDEOFRAME']._serialized_start=1112
-  _globals['_VIDEOFRAME']._serialized_end=1262
-  _globals['_AUDIOOUT']._serialized_start=1264
-  _globals['_AUDIOOUT']._serialized_end=1347
-  _globals['_STATS']._serialized_start=1350
-  _globals['_STATS']._serialized_end=1538
-  _globals['_END']._serialized_start=1540
-  _globals['_END']._serialized_end=1607
-  _globals['_STREAMRESPONSE']._serialized_start=1610
-  _globals['_STREAMRESPONSE']._serialized_end=1862
-  _globals['_REGISTERAVATARREQUEST']._serialized_start=1864
-  _globals['_REGISTERAVATARREQUEST']._serialized_end=1916
-  _globals['_REGISTERAVATARRESPONSE']._serialized_start=1918
-  _globals['_REGISTERAVATARRESPONSE']._serialized_end=1992
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1994
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=2016
-  _globals['_MODELINFO']._serialized_start=2019
-  _globals['_MODELINFO']._serialized_end=2178
-  _globals['_STREAMINFO']._serialized_start=2181
-  _globals['_STREAMINFO']._serialized_end=2404
-  _globals['_SERVERINFO']._serialized_start=2407
-  _globals['_SERVERINFO']._serialized_end=2729
-  _globals['_AVATARFORCING']._serialized_start=3227
-  _globals['_AVATARFORCING']._serialized_end=3511
+  _globals['_SESSIONSTARTED']._serialized_end=1134
+  _globals['_VIDEOFRAME']._serialized_start=1137
+  _globals['_VIDEOFRAME']._serialized_end=1287
+  _globals['_AUDIOOUT']._serialized_start=1289
+  _globals['_AUDIOOUT']._serialized_end=1415
+  _globals['_STATS']._serialized_start=1418
+  _globals['_STATS']._serialized_end=1606
+  _globals['_END']._serialized_start=1608
+  _globals['_END']._serialized_end=1675
+  _globals['_STREAMRESPONSE']._serialized_start=1678
+  _globals['_STREAMRESPONSE']._serialized_end=1930
+  _globals['_REGISTERAVATARREQUEST']._serialized_start=1932
+  _globals['_REGISTERAVATARREQUEST']._serialized_end=1984
+  _globals['_REGISTERAVATARRESPONSE']._serialized_start=1986
+  _globals['_REGISTERAVATARRESPONSE']._serialized_end=2060
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2062
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2084
+  _globals['_MODELINFO']._serialized_start=2087
+  _globals['_MODELINFO']._serialized_end=2246
+  _globals['_STREAMINFO']._serialized_start=2249
+  _globals['_STREAMINFO']._serialized_end=2472
+  _globals['_SERVERINFO']._serialized_start=2475
+  _globals['_SERVERINFO']._serialized_end=2797
+  _globals['_AVATARFORCING']._serialized_start=3295
+  _globals['_AVATARFORCING']._serialized_end=3579
 # @@protoc_insertion_point(module_scope)

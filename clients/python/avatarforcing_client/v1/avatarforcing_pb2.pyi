@@ -116,7 +116,7 @@ class StreamRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., interrupt: _Optional[_Union[Interrupt, _Mapping]] = ..., end_of_audio: _Optional[_Union[EndOfAudio, _Mapping]] = ..., keep_alive: _Optional[_Union[KeepAlive, _Mapping]] = ...) -> None: ...
 
 class SessionStarted(_message.Message):
-    __slots__ = ("session_id", "fps", "width", "height", "frames_per_block", "lookahead_ms", "latency_ms", "video_encoding", "init_segment", "audio_sample_rate_hz", "avatar_id")
+    __slots__ = ("session_id", "fps", "width", "height", "frames_per_block", "lookahead_ms", "latency_ms", "video_encoding", "init_segment", "audio_sample_rate_hz", "avatar_id", "idle_timeout_ms")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class SessionStarted(_message.Message):
     INIT_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     AUDIO_SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
     AVATAR_ID_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     fps: float
     width: int
@@ -139,7 +140,8 @@ class SessionStarted(_message.Message):
     init_segment: bytes
     audio_sample_rate_hz: int
     avatar_id: str
-    def __init__(self, session_id: _Optional[str] = ..., fps: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames_per_block: _Optional[int] = ..., lookahead_ms: _Optional[float] = ..., latency_ms: _Optional[float] = ..., video_encoding: _Optional[_Union[VideoEncoding, str]] = ..., init_segment: _Optional[bytes] = ..., audio_sample_rate_hz: _Optional[int] = ..., avatar_id: _Optional[str] = ...) -> None: ...
+    idle_timeout_ms: float
+    def __init__(self, session_id: _Optional[str] = ..., fps: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames_per_block: _Optional[int] = ..., lookahead_ms: _Optional[float] = ..., latency_ms: _Optional[float] = ..., video_encoding: _Optional[_Union[VideoEncoding, str]] = ..., init_segment: _Optional[bytes] = ..., audio_sample_rate_hz: _Optional[int] = ..., avatar_id: _Optional[str] = ..., idle_timeout_ms: _Optional[float] = ...) -> None: ...
 
 class VideoFrame(_message.Message):
     __slots__ = ("index", "pts_us", "audio_start_sample", "audio_end_sample", "data", "keyframe", "block_index")
@@ -160,16 +162,20 @@ class VideoFrame(_message.Message):
     def __init__(self, index: _Optional[int] = ..., pts_us: _Optional[int] = ..., audio_start_sample: _Optional[int] = ..., audio_end_sample: _Optional[int] = ..., data: _Optional[bytes] = ..., keyframe: _Optional[bool] = ..., block_index: _Optional[int] = ...) -> None: ...
 
 class AudioOut(_message.Message):
-    __slots__ = ("block_index", "start_sample", "data", "silent")
+    __slots__ = ("block_index", "start_sample", "data", "silent", "real_samples", "real_offset")
     BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
     START_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SILENT_FIELD_NUMBER: _ClassVar[int]
+    REAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    REAL_OFFSET_FIELD_NUMBER: _ClassVar[int]
     block_index: int
     start_sample: int
     data: bytes
     silent: bool
-    def __init__(self, block_index: _Optional[int] = ..., start_sample: _Optional[int] = ..., data: _Optional[bytes] = ..., silent: _Optional[bool] = ...) -> None: ...
+    real_samples: int
+    real_offset: int
+    def __init__(self, block_index: _Optional[int] = ..., start_sample: _Optional[int] = ..., data: _Optional[bytes] = ..., silent: _Optional[bool] = ..., real_samples: _Optional[int] = ..., real_offset: _Optional[int] = ...) -> None: ...
 
 class Stats(_message.Message):
     __slots__ = ("frames_sent", "frames_dropped", "audio_samples_received", "silence_samples_inserted", "queue_depth", "anchor_similarity", "utterance_id")
