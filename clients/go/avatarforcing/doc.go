@@ -29,7 +29,9 @@
 // [Client.StartSession] validates its options before any RPC, opens the Stream, sends the
 // SessionConfig and waits for SessionStarted; a refused session returns the server's gRPC
 // status error (use [google.golang.org/grpc/status.Code] on it: INVALID_ARGUMENT for a bad
-// image, NOT_FOUND for an unknown avatar id, RESOURCE_EXHAUSTED when the replica is full, ...).
+// image, NOT_FOUND for an unknown avatar id, RESOURCE_EXHAUSTED when the replica is full, ...),
+// wrapped in a [StartError] that keeps the stream's trailer: [RetryAfter] returns the wait the
+// server asks for before trying again.
 //
 // A started [Session] runs two goroutines. The send goroutine writes the messages queued by
 // [Session.SendAudio], [Session.Interrupt], [Session.EndOfAudio] and [Session.KeepAlive], in
@@ -37,6 +39,11 @@
 // a server that stops reading) blocks in those calls — that is the backpressure — until there
 // is room or the call's context ends. The receive goroutine reads the server's responses and
 // delivers them on [Session.Events] in order.
+//
+// Idle timeout: the server ends a session that sends nothing for SessionStarted.IdleTimeoutMs
+// (END_REASON_IDLE_TIMEOUT). The send goroutine therefore sends a KeepAlive whenever nothing
+// was queued or sent for a third of that time, so a session that only listens stays open;
+// SessionOptions.DisableAutoKeepAlive turns that off.
 //
 // Slow readers: the receive goroutine never drops an event. When the caller stops reading
 // Events and the channel's buffer is full, the goroutine blocks, stops reading the stream, and

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -16,7 +17,11 @@ import (
 
 func dialTest(t *testing.T) *avatarforcing.Client {
 	t.Helper()
-	addr := serverAddr(t)
+	return dialAddr(t, serverAddr(t))
+}
+
+func dialAddr(t *testing.T, addr string) *avatarforcing.Client {
+	t.Helper()
 	c, err := avatarforcing.Dial(testCtx(t, 10*time.Second), addr, avatarforcing.WithBlock())
 	if err != nil {
 		t.Fatal(err)
@@ -422,6 +427,117 @@ func TestE2EContextCancelFreesSlot(t *testing.T) {
 	}
 	if err := s.SendAudio(ctx, make([]byte, 2)); !errors.Is(err, avatarforcing.ErrSessionEnded) {
 		t.Errorf("SendAudio after the session ended = %v, want ErrSessionEnded", err)
+	}
+	waitFreeSlots(t, c)
+}
+
+// smallServerFlags start a second server with one session slot and a 0.6 s idle timeout, for
+// the tests of the automatic KeepAlive and of the retry hint.
+var smallServerFlags = []string{"--idle-timeout", "0.6", "--max-sessions", "1"}
+
+// A listen-only REALTIME session outlives the server's idle timeout thanks to the automatic
+// KeepAlive; without it the server ends the session with END_REASON_IDLE_TIMEOUT.
+func TestE2EAutoKeepAlive(t *testing.T) {
+	c := dialAddr(t, serverWith(t, smallServerFlags...))
+	waitFreeSlots(t, c)
+	ctx := testCtx(t, 30*time.Second)
+	face := readFile(t, facePNG)
+
+	s, err := c.StartSession(ctx, avatarforcing.SessionOptions{Image: face, Pacing: pb.Pacing_PACING_REALTIME})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if got := s.Started().IdleTimeoutMs; got != 600 {
+		t.Fatalf("SessionStarted.IdleTimeoutMs = %v, want 600", got)
+	}
+	start := time.Now()
+	frames := 0
+	for ev := range s.Events() {
+		if ev.End != nil {
+			t.Fatalf("listen-only session ended after %v: %v", time.Since(start), ev.End)
+		}
+		if ev.Frame != nil {
+			frames++
+		}
+		if time.Since(start) > 2200*time.Millisecond {
+			break
+		}
+	}
+	if d := time.Since(start); d < 2200*time.Millisecond {
+		t.Fatalf("the session ended after %v (Err %v, End %v)", d, s.Err(), s.End())
+	}
+	if frames < 10 { // 55 at full speed; a busy CPU runs the server slower
+		t.Errorf("only %d frames in 2.2 s", frames)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	waitFreeSlots(t, c)
+
+	s, err = c.StartSession(ctx, avatarforcing.SessionOptions{Image: face, Pacing: pb.Pacing_PACING_REALTIME,
+		DisableAutoKeepAlive: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	start = time.Now()
+	for range s.Events() {
+	}
+	if s.Err() != nil || s.End().GetReason() != pb.EndReason_END_REASON_IDLE_TIMEOUT {
+		t.Fatalf("without KeepAlive: Err = %v, End = %v; want END_REASON_IDLE_TIMEOUT", s.Err(), s.End())
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("the idle session ended only after %v", d)
+	}
+	t.Logf("%d frames in 2.2 s with KeepAlive; without, End %q after %v", frames, s.End().GetMessage(), time.Since(start))
+	waitFreeSlots(t, c)
+}
+
+// A full server refuses with RESOURCE_EXHAUSTED and a retry hint; retrying after it succeeds
+// once the slot is free.
+func TestE2ERetryAfterWhenFull(t *testing.T) {
+	c := dialAddr(t, serverWith(t, smallServerFlags...))
+	waitFreeSlots(t, c)
+	ctx := testCtx(t, 30*time.Second)
+	face := readFile(t, facePNG)
+
+	held, err := c.StartSession(ctx, avatarforcing.SessionOptions{Image: face})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	go func() {
+		for range held.Events() {
+		}
+	}()
+	_, err = c.StartSession(ctx, avatarforcing.SessionOptions{Image: face})
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("second session on a one-slot server: err = %v, want ResourceExhausted", err)
+	}
+	if st, ok := status.FromError(err); !ok || !strings.Contains(st.Message(), "slots") {
+		t.Errorf("status.FromError = %v, %v", st, ok)
+	}
+	wait, ok := avatarforcing.RetryAfter(err)
+	if !ok || wait <= 0 {
+		t.Fatalf("RetryAfter = %v, %v; want a positive hint", wait, ok)
+	}
+	t.Logf("refused: %v; retry after %v", err, wait)
+
+	if err := held.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Retry as a client would: wait the hint, try again.
+	for attempt := 1; ; attempt++ {
+		time.Sleep(wait)
+		s, err := c.StartSession(ctx, avatarforcing.SessionOptions{Image: face})
+		if err == nil {
+			s.Close()
+			break
+		}
+		if wait, ok = avatarforcing.RetryAfter(err); !ok || attempt == 20 {
+			t.Fatalf("attempt %d after the slot was freed: %v", attempt, err)
+		}
 	}
 	waitFreeSlots(t, c)
 }

@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"runtime"
@@ -65,11 +66,21 @@ func (f *fakeServer) Stream(st grpc.BidiStreamingServer[pb.StreamRequest, pb.Str
 	}
 	cfg := first.GetConfig()
 	mode := cfg.GetUtteranceId()
-	if mode == "refuse" {
+	switch mode {
+	case "refuse":
+		st.SetTrailer(metadata.Pairs("grpc-retry-pushback-ms", "250", "retry-after-ms", "250"))
 		return status.Error(codes.ResourceExhausted, "all 1 session slots of this replica are in use")
+	case "refuse-pushback":
+		st.SetTrailer(metadata.Pairs("grpc-retry-pushback-ms", "1500"))
+		return status.Error(codes.ResourceExhausted, "full")
+	case "refuse-bare":
+		return status.Error(codes.ResourceExhausted, "full")
 	}
 	started := &pb.StreamResponse{Message: &pb.StreamResponse_Started{Started: &pb.SessionStarted{
 		SessionId: "s_fake", Fps: 25, FramesPerBlock: 4, AudioSampleRateHz: cfg.GetAudioFormat().GetSampleRateHz()}}}
+	if mode == "idle" { // echo, with an idle timeout of 300 ms
+		started.GetStarted().IdleTimeoutMs = 300
+	}
 	if err := st.Send(started); err != nil {
 		return err
 	}
@@ -354,6 +365,32 @@ func TestFakeRefusedAndProtocolErrors(t *testing.T) {
 	if status.Code(err) != codes.ResourceExhausted {
 		t.Fatalf("refused session: %v, want ResourceExhausted", err)
 	}
+	if st, ok := status.FromError(err); !ok || st.Message() != "all 1 session slots of this replica are in use" {
+		t.Errorf("status.FromError = %v, %v; want the server's status", st, ok)
+	}
+	if d, ok := avatarforcing.RetryAfter(err); !ok || d != 250*time.Millisecond {
+		t.Errorf("RetryAfter = %v, %v; want 250ms, true", d, ok)
+	}
+	if d, ok := avatarforcing.RetryAfter(fmt.Errorf("starting: %w", err)); !ok || d != 250*time.Millisecond {
+		t.Errorf("RetryAfter of a wrapped error = %v, %v; want 250ms, true", d, ok)
+	}
+	var se *avatarforcing.StartError
+	if !errors.As(err, &se) || se.Trailer.Get("retry-after-ms")[0] != "250" {
+		t.Errorf("errors.As(StartError) on %v: %v", err, se)
+	}
+	_, err = c.StartSession(ctx, avatarforcing.SessionOptions{Image: []byte("png"), UtteranceID: "refuse-pushback"})
+	if d, ok := avatarforcing.RetryAfter(err); !ok || d != 1500*time.Millisecond {
+		t.Errorf("RetryAfter with grpc-retry-pushback-ms only = %v, %v; want 1.5s, true", d, ok)
+	}
+	_, err = c.StartSession(ctx, avatarforcing.SessionOptions{Image: []byte("png"), UtteranceID: "refuse-bare"})
+	if d, ok := avatarforcing.RetryAfter(err); ok || status.Code(err) != codes.ResourceExhausted {
+		t.Errorf("no trailer: RetryAfter = %v, %v (err %v); want false", d, ok, err)
+	}
+	for _, e := range []error{nil, errors.New("x"), status.Error(codes.ResourceExhausted, "x")} {
+		if _, ok := avatarforcing.RetryAfter(e); ok {
+			t.Errorf("RetryAfter(%v) = true", e)
+		}
+	}
 	for _, mode := range []string{"twostarted", "eof"} {
 		s, err := c.StartSession(ctx, avatarforcing.SessionOptions{Image: []byte("png"), UtteranceID: mode})
 		if err != nil {
@@ -431,4 +468,106 @@ func TestFakeStreamPCMAndWAV(t *testing.T) {
 	if !errors.Is(err, avatarforcing.ErrInvalidArgument) || !strings.Contains(err.Error(), "sampled at 16000 Hz but the session takes 8000 Hz") {
 		t.Errorf("StreamWAV at the wrong rate = %v", err)
 	}
+}
+
+// countKeepAlives reads the echo server's events until they close and counts the KeepAlives it
+// saw between the first and the second Interrupt marker, and outside them.
+func countKeepAlives(t *testing.T, s *avatarforcing.Session) (listening, sending int) {
+	t.Helper()
+	markers := 0
+	for ev := range s.Events() {
+		switch ev.Stats.GetUtteranceId() {
+		case "interrupt":
+			markers++
+		case "keepalive":
+			if markers == 1 {
+				sending++
+			} else {
+				listening++
+			}
+		}
+	}
+	return listening, sending
+}
+
+// The session sends KeepAlive by itself every third of SessionStarted.IdleTimeoutMs when
+// nothing else goes out, and not while audio flows.
+func TestFakeAutoKeepAlive(t *testing.T) {
+	c, _ := startFake(t)
+	ctx := testCtx(t, 10*time.Second)
+	s, err := c.StartSession(ctx, avatarforcing.SessionOptions{Image: []byte("png"), UtteranceID: "idle"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if s.Started().IdleTimeoutMs != 300 {
+		t.Fatalf("IdleTimeoutMs = %v", s.Started().IdleTimeoutMs)
+	}
+	counted := make(chan [2]int, 1)
+	go func() {
+		l, sn := countKeepAlives(t, s)
+		counted <- [2]int{l, sn}
+	}()
+	time.Sleep(550 * time.Millisecond) // listen only: a KeepAlive every 100 ms
+	if err := s.Interrupt(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for range 20 { // audio every 20 ms: no KeepAlive needed
+		if err := s.SendAudio(ctx, make([]byte, 640)); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err := s.Interrupt(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CloseSend(ctx); err != nil {
+		t.Fatal(err)
+	}
+	got := <-counted
+	if got[0] < 3 || got[0] > 7 {
+		t.Errorf("%d KeepAlives in 550 ms of listening with a 300 ms idle timeout, want about 5", got[0])
+	}
+	if got[1] > 1 {
+		t.Errorf("%d KeepAlives while audio went out every 20 ms, want none", got[1])
+	}
+	if s.Err() != nil || s.End().GetReason() != pb.EndReason_END_REASON_CLIENT_CLOSED {
+		t.Errorf("Err = %v, End = %v", s.Err(), s.End())
+	}
+	s.Close()
+	checkNoSessionGoroutines(t)
+}
+
+func TestFakeDisableAutoKeepAlive(t *testing.T) {
+	c, _ := startFake(t)
+	ctx := testCtx(t, 10*time.Second)
+	s, err := c.StartSession(ctx, avatarforcing.SessionOptions{Image: []byte("png"), UtteranceID: "idle",
+		DisableAutoKeepAlive: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	counted := make(chan int, 1)
+	go func() {
+		l, _ := countKeepAlives(t, s)
+		counted <- l
+	}()
+	time.Sleep(400 * time.Millisecond)
+	if err := s.CloseSend(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := <-counted; n != 0 {
+		t.Errorf("%d KeepAlives with DisableAutoKeepAlive, want 0", n)
+	}
+	// Close while the keep-alive timer runs leaves no goroutine behind either.
+	s2, err := c.StartSession(ctx, avatarforcing.SessionOptions{Image: []byte("png"), UtteranceID: "idle"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(150 * time.Millisecond)
+	if err := s2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	checkNoSessionGoroutines(t)
 }

@@ -51,6 +51,13 @@ type SessionOptions struct {
 	// EventBuffer is the capacity of the Events channel (0: 64). When it is full the receive
 	// goroutine waits for the reader (see the package documentation).
 	EventBuffer int
+
+	// DisableAutoKeepAlive turns off the automatic KeepAlive. By default, when SessionStarted
+	// announces an idle timeout (IdleTimeoutMs > 0), the session sends a KeepAlive whenever
+	// nothing was sent for a third of it, so that a session that only listens stays open; with
+	// this set, a session that sends nothing for the idle timeout ends with
+	// END_REASON_IDLE_TIMEOUT unless you call Session.KeepAlive yourself.
+	DisableAutoKeepAlive bool
 }
 
 func invalid(format string, args ...any) error {

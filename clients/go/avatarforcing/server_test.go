@@ -1,7 +1,9 @@
 package avatarforcing_test
 
 // The end-to-end tests run against the real Python server, which TestMain's helpers start on a
-// free port the first time an end-to-end test asks for it, and kill at the end of the run.
+// free port the first time an end-to-end test asks for it, and kill at the end of the run. Most
+// tests share one server (serverAddr); a test that needs other server flags asks serverWith for
+// a server started with them (one per distinct set of flags, shared the same way).
 //
 //	AVATARFORCING_PYTHON  the interpreter of a venv with the server installed (default:
 //	                      ../../.venv/bin/python; relative paths are relative to clients/go).
@@ -39,6 +41,7 @@ var (
 )
 
 type testServer struct {
+	args    []string // flags after the defaults (argparse: a later flag wins)
 	once    sync.Once
 	cmd     *exec.Cmd
 	addr    string
@@ -48,11 +51,18 @@ type testServer struct {
 	done    chan struct{}
 }
 
-var srv testServer
+var (
+	serversMu sync.Mutex
+	servers   = map[string]*testServer{} // by their extra flags
+)
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	srv.stop()
+	serversMu.Lock()
+	for _, s := range servers {
+		s.stop()
+	}
+	serversMu.Unlock()
 	os.Exit(code)
 }
 
@@ -78,9 +88,25 @@ func pythonPath() string {
 // serverAddr returns the address of the shared Python server, starting it on first use.
 func serverAddr(t *testing.T) string {
 	t.Helper()
+	return serverWith(t)
+}
+
+// serverWith returns the address of a Python server started with the default flags followed
+// by extra (for example "--idle-timeout", "0.6"), starting it on first use; tests that pass
+// the same flags share it.
+func serverWith(t *testing.T, extra ...string) string {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("end-to-end test skipped with -short")
 	}
+	key := strings.Join(extra, "\x00")
+	serversMu.Lock()
+	srv := servers[key]
+	if srv == nil {
+		srv = &testServer{args: extra}
+		servers[key] = srv
+	}
+	serversMu.Unlock()
 	srv.once.Do(srv.start)
 	if srv.skip != "" {
 		t.Skip(srv.skip)
@@ -114,9 +140,10 @@ func (s *testServer) start() {
 		return
 	}
 	s.logPath = logf.Name()
-	cmd := exec.Command(py, "-m", "avatarforcing_service.cli", "serve",
+	args := append([]string{"-m", "avatarforcing_service.cli", "serve",
 		"--host", "127.0.0.1", "--port", strconv.Itoa(port), "--metrics-port", "-1",
-		"--max-sessions", "4", "--log-level", "warning")
+		"--max-sessions", "4", "--log-level", "warning"}, s.args...)
+	cmd := exec.Command(py, args...)
 	cmd.Dir = repoRoot
 	cmd.Stdout, cmd.Stderr = logf, logf
 	configureServerProcess(cmd)

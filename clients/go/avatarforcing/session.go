@@ -27,12 +27,17 @@ const MaxChunk = time.Second
 // (it may be blocked in a Send that flow control holds back) before cancelling it.
 const closeSendWait = time.Second
 
+// minKeepAliveInterval bounds how often automatic KeepAlives may go out, whatever the
+// server's idle timeout.
+const minKeepAliveInterval = 10 * time.Millisecond
+
 // Event is one response of a started session. Exactly one field is set.
 type Event struct {
 	// Frame is a video frame; its Data is in the session's video encoding.
 	Frame *pb.VideoFrame
 	// Audio is the re-timed audio (PCM16LE mono at SessionStarted.AudioSampleRateHz) that
-	// plays with one block of frames, silence the server inserted included.
+	// plays with one block of frames, silence the server inserted included; the samples that
+	// came from the client are Data[2*RealOffset : 2*(RealOffset+RealSamples)] (bytes).
 	Audio *pb.AudioOut
 	// Stats are the session's periodic counters.
 	Stats *pb.Stats
@@ -59,6 +64,12 @@ type Session struct {
 	closeOnce sync.Once
 	closed    atomic.Bool
 
+	// Automatic KeepAlive: keepAliveEvery (0: off) is a third of the server's idle timeout;
+	// lastSend is when a message was last queued or sent, in nanoseconds since t0.
+	t0             time.Time
+	keepAliveEvery time.Duration
+	lastSend       atomic.Int64
+
 	mu         sync.Mutex
 	sendClosed bool  // CloseSend was called
 	sendErr    error // why the send goroutine stopped
@@ -78,7 +89,13 @@ type sendItem struct {
 // Invalid options are rejected before any RPC with an error wrapping ErrInvalidArgument. When
 // the server refuses the session, the error is its gRPC status error (see status.Code):
 // INVALID_ARGUMENT (bad image or config), NOT_FOUND (unknown AvatarID), RESOURCE_EXHAUSTED (no
-// free slot), UNAVAILABLE (the replica is shutting down).
+// free slot), UNAVAILABLE (the replica is shutting down). That error is a *StartError, which
+// keeps the stream's trailer and still satisfies status.Code and status.FromError; with
+// RESOURCE_EXHAUSTED, RetryAfter(err) returns how long the server asks you to wait.
+//
+// When SessionStarted announces an idle timeout, the session sends KeepAlive by itself
+// whenever nothing was sent for a third of it (unless SessionOptions.DisableAutoKeepAlive),
+// so a session that only listens stays open.
 //
 // ctx governs the whole session, not only its start: when it is cancelled or its deadline
 // passes the stream is cancelled, the server frees the session's slot, Events closes and Err
@@ -108,12 +125,16 @@ func (c *Client) StartSession(ctx context.Context, opts SessionOptions) (*Sessio
 		cancel()
 		return nil, err
 	}
+	sentAt := time.Now()
 	resp, err := stream.Recv()
 	if err != nil {
-		cancel()
 		if err == io.EOF {
 			err = fmt.Errorf("%w: the server closed the stream without sending SessionStarted", ErrProtocol)
+		} else if _, ok := status.FromError(err); ok {
+			// The stream has finished: its trailer holds the server's retry hint, if any.
+			err = &StartError{Err: err, Trailer: stream.Trailer()}
 		}
+		cancel()
 		return nil, err
 	}
 	started := resp.GetStarted()
@@ -132,6 +153,11 @@ func (c *Client) StartSession(ctx context.Context, opts SessionOptions) (*Sessio
 		senderDone: make(chan struct{}),
 		recvDone:   make(chan struct{}),
 		events:     make(chan Event, o.EventBuffer),
+		t0:         sentAt,
+	}
+	// (An absurd timeout, over ~30 years or infinite, counts as none.)
+	if idle := started.GetIdleTimeoutMs(); !o.DisableAutoKeepAlive && idle > 0 && idle < 1e12 {
+		s.keepAliveEvery = max(minKeepAliveInterval, time.Duration(idle*float64(time.Millisecond)/3))
 	}
 	go s.sendLoop()
 	go s.recvLoop()
@@ -214,7 +240,9 @@ func (s *Session) EndOfAudio(ctx context.Context) error {
 }
 
 // KeepAlive queues a KeepAlive, which resets the server's idle timer for the session (a
-// session that sends nothing for the server's idle timeout, 60 s by default, ends).
+// session that sends nothing for the server's idle timeout, SessionStarted.IdleTimeoutMs, ends
+// with END_REASON_IDLE_TIMEOUT). The session already sends KeepAlives by itself unless
+// SessionOptions.DisableAutoKeepAlive is set.
 func (s *Session) KeepAlive(ctx context.Context) error {
 	return s.enqueue(ctx, sendItem{req: &pb.StreamRequest{Message: &pb.StreamRequest_KeepAlive{KeepAlive: &pb.KeepAlive{}}}})
 }
@@ -357,6 +385,7 @@ func (s *Session) enqueue(ctx context.Context, it sendItem) error {
 	}
 	select {
 	case s.sendq <- it:
+		s.touch()
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()
@@ -395,8 +424,27 @@ func (s *Session) sendState() error {
 	return nil
 }
 
+// touch records that a message was queued or sent now.
+func (s *Session) touch() { s.lastSend.Store(int64(time.Since(s.t0))) }
+
+// sinceLastSend is how long ago a message was last queued or sent.
+func (s *Session) sinceLastSend() time.Duration {
+	return time.Since(s.t0) - time.Duration(s.lastSend.Load())
+}
+
 func (s *Session) sendLoop() {
 	defer close(s.senderDone)
+	// The automatic KeepAlive runs here, not in a goroutine of its own: it stops with the
+	// send side, and it never races the queued messages on the stream.
+	var (
+		timer     *time.Timer
+		keepAlive <-chan time.Time // nil (never ready) when automatic KeepAlive is off
+	)
+	if s.keepAliveEvery > 0 {
+		timer = time.NewTimer(s.keepAliveEvery - s.sinceLastSend())
+		defer timer.Stop()
+		keepAlive = timer.C
+	}
 	for {
 		select {
 		case <-s.closing:
@@ -404,20 +452,36 @@ func (s *Session) sendLoop() {
 			return
 		case <-s.ctx.Done():
 			return
+		case <-keepAlive:
+			if s.sinceLastSend() >= s.keepAliveEvery {
+				if !s.send(&pb.StreamRequest{Message: &pb.StreamRequest_KeepAlive{KeepAlive: &pb.KeepAlive{}}}) {
+					return
+				}
+			}
+			timer.Reset(s.keepAliveEvery - s.sinceLastSend())
 		case it := <-s.sendq:
 			if it.closeSend {
 				_ = s.stream.CloseSend()
 				return
 			}
-			// io.EOF: the stream has finished; the receive goroutine gets its status.
-			if err := s.stream.Send(it.req); err != nil {
-				s.mu.Lock()
-				s.sendErr = err
-				s.mu.Unlock()
+			if !s.send(it.req) {
 				return
 			}
 		}
 	}
+}
+
+// send writes one message on the stream; false when the stream is broken.
+func (s *Session) send(req *pb.StreamRequest) bool {
+	// io.EOF: the stream has finished; the receive goroutine gets its status.
+	if err := s.stream.Send(req); err != nil {
+		s.mu.Lock()
+		s.sendErr = err
+		s.mu.Unlock()
+		return false
+	}
+	s.touch()
+	return true
 }
 
 func (s *Session) recvLoop() {
