@@ -1,4 +1,4 @@
-"""Unit tests of the Python SDK (clients/python/avatarforcing_client) that need no server."""
+"""Unit tests of the Python SDK (clients/python/avatarforcing_client); all but the last one need no server."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 import wave
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -196,6 +198,105 @@ async def test_stream_pcm_paces_and_rejoins_odd_chunks() -> None:
         await s.stream_pcm([b"\x01\x02\x03"], realtime=False)
 
 
+class _StubCall:
+    """Stands in for grpc.aio's StreamStreamCall: answers the config with SessionStarted and records
+    what is written, with the time."""
+
+    def __init__(self, idle_timeout_ms: float) -> None:
+        started = pb.SessionStarted(session_id="stub", fps=25, width=8, height=8, idle_timeout_ms=idle_timeout_ms)
+        self.responses: asyncio.Queue[object] = asyncio.Queue()
+        self.responses.put_nowait(pb.StreamResponse(started=started))
+        self.writes: list[tuple[float, str]] = []
+        self.finished = False
+        self.half_closed = False
+
+    async def write(self, req: pb.StreamRequest) -> None:
+        if self.finished or self.half_closed:
+            raise asyncio.InvalidStateError("finished")
+        self.writes.append((time.monotonic(), str(req.WhichOneof("message"))))
+
+    async def read(self) -> object:
+        return await self.responses.get()
+
+    async def done_writing(self) -> None:
+        self.half_closed = True
+
+    def done(self) -> bool:
+        return self.finished
+
+    def cancel(self) -> bool:
+        self.finished = True
+        return True
+
+    async def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.OK
+
+    def keepalives(self, since: float = 0.0) -> list[float]:
+        return [t for t, kind in self.writes if kind == "keep_alive" and t >= since]
+
+
+def _stub_session(idle_timeout_ms: float, **kw: object) -> tuple[afc.Session, _StubCall]:
+    client = AvatarForcingClient("127.0.0.1:1")
+    call = _StubCall(idle_timeout_ms)
+
+    class Stub:
+        def Stream(self, metadata: object = ()) -> _StubCall:  # noqa: N802 - the gRPC method's name
+            return call
+
+    client._stub = Stub()  # type: ignore[assignment]
+    return client.session(avatar_id="a", **kw), call  # type: ignore[arg-type]
+
+
+async def test_session_sends_keepalive_when_quiet_for_a_third_of_the_idle_timeout() -> None:
+    s, call = _stub_session(450)  # a KeepAlive after 150 ms without a write
+    await s.start()
+    assert s.keepalive_interval == pytest.approx(0.15)
+    t0 = time.monotonic()
+    await asyncio.sleep(0.7)
+    ka = call.keepalives()
+    assert 3 <= len(ka) <= 5, [round(t - t0, 3) for t in ka]
+    assert ka[0] - t0 >= 0.14 and all(b - a >= 0.14 for a, b in zip(ka, ka[1:], strict=False))
+    # Other messages count as activity: none is needed while audio flows every 50 ms.
+    t1 = time.monotonic()
+    for _ in range(12):
+        await s.send_audio(b"\x00\x00" * 160)
+        await asyncio.sleep(0.05)
+    assert not call.keepalives(t1 + 0.01), "no KeepAlive while audio is being sent"
+    await asyncio.sleep(0.25)
+    assert call.keepalives(t1), "and one again once it stops"
+    # It stops with the session.
+    await s.close()
+    assert s._keepalive_task is None
+    n = len(call.writes)
+    await asyncio.sleep(0.35)
+    assert len(call.writes) == n and call.half_closed
+
+
+async def test_keepalive_stops_when_the_stream_finishes_and_can_be_turned_off() -> None:
+    s, call = _stub_session(300)
+    await s.start()
+    task = s._keepalive_task
+    assert task is not None and not task.done()
+    call.finished = True  # the server ended the stream; nobody reads events()
+    await asyncio.wait_for(task, 1.0)
+    n = len(call.writes)
+    await asyncio.sleep(0.25)
+    assert len(call.writes) == n
+    await s.close()
+
+    s, call = _stub_session(300, auto_keepalive=False)
+    await s.start()
+    assert s.keepalive_interval is None and s._keepalive_task is None
+    await asyncio.sleep(0.35)
+    assert call.keepalives() == []
+    await s.close()
+
+    s, call = _stub_session(0)  # a server that announces no idle timeout
+    await s.start()
+    assert s.keepalive_interval is None and s._keepalive_task is None
+    await s.close()
+
+
 def test_sync_client_reports_unavailable_server() -> None:
     with SyncClient("127.0.0.1:1") as c:
         with pytest.raises(grpc.RpcError) as ei:
@@ -365,3 +466,29 @@ async def test_record_session(tmp_path: Path) -> None:
         _FakeSession(_synthetic_events(12)), tmp_path / "cut.mp4", max_frames=5  # type: ignore[arg-type]
     )
     assert stats.frames == 5 and stats.end_reason == pb.END_REASON_UNSPECIFIED
+
+
+# -- automatic KeepAlive against a real server -----------------------------------------------------
+
+
+async def test_listen_only_session_outlives_the_idle_timeout(make_app: Callable[..., Any], png: bytes) -> None:
+    """A REALTIME session that sends nothing after its config stays up past 2 s with idle_timeout_s=0.6
+    (the SDK sends KeepAlive), and ends with END_REASON_IDLE_TIMEOUT with auto_keepalive=False."""
+    app = await make_app(idle_timeout_s=0.6)
+    async with AvatarForcingClient(f"127.0.0.1:{app.port}") as client:
+        async with client.session(image=png, video_encoding=pb.VIDEO_ENCODING_RAW_RGB24) as s:
+            assert s.started.idle_timeout_ms == 600 and s.keepalive_interval == pytest.approx(0.2)
+            frames, t0 = 0, time.monotonic()
+            async for ev in s.events():
+                assert not isinstance(ev, pb.End), ev
+                frames += isinstance(ev, pb.VideoFrame)
+                if time.monotonic() - t0 > 2.2:
+                    break
+            assert frames >= 30, frames
+        async with client.session(image=png, video_encoding=pb.VIDEO_ENCODING_RAW_RGB24, auto_keepalive=False) as s:
+            assert s.keepalive_interval is None
+            t0 = time.monotonic()
+            async with asyncio.timeout(5):
+                events = [ev async for ev in s.events()]
+            assert isinstance(events[-1], pb.End) and events[-1].reason == pb.END_REASON_IDLE_TIMEOUT
+            assert 0.5 < time.monotonic() - t0 < 2.0

@@ -323,11 +323,16 @@ def _voice(seconds: float, seed: int) -> np.ndarray:
     return x
 
 
+def audio_out(k: int, pcm: np.ndarray, real_samples: int, real_offset: int = 0) -> pb.AudioOut:
+    return pb.AudioOut(block_index=k, start_sample=k * len(pcm), data=pcm.astype("<i2").tobytes(),
+                       silent=real_samples == 0, real_samples=real_samples, real_offset=real_offset)
+
+
 @pytest.mark.parametrize("scenario", ["burst", "stall", "digital_silence_edges", "late_start"])
 async def test_segment_end_rule_on_blocks_cut_by_the_server(target: str, scenario: str) -> None:
-    """The rule in isolation, on blocks cut by the server's own AudioInput (avatarforcing_service.audio_in):
-    the end is never yielded before the block that holds the segment's last sample, and at most one
-    block after it."""
+    """The rule in isolation, on blocks cut by the server's own AudioInput (avatarforcing_service.audio_in),
+    with the exact AudioOut.real_samples / real_offset the server sends: the end is yielded with the
+    block that holds the segment's last sample, whatever the audio holds (digital silence included)."""
     from avatarforcing_service.audio_in import AudioInput
 
     z = np.zeros
@@ -352,17 +357,112 @@ async def test_segment_end_rule_on_blocks_cut_by_the_server(target: str, scenari
                 b = audio_in.take_block()
                 if b.real_samples:
                     last_real = k
-                blk = gen._on_audio_out(pb.AudioOut(block_index=k, start_sample=b.start_sample,
-                                                    data=b.pcm_in.astype("<i2").tobytes(), silent=b.real_samples == 0))
+                blk = gen._on_audio_out(pb.AudioOut(
+                    block_index=k, start_sample=b.start_sample, data=b.pcm_in.astype("<i2").tobytes(),
+                    silent=b.real_samples == 0, real_samples=b.real_samples, real_offset=b.real_offset))
                 if blk.segment_ends or gen.segments_ended:
                     end_at = k
                     break
         finally:
             await gen.aclose()
     assert last_real is not None and end_at is not None, "the segment never ended"
-    assert last_real <= end_at <= last_real + 1, (scenario, last_real, end_at)
-    if scenario != "digital_silence_edges":
-        assert end_at == last_real, "speech without zero edges ends with its last block"
+    assert end_at == last_real, (scenario, last_real, end_at)
+    assert gen.segments_ended == 1
+
+
+async def test_segment_end_rule_counts_only_real_samples(target: str) -> None:
+    """Blocks whose audio is padded with silence (before speech that starts mid-block, after speech that
+    stalls) count only their real samples; a block the server dropped (a gap in block_index) ends the
+    segment at the next block without real samples."""
+    voice = _voice(3 * BLOCK / 16000, 8)
+    z = np.zeros(BLOCK, np.int16)
+    async with AvatarForcingClient(target) as client:
+        gen = await open_gen(client, sample_rate=16000)
+        try:
+            for f in agent_frames(voice[: 2 * BLOCK], 16000):
+                await gen.push_audio(f)
+            await gen.push_audio(AudioSegmentEnd())
+            # 1000 samples of silence, then the first 1560 samples; a stall (all silence); 2560;
+            # then 440 and 2120 of silence: the segment ends there and not before.
+            steps = [(np.concatenate([z[:1000], voice[:1560]]), 1560, 1000), (z, 0, 0), (voice[1560:4120], 2560, 0)]
+            for k, (pcm, n, off) in enumerate(steps):
+                blk = gen._on_audio_out(audio_out(k, pcm, n, off))
+                assert blk.segment_ends == 0 and blk.play, k
+            blk = gen._on_audio_out(audio_out(3, np.concatenate([voice[4120:5120], z[:1560]]), 1000))
+            assert blk.segment_ends == 1 and blk.play
+            assert gen._on_audio_out(audio_out(4, z, 0)).play is False, "idle again: video only"
+
+            # A segment of 3 blocks whose middle block was dropped for a slow reader.
+            for f in agent_frames(voice, 16000):
+                await gen.push_audio(f)
+            await gen.push_audio(AudioSegmentEnd())
+            assert gen._on_audio_out(audio_out(5, voice[:BLOCK], BLOCK)).segment_ends == 0
+            assert gen._on_audio_out(audio_out(7, voice[2 * BLOCK :], BLOCK)).segment_ends == 0
+            blk = gen._on_audio_out(audio_out(8, z, 0))
+            assert blk.segment_ends == 1 and not blk.play
+            assert gen.segments_ended == 2
+        finally:
+            await gen.aclose()
+
+
+async def test_clear_buffer_mutes_up_to_the_first_block_without_real_samples(target: str) -> None:
+    voice = _voice(6 * BLOCK / 16000, 9)
+    z = np.zeros(BLOCK, np.int16)
+    async with AvatarForcingClient(target) as client:
+        gen = await open_gen(client, sample_rate=16000)
+        try:
+            for f in agent_frames(voice, 16000):
+                await gen.push_audio(f)
+            await gen.push_audio(AudioSegmentEnd())
+            assert gen._on_audio_out(audio_out(0, voice[:BLOCK], BLOCK)).play
+            gen.clear_buffer()
+            assert gen.muting
+            # Rendered before the Interrupt: muted. The window's blocks come out with real_samples == 0.
+            for k in (1, 2):
+                blk = gen._on_audio_out(audio_out(k, voice[k * BLOCK : (k + 1) * BLOCK], BLOCK))
+                assert not blk.play and blk.segment_ends == 0 and gen.muting
+            assert not gen._on_audio_out(audio_out(3, z, 0)).play and not gen.muting
+            assert gen.muted_blocks == 2
+            # A new segment is counted from scratch: its 1500 samples end it, whatever came before.
+            for f in agent_frames(voice[:1500], 16000):
+                await gen.push_audio(f)
+            await gen.push_audio(AudioSegmentEnd())
+            blk = gen._on_audio_out(audio_out(4, np.concatenate([z[:1060], voice[:1500]]), 1500, 1060))
+            assert blk.play and blk.segment_ends == 1 and gen.segments_ended == 1
+
+            # Without a block free of real samples, muting stops after 16 blocks.
+            for f in agent_frames(voice, 16000):
+                await gen.push_audio(f)
+            gen.clear_buffer()
+            for k in range(5, 5 + 16):
+                assert not gen._on_audio_out(audio_out(k, voice[:BLOCK], BLOCK)).play
+            assert not gen.muting and gen.muted_blocks == 2 + 16
+            assert gen.interrupts == 2 and gen.segments_ended == 1
+        finally:
+            await gen.aclose()
+
+
+async def test_a_quiet_generator_is_kept_alive_by_the_session(make_app: AppFactory) -> None:
+    """The SDK's Session sends KeepAlive: a generator that hears nothing outlives the idle timeout."""
+    app = await make_app(idle_timeout_s=0.6)
+    async with AvatarForcingClient(f"127.0.0.1:{app.port}") as client:
+        gen = await open_gen(client, sample_rate=16000)
+        assert gen.session.keepalive_interval == pytest.approx(0.2)
+        rec = Recorder(gen)
+        try:
+            await rec.sleep(2.0)
+            n = len(rec.of("video"))
+            assert n >= 25, n
+            pcm = speechlike_pcm(0.5, seed=4)
+            for f in agent_frames(pcm, 16000):
+                await gen.push_audio(f)
+            await gen.push_audio(AudioSegmentEnd())
+            await rec.wait(lambda: bool(rec.of("end")), 10, "AudioSegmentEnd")
+        finally:
+            await rec.close()
+            await gen.aclose()
+    assert gen.session.end is None, gen.session.end
+    assert len(rec.of("end")) == 1
 
 
 async def test_rejects_sessions_it_cannot_drive(target: str) -> None:

@@ -12,12 +12,16 @@ Typical use::
 
 A :class:`Session` wraps one ``Stream`` call: it sends the ``SessionConfig``, waits for
 ``SessionStarted``, and then lets several tasks send audio and control messages (writes are
-serialised by a lock) while one task reads the responses with :meth:`Session.events`.
+serialised by a lock) while one task reads the responses with :meth:`Session.events`. While the
+session is open it sends ``KeepAlive`` by itself whenever nothing was sent for a third of the
+server's idle timeout (``SessionStarted.idle_timeout_ms``), so a client that only listens is not
+ended with ``END_REASON_IDLE_TIMEOUT``; ``client.session(..., auto_keepalive=False)`` turns that off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Sequence
@@ -172,6 +176,7 @@ class AvatarForcingClient:
         seed: int = 0,
         jpeg_quality: int = 0,
         video_bitrate_bps: int = 0,
+        auto_keepalive: bool = True,
     ) -> Session:
         """Prepare a streaming session; open it with ``async with client.session(...) as s:``.
 
@@ -190,6 +195,10 @@ class AvatarForcingClient:
             seed: noise seed (0: random); same seed and audio give the same video.
             jpeg_quality: 1..100 for ``VIDEO_ENCODING_JPEG`` (0: server default).
             video_bitrate_bps: H.264/fMP4 target bitrate (0: encoder default).
+            auto_keepalive: send ``KeepAlive`` whenever nothing was sent for a third of the
+                server's idle timeout (``SessionStarted.idle_timeout_ms``), from a background
+                task that lives as long as the session; ``False``: call
+                :meth:`Session.keep_alive` yourself if you may be quiet that long.
         """
         if (image is None) == (avatar_id is None):
             raise ValueError("pass exactly one of image= (PNG/JPEG bytes) and avatar_id=")
@@ -219,7 +228,7 @@ class AvatarForcingClient:
         else:
             assert avatar_id is not None
             config.avatar_id = avatar_id
-        return Session(self, config)
+        return Session(self, config, auto_keepalive=auto_keepalive)
 
 
 class Session:
@@ -227,12 +236,18 @@ class Session:
 
     Create it with :meth:`AvatarForcingClient.session` and enter it with ``async with``.
     Sending methods may be called concurrently from several tasks; :meth:`events` must be
-    consumed by one task at a time.
+    consumed by one task at a time. With ``auto_keepalive`` (the default) a background task
+    started by :meth:`start` sends ``KeepAlive`` whenever nothing was sent for a third of
+    ``SessionStarted.idle_timeout_ms``; it stops when the session is closed or has finished.
     """
 
-    def __init__(self, client: AvatarForcingClient, config: pb.SessionConfig) -> None:
+    def __init__(self, client: AvatarForcingClient, config: pb.SessionConfig, *, auto_keepalive: bool = True) -> None:
         self._client = client
         self.config = config
+        self.auto_keepalive = auto_keepalive
+        self._last_write = time.monotonic()  # when the last message was handed to the stream
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._stop_keepalive = asyncio.Event()
         self._call: Any = None  # grpc.aio.StreamStreamCall
         self._started: pb.SessionStarted | None = None
         self._write_lock = asyncio.Lock()
@@ -278,6 +293,7 @@ class Session:
             if which != "started":
                 raise ProtocolError(f"expected SessionStarted as the first response, got {which!r}")
             self._started = resp.started
+            self._start_keepalive()
             return resp.started
         except BaseException:
             self._closed = True
@@ -294,6 +310,7 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        self._stop_keepalive.set()
         call = self._call
         if call is None:
             return
@@ -308,6 +325,7 @@ class Session:
         finally:
             if not call.done():
                 call.cancel()
+            await self._join_keepalive()
 
     @property
     def closed(self) -> bool:
@@ -381,6 +399,7 @@ class Session:
                 raise SessionClosedError("session is closed")
             try:
                 await call.write(req)
+                self._last_write = time.monotonic()
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if self._closed and not (task and task.cancelling()):
@@ -399,6 +418,56 @@ class Session:
                         await call.debug_error_string(),
                     ) from e
                 raise SessionClosedError(f"the session's stream has finished ({code.name})") from e
+
+    # -- automatic KeepAlive -----------------------------------------------------------------
+
+    @property
+    def keepalive_interval(self) -> float | None:
+        """Seconds of quiet after which the automatic ``KeepAlive`` goes out (a third of the
+        server's idle timeout), or ``None`` when none is sent (``auto_keepalive=False``, the
+        server announced no idle timeout, or the session has not started)."""
+        if not self.auto_keepalive or self._started is None or self._started.idle_timeout_ms <= 0:
+            return None
+        return self._started.idle_timeout_ms / 1000.0 / 3.0
+
+    def _start_keepalive(self) -> None:
+        interval = self.keepalive_interval
+        if interval is not None and self._keepalive_task is None:
+            self._last_write = time.monotonic()  # the config was just written
+            self._keepalive_task = asyncio.create_task(
+                self._keepalive_loop(interval), name=f"avatarforcing-keepalive-{self.session_id}"
+            )
+
+    def _keepalive_done(self) -> bool:
+        return self._closed or self._finished or self._call is None or self._call.done()
+
+    async def _keepalive_loop(self, interval: float) -> None:
+        """Send ``KeepAlive`` whenever nothing was written for ``interval`` seconds."""
+        try:
+            while not self._keepalive_done():
+                wait = self._last_write + interval - time.monotonic()
+                if wait > 0:
+                    # Woken early by close(); otherwise re-check when the quiet period would end.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await self._stop_keepalive.wait()
+                    continue
+                await self.keep_alive()
+        except (SessionClosedError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the session ended: events() or the next send reports how
+
+    async def _join_keepalive(self) -> None:
+        task, self._keepalive_task = self._keepalive_task, None
+        if task is None or task is asyncio.current_task():
+            return
+        if not task.done():
+            # It wakes on _stop_keepalive; a KeepAlive it is writing ends with the call.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), _CLOSE_WAIT_S)
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
 
     async def send_audio(self, pcm: bytes) -> None:
         """Send PCM16LE mono audio at the session's sample rate.

@@ -23,36 +23,34 @@ the audio frames yielded since the segment started; on ``clear_buffer`` the runn
   is yielded for them: the runner has already reported the interruption, and a late one would end
   the next segment), and the audio the server had already rendered (the blocks queued for sending,
   up to ``max_blocks_ahead`` + 1 of them) is muted, from the middle of the block being yielded up
-  to the first silent block: the server zeroes the blocks in its window on ``Interrupt``, so that
-  block marks where audio pushed after the interruption starts, and counting starts afresh there.
-- ``KeepAlive`` is sent whenever nothing was sent for ``keepalive_s`` (the server ends a session
-  that hears nothing from its client for ``idle_timeout``, 60 s by default).
+  to the first block with ``real_samples == 0``: on ``Interrupt`` the server empties the blocks in
+  its window (they come out silent, ``real_samples == 0``), so that block marks where audio pushed
+  after the interruption starts, and counting starts afresh there. If no such block comes, muting
+  stops after 16 blocks.
+- ``KeepAlive``: the SDK's :class:`~avatarforcing_client.Session` sends it when nothing was sent for
+  a third of the server's idle timeout (``auto_keepalive``, on by default), so a quiet agent does
+  not hit ``END_REASON_IDLE_TIMEOUT``.
 - iterating: every ``VideoFrame`` becomes an ``rtc.VideoFrame`` (RGBA by default), each followed
   by that frame's share of the block's ``AudioOut`` as an ``rtc.AudioFrame`` (the server's
-  re-timed audio, so lips and sound stay in sync). Idle blocks (``AudioOut.silent`` while no
+  re-timed audio, so lips and sound stay in sync). Idle blocks (``real_samples == 0`` while no
   segment is playing) yield video only, as the runner expects, so the playback position it
   reports counts the segment's audio and not the avatar's idle time.
 
 **Segment end.** The server returns the client's own samples, bit for bit, inside blocks of
 ``in_block = frames_per_block * rate / fps`` samples, with silence inserted before speech that
-starts mid-block and after speech that stalls or stops; an ``AudioOut`` only says whether a block
-holds *no* client audio (``silent``). So the adapter bounds the real samples of each non-silent
-block: at most ``in_block`` (``hi``) and at least ``in_block`` minus the longer of its leading and
-trailing runs of zero samples (``lo``: inserted silence is such a run). With ``C`` the number of
-samples pushed (at the session rate) up to a segment's ``AudioSegmentEnd``, counted from the last
-point where the stream was idle, the segment has played out, and ``AudioSegmentEnd`` is yielded
-right after the audio of the block in which this becomes known, when
+starts mid-block and after speech that stalls or stops, and each ``AudioOut`` says exactly which of
+its samples came from the client: ``data[real_offset : real_offset + real_samples]``. With ``C``
+the number of samples pushed (at the session rate) up to a segment's ``AudioSegmentEnd``, counted
+from the last point where the stream was idle, the segment has played out when the sum of
+``real_samples`` over the same span reaches ``C``; ``AudioSegmentEnd`` is yielded right after the
+audio of that block. This is exact whatever the audio holds (digital silence included) and however
+the agent's audio stalls. A segment with no audio ends with the next block.
 
-1. ``sum(lo) >= C``: every one of its samples was certainly returned; this is exact for speech
-   whose block edges are not exact zeros; or
-2. a silent block arrives while ``sum(hi) >= C``: the server has nothing left of it (this covers
-   audio that itself begins or ends with digital silence; it can be one block early only when the
-   agent's audio stalled mid-segment).
-
-A segment with no audio ends with the next block. Blocks the server dropped for a slow reader
-(gaps in ``block_index``) count toward ``hi`` only. Audio is yielded from a segment's first
-non-silent block to its end (silence the server inserted inside it included); the silent blocks
-before it (the service's latency) and after it yield video only.
+Blocks the server dropped for a slow reader (gaps in ``block_index``) never arrive, so their real
+samples are unknown: they count as full blocks toward a bound, and a segment also ends at a block
+with ``real_samples == 0`` once the exact count plus that bound reaches ``C``. Audio is yielded
+from a segment's first block with real samples to its end (silence the server inserted inside it
+included); the silent blocks before it (the service's latency) and after it yield video only.
 """
 
 from __future__ import annotations
@@ -99,7 +97,7 @@ SUPPORTED_SAMPLE_RATES = (8000, 16000, 24000, 48000)
 
 _MAX_CHUNK_S = 0.5  # the server takes chunks of at most 1 s
 _MAX_QUEUED = 256  # outgoing requests queued before push_audio waits
-_MAX_DRAIN_BLOCKS = 16  # stop muting after this many blocks even if no silent block came
+_MAX_DRAIN_BLOCKS = 16  # stop muting after this many blocks even if no block with real_samples == 0 came
 
 
 @dataclass
@@ -112,11 +110,6 @@ class _BlockAudio:
     clears: int  # clear_buffer calls before this block arrived: a later one mutes the rest of it
     next_chunk: int = 0
     segment_ends: int = 0  # AudioSegmentEnds to yield once the block's audio has been yielded
-
-
-def _zero_run(x: np.ndarray) -> int:
-    nz = np.flatnonzero(x)
-    return int(x.shape[0]) if nz.size == 0 else int(nz[0])
 
 
 class AvatarForcingVideoGenerator(VideoGenerator):
@@ -132,8 +125,8 @@ class AvatarForcingVideoGenerator(VideoGenerator):
         buffer_type: ``rtc.VideoBufferType.RGBA`` (default; what LiveKit's own generators
             produce) or ``rtc.VideoBufferType.RGB24``.
         own_session: close the session in :meth:`aclose`.
-        keepalive_s: send ``KeepAlive`` after this long without sending anything, so a quiet
-            agent does not hit the server's idle timeout.
+
+    ``KeepAlive`` is the session's business: open it with ``auto_keepalive=True`` (the default).
     """
 
     def __init__(
@@ -142,7 +135,6 @@ class AvatarForcingVideoGenerator(VideoGenerator):
         *,
         buffer_type: rtc.VideoBufferType.ValueType = rtc.VideoBufferType.RGBA,
         own_session: bool = False,
-        keepalive_s: float = 15.0,
     ) -> None:
         started = session.started  # raises if the session was not started
         if session.config.pacing != pb.PACING_REALTIME:
@@ -161,7 +153,6 @@ class AvatarForcingVideoGenerator(VideoGenerator):
         self._samples_per_frame = self.block_samples // self.frames_per_block
         self.buffer_type = buffer_type
         self._own_session = own_session
-        self._keepalive_s = keepalive_s
         self._decoder = VideoDecoder(session.video_encoding, self.width, self.height, session.init_segment)
         self._raw = session.video_encoding == pb.VIDEO_ENCODING_RAW_RGB24
 
@@ -178,8 +169,8 @@ class AvatarForcingVideoGenerator(VideoGenerator):
         self._writer_error: BaseException | None = None
 
         # output side
-        self._lo = 0  # lower bound of the real samples returned since the last idle point
-        self._hi = 0  # upper bound
+        self._returned = 0  # real samples (AudioOut.real_samples) returned since the last idle point
+        self._lost = 0  # at most this many more were in blocks the server dropped (block_index gaps)
         self._playing = False  # a segment's audio is being yielded
         self._draining = False  # after clear_buffer: muting audio rendered before the Interrupt
         self._drain_left = 0
@@ -193,7 +184,7 @@ class AvatarForcingVideoGenerator(VideoGenerator):
         #: Counters, for logs and tests.
         self.segments_ended = 0
         self.interrupts = 0
-        self.muted_blocks = 0  # non-silent blocks muted after clear_buffer
+        self.muted_blocks = 0  # blocks with real samples muted after clear_buffer
         self.samples_sent = 0  # samples (session rate) sent over the session
         self._ensure_writer()
 
@@ -289,14 +280,13 @@ class AvatarForcingVideoGenerator(VideoGenerator):
         self._queue(pb.StreamRequest(interrupt=pb.Interrupt()))
         self._resampler = None
         self._resampler_rate = 0
-        had_audio = self._segment_open or bool(self._ends) or self._playing or self._hi < self._pushed
+        had_audio = self._segment_open or bool(self._ends) or self._playing or self._returned < self._pushed
         self._segment_open = False
         self._ends.clear()
-        self._pushed = 0
-        self._lo = self._hi = 0
+        self._pushed = self._returned = self._lost = 0
         self._playing = False
         # The blocks the server had rendered before the Interrupt still arrive; the blocks in its
-        # window come back silent, so the first silent block marks the end of the old audio.
+        # window come back with real_samples == 0, so the first such block ends the old audio.
         if had_audio and not self._draining:
             self._draining = True
             self._drain_left = _MAX_DRAIN_BLOCKS
@@ -370,10 +360,7 @@ class AvatarForcingVideoGenerator(VideoGenerator):
             while True:
                 if not self._outq:
                     self._out_ev.clear()
-                    try:
-                        await asyncio.wait_for(self._out_ev.wait(), self._keepalive_s)
-                    except TimeoutError:
-                        await self.session.keep_alive()
+                    await self._out_ev.wait()
                     continue
                 req = self._outq.popleft()
                 if len(self._outq) <= _MAX_QUEUED:
@@ -465,11 +452,12 @@ class AvatarForcingVideoGenerator(VideoGenerator):
         j = int(ev.block_index)
         gap = j - self._last_block - 1 if self._last_block >= 0 else 0
         self._last_block = max(self._last_block, j)
-        silent = bool(ev.silent)
+        real = max(0, min(int(ev.real_samples), int(pcm.shape[0]) - int(ev.real_offset)))
+        silent = real == 0  # only silence the server inserted
         ends = 0
         if self._draining:
             # Rendered before the Interrupt reached the server: muted. The blocks that were in the
-            # server's window come back silent, so the first silent block ends the old audio.
+            # server's window come back with real_samples == 0: the first one ends the old audio.
             self._drain_left -= 1
             if silent or self._drain_left <= 0:
                 self._draining = False
@@ -477,13 +465,11 @@ class AvatarForcingVideoGenerator(VideoGenerator):
                 self.muted_blocks += 1
             play = False
         else:
-            if gap > 0 and self._playing:
-                self._hi += gap * self.block_samples
-            if not silent:
-                n = int(pcm.shape[0])
-                self._hi += n
-                self._lo += n - max(_zero_run(pcm), _zero_run(pcm[::-1]))
-            while self._ends and (self._lo >= self._ends[0] or (silent and self._hi >= self._ends[0])):
+            if gap > 0 and (self._segment_open or self._ends):
+                self._lost += gap * self.block_samples
+            self._returned += real
+            while self._ends and (self._returned >= self._ends[0]
+                                  or (silent and self._returned + self._lost >= self._ends[0])):
                 self._ends.popleft()
                 ends += 1
             outstanding = self._segment_open or bool(self._ends)
@@ -492,7 +478,7 @@ class AvatarForcingVideoGenerator(VideoGenerator):
                 # a silent block that ends the last segment, or an idle one, yields video only.
                 play = self._playing and outstanding
                 if not outstanding:  # idle: every pushed sample is accounted for; count afresh
-                    self._pushed = self._lo = self._hi = 0
+                    self._pushed = self._returned = self._lost = 0
             else:
                 play = True
             self._playing = outstanding and (self._playing or not silent)
