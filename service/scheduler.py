@@ -44,7 +44,6 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.steps_run = 0
 
     # ---- engine thread ---------------------------------------------------------------------------
     async def in_engine(self, fn: Callable[..., T], *args: Any) -> T:
@@ -159,7 +158,6 @@ class Scheduler:
                 s.fail(SessionFailure(grpc.StatusCode.INTERNAL, f"the engine failed on this session's step: {e}"))
             return
         dt = time.perf_counter() - t0
-        self.steps_run += 1
         self.metrics.step_duration.observe(dt)
         self.metrics.batch_size.observe(len(batch))
         for s, r, b in zip(batch, results, blocks, strict=True):

@@ -25,7 +25,8 @@ class Metrics:
         self.sessions_capacity = Gauge(p + "sessions_capacity", "Session slots on this replica", registry=r)
         self.sessions_started = Counter(p + "sessions_started", "Sessions admitted", registry=r)
         self.sessions_ended = Counter(p + "sessions_ended", "Sessions ended, by reason", ["reason"], registry=r)
-        self.sessions_rejected = Counter(p + "sessions_rejected", "Streams refused, by gRPC status code",
+        self.sessions_rejected = Counter(p + "sessions_rejected",
+                                         "Streams refused or failed with an error status, by gRPC status code",
                                          ["code"], registry=r)
         self.frames_emitted = Counter(p + "frames_emitted", "Video frames sent to clients", registry=r)
         self.frames_dropped = Counter(p + "frames_dropped", "Video frames dropped for slow clients", registry=r)
