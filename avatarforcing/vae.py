@@ -46,9 +46,25 @@ class TinyAutoencoder(nn.Module):
                 dec += [nn.SiLU()]
             cin = c
         self.decoder = nn.Sequential(*dec)
+        # Per-channel latent statistics, set after training (``set_latent_stats``) so that the
+        # diffusion model sees latents of about zero mean and unit variance.
+        self.latent_mean: torch.Tensor
+        self.latent_std: torch.Tensor
+        self.register_buffer("latent_mean", torch.zeros(cfg.latent_channels))
+        self.register_buffer("latent_std", torch.ones(cfg.latent_channels))
 
-    def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames [n, 4k, 3, H, W] in [-1, 1] -> latents [n, k, C, h, w]."""
+    def set_latent_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.latent_mean.copy_(mean)
+        self.latent_std.copy_(std.clamp_min(1e-4))
+
+    def _norm(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.latent_mean[:, None, None].to(z.dtype)) / self.latent_std[:, None, None].to(z.dtype)
+
+    def _denorm(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.latent_std[:, None, None].to(z.dtype) + self.latent_mean[:, None, None].to(z.dtype)
+
+    def encode_raw(self, frames: torch.Tensor) -> torch.Tensor:
+        """Like ``encode`` but without the latent normalisation (for training the autoencoder)."""
         n, t, c, h, w = frames.shape
         if t % self.t:
             raise ValueError(f"{t} frames is not a multiple of the temporal stride {self.t}")
@@ -56,12 +72,19 @@ class TinyAutoencoder(nn.Module):
         z = self.encoder(frames.reshape(n * k, self.t * c, h, w))
         return z.reshape(n, k, *z.shape[1:])
 
+    def decode_raw(self, lat: torch.Tensor) -> torch.Tensor:
+        n, k = lat.shape[:2]
+        x = self.decoder(lat.reshape(n * k, *lat.shape[2:]))
+        return x.reshape(n, k * self.t, 3, x.shape[-2], x.shape[-1])
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames [n, 4k, 3, H, W] in [-1, 1] -> normalised latents [n, k, C, h, w]."""
+        return self._norm(self.encode_raw(frames))
+
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """image [n, 3, H, W] in [-1, 1] -> latent [n, C, h, w]."""
         return self.encode(image[:, None].expand(-1, self.t, -1, -1, -1))[:, 0]
 
     def decode(self, lat: torch.Tensor) -> torch.Tensor:
-        """latents [n, k, C, h, w] -> frames [n, 4k, 3, H, W] in [-1, 1] (not clamped)."""
-        n, k = lat.shape[:2]
-        x = self.decoder(lat.reshape(n * k, *lat.shape[2:]))
-        return x.reshape(n, k * self.t, 3, x.shape[-2], x.shape[-1])
+        """normalised latents [n, k, C, h, w] -> frames [n, 4k, 3, H, W] in [-1, 1] (not clamped)."""
+        return self.decode_raw(self._denorm(lat))

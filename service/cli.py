@@ -1,4 +1,4 @@
-"""The `avatarforcing` command: serve, demo, bench."""
+"""The `avatarforcing` command: serve, demo, bench, train, eval."""
 
 from __future__ import annotations
 
@@ -62,6 +62,46 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return run_bench(a)
 
 
+def cmd_train(a: argparse.Namespace) -> int:
+    import logging
+
+    from avatarforcing.train.pipeline import train_main
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stats = train_main(a.run, a.stages, a.budget, a.device, a.threads, progress=not a.no_progress)
+    print(f"stages done in {a.run}: {stats.get('seconds', {})}")
+    if a.stages == "all" or "export" in a.stages:
+        print(f"serving checkpoints: {a.run}/student.safetensors (AvatarForcing), ar.safetensors (baseline), "
+              f"teacher.safetensors; `avatarforcing serve --checkpoint {a.run}/student.safetensors`")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from avatarforcing.evaluate import EvalConfig, default_models, eval_main
+
+    models = default_models()
+    if a.run is not None:
+        models = {"teacher": a.run / "teacher.safetensors", "student": a.run / "student.safetensors",
+                  "ar": a.run / "ar.safetensors"}
+    for name in ("teacher", "student", "ar"):
+        v = getattr(a, name)
+        if v is not None:
+            models[name] = v
+    if a.models:
+        models = {k: v for k, v in models.items() if k in a.models.split(",")}
+    missing = [f"{k}: {v}" for k, v in models.items() if not Path(v).is_file()]
+    if missing:
+        raise SystemExit("checkpoint(s) not found: " + "; ".join(missing) + " (train them with `avatarforcing train`)")
+    ec = EvalConfig(test_clips=a.test_clips, long_clips=a.long_clips, long_seconds=a.long_seconds,
+                    teacher_steps=a.teacher_steps, cfg_scale=a.cfg_scale)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    eval_main(models, ec, a.out, a.device, progress=not a.no_progress)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="avatarforcing", description="AvatarForcing Serve: real-time talking avatars")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -86,6 +126,32 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--max-sessions", type=int, default=12, help="most sessions tried in the server run")
     b.add_argument("--threads", type=int, default=None)
     b.set_defaults(fn=cmd_bench)
+    t = sub.add_parser("train", help="train the autoencoder, teacher, student and AR baseline (resumable)")
+    t.add_argument("--run", default=Path("runs/default"), type=Path, help="run folder (default runs/default)")
+    t.add_argument("--stages", default="all",
+                   help="all, or a comma list of: ae, latents, teacher, ode, stage1, ar1, dmd, ar2, export")
+    t.add_argument("--budget", default="default", choices=["default", "smoke"],
+                   help="step counts and sizes: default (the shipped model) or smoke (a few steps each)")
+    t.add_argument("--device", default="auto", help="auto (a CUDA GPU when present) | cpu | cuda | cuda:N")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(fn=cmd_train)
+    e = sub.add_parser("eval", help="lip sync, appearance and drift of teacher, student and AR baseline")
+    e.add_argument("--run", default=None, type=Path, help="evaluate a run folder's checkpoints (default: shipped)")
+    e.add_argument("--teacher", default=None, type=Path)
+    e.add_argument("--student", default=None, type=Path)
+    e.add_argument("--ar", default=None, type=Path)
+    e.add_argument("--models", default=None, help="comma list of teacher, student, ar (default all)")
+    e.add_argument("--test-clips", type=int, default=16, help="10-s held-out test clips (default 16)")
+    e.add_argument("--long-clips", type=int, default=4, help="long-form clips (default 4)")
+    e.add_argument("--long-seconds", type=float, default=60.0, help="long-form clip length (default 60)")
+    e.add_argument("--teacher-steps", type=int, default=20)
+    e.add_argument("--cfg-scale", type=float, default=4.5)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--out", default=None, type=Path, help="also write the report as JSON")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(fn=cmd_eval)
     a = ap.parse_args(argv)
     try:
         return int(a.fn(a) or 0)
