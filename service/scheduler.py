@@ -33,10 +33,12 @@ log = structlog.get_logger("avatarforcing.scheduler")
 
 
 class Scheduler:
-    def __init__(self, engine: StreamEngine, metrics: Metrics, *, max_batch: int, encode_threads: int = 2) -> None:
+    def __init__(self, engine: StreamEngine, metrics: Metrics, *, max_batch: int, encode_threads: int = 2,
+                 drift_floor: float | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
         self.max_batch = max_batch
+        self.drift_floor = drift_floor
         self.sessions: dict[str, Session] = {}
         self._engine_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine")
         self._codec_pool = concurrent.futures.ThreadPoolExecutor(encode_threads, thread_name_prefix="encode")
@@ -170,6 +172,19 @@ class Scheduler:
                 self._tasks.add(t)
                 t.add_done_callback(self._tasks.discard)
 
+    def _check_drift(self, s: Session) -> None:
+        """Flags a session whose recent anchor similarity fell below the checkpoint's calibrated floor."""
+        if self.drift_floor is None or len(s.recent_sim) < (s.recent_sim.maxlen or 0):
+            return
+        mean = sum(s.recent_sim) / len(s.recent_sim)
+        if mean < self.drift_floor and not s.drifting:
+            s.drifting = True
+            self.metrics.drift_alerts.inc()
+            log.warning("session drifting: anchor similarity below the calibrated floor", session_id=s.id,
+                        similarity=round(mean, 4), floor=round(self.drift_floor, 4))
+        elif mean >= self.drift_floor and s.drifting:
+            s.drifting = False
+
     async def _deliver(self, s: Session, r: SlotResult, blk: Block) -> None:
         """Encodes an emitted block and queues its audio and frames in order."""
         async with s.deliver_lock:  # FIFO: blocks of one session are delivered in order
@@ -194,6 +209,7 @@ class Scheduler:
             if r.anchor_similarity is not None:
                 self.metrics.anchor_similarity.observe(r.anchor_similarity)
                 s.recent_sim.append(r.anchor_similarity)
+                self._check_drift(s)
             spf = s.audio.in_block // fpb
             first = j * fpb
             s.out.put(OutItem(pb.StreamResponse(audio=pb.AudioOut(

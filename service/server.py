@@ -200,6 +200,15 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
             s.fail(SessionFailure(code, msg))
 
 
+def drift_floor(meta: dict[str, Any]) -> float | None:
+    """The anchor-similarity floor calibrated on the checkpoint (``avatarforcing eval`` measures
+    the similarity over held-out streams; the floor is its mean minus 4 standard deviations)."""
+    cal = meta.get("drift_calibration", {}).get("anchor_similarity")
+    if not cal:
+        return None
+    return float(cal["mean"]) - 4.0 * float(cal["std"])
+
+
 class App:
     """Everything one replica runs: engine, scheduler, avatars, metrics, the gRPC server."""
 
@@ -232,7 +241,9 @@ class App:
             log.warning("no trained checkpoint found: serving a RANDOMLY INITIALISED model; the video will not "
                         "look like a face. Train one (see README) or pass --checkpoint.",
                         checkpoint=self.loaded.source)
-        self.scheduler = Scheduler(self.engine, self.metrics, max_batch=self.cfg.max_batch)
+        floor = drift_floor(self.loaded.meta)
+        self.metrics.anchor_similarity_floor.set(floor or 0.0)
+        self.scheduler = Scheduler(self.engine, self.metrics, max_batch=self.cfg.max_batch, drift_floor=floor)
         self.scheduler.start()
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", self.cfg.max_image_bytes + 1024 * 1024),

@@ -139,6 +139,7 @@ class Session:
     last_frame_at: float | None = None
     last_client_msg: float = field(default_factory=time.monotonic)
     recent_sim: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=25))
+    drifting: bool = False  # recent anchor similarity below the checkpoint's calibrated floor
     out: OutputQueue = field(default_factory=OutputQueue)
     deliver_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 

@@ -53,6 +53,13 @@ class Metrics:
                                            "(drift signal: falls as a stream drifts)",
                                            buckets=(0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1),
                                            registry=r)
+        self.anchor_similarity_floor = Gauge(
+            p + "anchor_similarity_floor", "Calibrated drift floor of the loaded checkpoint: a session whose "
+            "anchor similarity, averaged over 25 blocks, falls below it counts as drifting (0: not calibrated)",
+            registry=r)
+        self.drift_alerts = Counter(p + "drift_alerts_total",
+                                    "Sessions that crossed below the calibrated anchor-similarity floor",
+                                    registry=r)
         self.slot_bytes = Gauge(p + "slot_memory_bytes", "Device memory of one session slot", registry=r)
         self._http: Any = None
 
