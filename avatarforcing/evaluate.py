@@ -102,13 +102,17 @@ def teacher_clips(lm: LoadedModel, clips: list[dict[str, Any]], clip_frames: int
         img = torch.from_numpy(c["reference"]).to(dev).permute(2, 0, 1)[None].float() / 127.5 - 1
         ref = vae.encode_image(img)
         audio = torch.from_numpy(np.ascontiguousarray(c["audio"][: n_lat * k * cfg.samples_per_frame]))[None]
+        # every chunk of the clip in one batch; the last one overlaps its predecessor
+        starts = [min(s, n_lat - clip_frames) for s in range(0, n_lat, clip_frames)]
         chunks = []
-        for s in range(0, n_lat, clip_frames):
-            st = min(s, n_lat - clip_frames)  # the last chunk overlaps the previous one
-            tok = clip_audio_tokens(model, audio.float(), [0], [st], clip_frames)
-            noise = torch.randn((1, clip_frames, cfg.latent_channels, *cfg.latent_hw), generator=gen).to(dev)
-            x0, _ = sample(model, geo, ref, tok, noise, n_steps=n_steps, scale=scale)
-            chunks.append(x0[:, s - st:])
+        for b0 in range(0, len(starts), 16):
+            st = starts[b0:b0 + 16]
+            tok = clip_audio_tokens(model, audio.float().expand(len(st), -1), list(range(len(st))), st, clip_frames)
+            noise = torch.randn((len(st), clip_frames, cfg.latent_channels, *cfg.latent_hw), generator=gen).to(dev)
+            x0, _ = sample(model, geo, ref.expand(len(st), -1, -1, -1), tok, noise, n_steps=n_steps, scale=scale)
+            for j, s0 in enumerate(st):
+                s = (b0 + j) * clip_frames
+                chunks.append(x0[j:j + 1, s - s0:])
         lat = torch.cat(chunks, dim=1)[:, :n_lat]
         fr = vae.decode(lat)[0]
         out.append(((fr.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())

@@ -11,9 +11,9 @@ Writes:
   per minute), each trimmed of its leading/trailing silence and joined with 350 ms pauses,
   with 200 ms of silence at both ends; resampled from espeak-ng's 22050 Hz to 16 kHz with
   PyAV's ``AudioResampler``; mono, signed 16-bit PCM, about 9 seconds.
-- ``reference_face.png``: a 128x128 RGB cartoon face drawn with Pillow (flat background, hair,
-  face oval, ears, eyebrows, two eyes, nose, closed mouth in the lower third, neck and
-  shoulders), drawn at 4x and downscaled for smooth edges.
+- ``reference_face.png``: a 128x128 RGB cartoon face from the project's parametric face
+  renderer (``avatarforcing.data.render_reference``), identity seed ``DEMO_IDENTITY_SEED`` of the
+  held-out test split (the shipped model has never seen it).
 
 Both are deterministic: the same espeak-ng, PyAV and Pillow versions give the same bytes.
 Needs the ``espeak-ng`` command, PyAV and Pillow.
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import av
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "avatarforcing" / "assets"
@@ -119,70 +119,19 @@ def make_speech(path: Path) -> float:
 
 
 # -- face ----------------------------------------------------------------------------------------
+DEMO_IDENTITY_SEED = 2_000_777  # from the TEST split's identity range: never seen in training
 
 
 def make_face(path: Path) -> None:
-    """Draw the cartoon reference face and save it as an RGB PNG."""
-    s = SUPERSAMPLE
-    n = FACE_SIZE * s
+    """Render the reference face with the project's own face renderer (a held-out test identity).
 
-    def box(x0: float, y0: float, x1: float, y1: float) -> tuple[int, int, int, int]:
-        return (round(x0 * s), round(y0 * s), round(x1 * s), round(y1 * s))
+    The shipped model was trained on faces of this renderer only, so the demo's face is one the
+    model can animate; its identity seed lies in the test split's range, so it was never trained on.
+    """
+    sys.path.insert(0, str(ROOT))
+    from avatarforcing.data import render_reference, sample_identity
 
-    background = (118, 165, 196)
-    skin = (241, 196, 160)
-    skin_shade = (222, 170, 134)
-    hair = (84, 52, 33)
-    shirt = (58, 92, 140)
-    eye_white = (250, 250, 246)
-    iris = (70, 104, 60)
-    pupil = (20, 20, 24)
-    lips = (184, 84, 84)
-    line = (120, 70, 52)
-
-    img = Image.new("RGB", (n, n), background)
-    d = ImageDraw.Draw(img)
-    # Shoulders and neck.
-    d.ellipse(box(14, 108, 114, 160), fill=shirt)
-    d.rectangle(box(54, 92, 74, 114), fill=skin_shade)
-    d.ellipse(box(54, 106, 74, 118), fill=skin_shade)
-    # Hair behind the head.
-    d.ellipse(box(28, 10, 100, 84), fill=hair)
-    d.rectangle(box(30, 44, 98, 80), fill=hair)
-    # Ears.
-    d.ellipse(box(30, 50, 42, 68), fill=skin_shade)
-    d.ellipse(box(86, 50, 98, 68), fill=skin_shade)
-    # Face oval.
-    d.ellipse(box(36, 22, 92, 102), fill=skin)
-    # Fringe over the forehead.
-    d.chord(box(34, 14, 94, 58), start=180, end=360, fill=hair)
-    d.pieslice(box(30, 20, 58, 56), start=180, end=270, fill=hair)
-    # Eyebrows.
-    d.line([box(46, 47, 56, 45)[:2], box(46, 47, 56, 45)[2:]], fill=hair, width=2 * s)
-    d.line([box(72, 45, 82, 47)[:2], box(72, 45, 82, 47)[2:]], fill=hair, width=2 * s)
-    # Eyes: white, iris, pupil, highlight.
-    for cx in (51.0, 77.0):
-        d.ellipse(box(cx - 6, 51, cx + 6, 59), fill=eye_white, outline=line, width=s)
-        d.ellipse(box(cx - 3, 52, cx + 3, 58), fill=iris)
-        d.ellipse(box(cx - 1.5, 53.5, cx + 1.5, 56.5), fill=pupil)
-        d.ellipse(box(cx + 0.5, 53, cx + 1.8, 54.3), fill=eye_white)
-    # Nose.
-    d.line(
-        [box(64, 60, 0, 0)[:2], box(61, 72, 0, 0)[:2], box(65, 74, 0, 0)[:2]],
-        fill=skin_shade,
-        width=2 * s,
-        joint="curve",
-    )
-    # Closed mouth in the lower third: lips with a line between them.
-    d.chord(box(56, 84, 72, 90), start=180, end=360, fill=lips)
-    d.chord(box(56, 83, 72, 92), start=0, end=180, fill=lips)
-    d.line([box(55, 87.5, 73, 87.5)[:2], box(55, 87.5, 73, 87.5)[2:]], fill=(132, 52, 52), width=s)
-    # Cheeks.
-    d.ellipse(box(42, 70, 50, 76), fill=(238, 170, 150))
-    d.ellipse(box(78, 70, 86, 76), fill=(238, 170, 150))
-
-    face = img.resize((FACE_SIZE, FACE_SIZE), Image.Resampling.LANCZOS)
-    face.save(path, format="PNG", optimize=True)
+    Image.fromarray(render_reference(sample_identity(DEMO_IDENTITY_SEED))).save(path, format="PNG", optimize=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -214,8 +214,7 @@ class Run:
             save_checkpoint(self.dir / f"{out}.safetensors", m, vae, stream, meta)
 
     def _seconds(self) -> dict[str, float]:
-        f = self.dir / "seconds.json"
-        return dict(json.loads(f.read_text())) if f.is_file() else {}
+        return {f.stem: float(f.read_text()) for f in sorted(self.dir.glob("*.seconds"))}
 
     def run(self, stages: list[str]) -> dict[str, Any]:
         for s in stages:
@@ -228,9 +227,10 @@ class Run:
                 getattr(self, f"stage_{s}")()
                 dt = round(time.perf_counter() - t0, 1)
                 self.stats.setdefault("seconds", {})[s] = dt
-                secs = self._seconds()
-                secs[s] = round(secs.get(s, 0.0) + dt, 1) if s != "export" else dt
-                (self.dir / "seconds.json").write_text(json.dumps(secs, indent=1))
+                # one file per stage, so that stages may run in parallel processes (AF and AR)
+                f = self.dir / f"{s}.seconds"
+                prev = float(f.read_text()) if f.is_file() and s != "export" else 0.0
+                f.write_text(f"{prev + dt:.1f}\n")
         return self.stats
 
 
