@@ -93,7 +93,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if missing:
         raise SystemExit("checkpoint(s) not found: " + "; ".join(missing) + " (train them with `avatarforcing train`)")
     ec = EvalConfig(test_clips=a.test_clips, long_clips=a.long_clips, long_seconds=a.long_seconds,
-                    teacher_steps=a.teacher_steps, cfg_scale=a.cfg_scale)
+                    teacher_steps=a.teacher_steps, cfg_scale=a.cfg_scale, split=a.split)
     if a.threads:
         import torch
 
@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--test-clips", type=int, default=16, help="10-s held-out test clips (default 16)")
     e.add_argument("--long-clips", type=int, default=4, help="long-form clips (default 4)")
     e.add_argument("--long-seconds", type=float, default=60.0, help="long-form clip length (default 60)")
+    e.add_argument("--split", default="test", choices=["val", "test"],
+                   help="10-s clips from this split (default test; val for tuning)")
     e.add_argument("--teacher-steps", type=int, default=20)
     e.add_argument("--cfg-scale", type=float, default=4.5)
     e.add_argument("--device", default="cpu")

@@ -65,7 +65,7 @@ def budget(name: str) -> Budget:
     if name == "default":
         return Budget(ae=AEConfig(steps=3000, batch=16), teacher=TeacherConfig(steps=3000, batch=8),
                       ode=ODEConfig(trajectories=256, batch=16), stage1=Stage1Config(steps=800, batch=16),
-                      dmd=DMDConfig(steps=120, batch=4, critic_steps=3))
+                      dmd=DMDConfig(steps=120, batch=4, critic_steps=3, lr=4e-5))
     if name == "smoke":  # every stage for a few steps (tests, CI)
         return Budget(name="smoke", train_clips=3, clip_seconds=3.0, ae=AEConfig(steps=3, batch=2),
                       teacher=TeacherConfig(steps=3, batch=2, clip_frames=8),
