@@ -297,7 +297,7 @@ class RedisRouter(Router):
             for rec in recs:
                 key = self._k("session", rec.session_id)
                 ttl = self.limits.session_ttl_s if rec.state == LIVE else self.limits.reservation_ttl_s
-                pipe.hset(key, mapping=rec.fields())
+                pipe.hset(key, mapping=dict(rec.fields()))  # type: ignore[arg-type]
                 pipe.pexpire(key, int(ttl * 1000))
                 pipe.zadd(self._k("tenant", rec.tenant), {rec.session_id: now_ms + int(ttl * 1000)})
                 if rec.state == PENDING:
@@ -458,7 +458,7 @@ class RedisRouter(Router):
             if img is None or _s(t) != tenant:
                 return None
             await self.r.pexpire(key, int(self.avatar_ttl_s * 1000))
-            return bytes(img)
+            return img if isinstance(img, bytes) else img.encode()
         except RedisError as e:
             self._down(e)
             return None
