@@ -1,4 +1,4 @@
-"""The `avatarforcing` command: serve, demo, bench."""
+"""The `avatarforcing` command: serve, demo, bench, drain."""
 
 from __future__ import annotations
 
@@ -57,9 +57,47 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    if a.failover:
+        from .failover_bench import run_failover_bench
+
+        return run_failover_bench(a)
     from .bench import run_bench
 
     return run_bench(a)
+
+
+def cmd_drain(a: argparse.Namespace) -> int:
+    """Drains a replica (by default the one on this host) through its Drain RPC."""
+    import grpc
+
+    from avatarforcing_client import AvatarForcingClient, pb, pb_grpc
+
+    async def go() -> int:
+        creds = None
+        if a.tls_ca:
+            creds = grpc.ssl_channel_credentials(Path(a.tls_ca).read_bytes())
+        async with AvatarForcingClient(a.target, credentials=creds, token=a.token) as c:
+            try:
+                r = await pb_grpc.AvatarForcingStub(c.channel).Drain(
+                    pb.DrainRequest(deadline_s=a.deadline or 0.0), metadata=c.metadata, timeout=10)
+            except grpc.aio.AioRpcError as e:
+                print(f"drain failed: {e.code().name}: {e.details()}", file=sys.stderr)
+                return 1
+            print(f"draining {a.target}: {r.live_sessions} live session(s) end within {r.deadline_s:g} s "
+                  "(the Python SDK resumes them on another replica)")
+            if a.wait:
+                while True:
+                    try:
+                        info = await c.server_info(timeout=5)
+                    except grpc.aio.AioRpcError:
+                        break  # the replica stopped
+                    if info.active_sessions == 0:
+                        break
+                    await asyncio.sleep(0.5)
+                print("drained: no live session left")
+        return 0
+
+    return asyncio.run(go())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +123,22 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--long-frames", type=int, default=3000, help="latent frames for the long-stream run")
     b.add_argument("--max-sessions", type=int, default=12, help="most sessions tried in the server run")
     b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--failover", action="store_true",
+                   help="instead: kill -9 replicas under live sessions (Redis routing) and time the SDK's resume")
+    b.add_argument("--kills", type=int, default=20, help="--failover: replicas killed (default 20)")
+    b.add_argument("--replicas", type=int, default=3, help="--failover: replicas running (default 3)")
+    b.add_argument("--sessions", type=int, default=2, help="--failover: live sessions (default 2)")
+    b.add_argument("--steady-s", type=float, default=5.0, help="--failover: seconds of steady state measured")
+    b.add_argument("--resume-timeout", type=float, default=15.0, help="--failover: SDK resume time limit")
     b.set_defaults(fn=cmd_bench)
+    dr = sub.add_parser("drain", help="drain a replica: health NOT_SERVING, no new sessions, live ones move on")
+    dr.add_argument("--target", default="127.0.0.1:50051", help="the replica (default 127.0.0.1:50051)")
+    dr.add_argument("--deadline", type=float, default=None,
+                    help="seconds live sessions may run on (default: the server's --grace)")
+    dr.add_argument("--wait", action="store_true", help="return once no session is left")
+    dr.add_argument("--token", default=None, help="bearer token (default $AVATARFORCING_TOKEN)")
+    dr.add_argument("--tls-ca", default=None, help="CA certificate (PEM) when the replica serves TLS")
+    dr.set_defaults(fn=cmd_drain)
     a = ap.parse_args(argv)
     try:
         return int(a.fn(a) or 0)

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from avatarforcing_client import AvatarForcingClient, pb, pb_grpc
 from avatarforcing_service.server import App
 
-from .cluster import RedisServer, redis_server, start_replica, wait_serving  # noqa: F401 (fixture)
+from .cluster import RedisServer, start_replica, wait_serving
 from .conftest import speechlike_pcm
 
 AppFactory = Callable[..., Any]

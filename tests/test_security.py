@@ -17,7 +17,7 @@ from avatarforcing_service.config import ServerConfig
 from avatarforcing_service.security import TokenTable
 from avatarforcing_service.server import App
 
-from .cluster import RedisServer, make_tls, redis_server  # noqa: F401 (fixture)
+from .cluster import RedisServer, make_tls
 
 AppFactory = Callable[..., Any]
 ALICE = "alice-token-0123456789abcdef"
