@@ -242,9 +242,9 @@ async def run_failover(a: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(0.01)
             for t in affected:
                 if len(t.resumed_at) > n_resumed[id(t)]:
-                    lat = t.resumed_at[n_resumed[id(t)]] - t_kill
-                    latencies.append(lat)
-                    outcomes.append({"kill": k, "outcome": "resumed", "seconds": round(lat, 3),
+                    took = t.resumed_at[n_resumed[id(t)]] - t_kill
+                    latencies.append(took)
+                    outcomes.append({"kill": k, "outcome": "resumed", "seconds": round(took, 3),
                                      "generation": t.session.generation, "gen_before": gens[id(t)]})
                 elif t.error:
                     outcomes.append({"kill": k, "outcome": "ended_with_status", "status": t.error})
@@ -263,7 +263,7 @@ async def run_failover(a: argparse.Namespace) -> dict[str, Any]:
     finally:
         cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
-    lat = np.asarray(latencies)
+    lat = np.asarray(latencies, dtype=float)
     res = {
         "date": dt.date.today().isoformat(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
