@@ -73,11 +73,11 @@ func WithRouter(r Router) Option {
 	return func(d *dialConfig) { d.router = r }
 }
 
-// Router is the extension point for session routing across replicas. It is NOT implemented by
-// this package because the server has no routing RPC yet (no CreateSession): a future router
-// would create the session through a routing service, dial the replica that owns it, and let
-// the Session resume on another replica when its stream fails with UNAVAILABLE. Until then, a
-// Router set with WithRouter is asked for the connection that carries each new session (the
+// Router is the extension point for session routing across replicas. The server now has a
+// routing RPC (CreateSession, see docs/routing.md) and the Python SDK uses it and resumes
+// sessions on another replica; this package does not implement that yet. Without routing, a
+// session streams on the replica its connection reaches (a Stream without session_id is placed
+// there, or refused with RESOURCE_EXHAUSTED when it is full). A Router set with WithRouter is asked for the connection that carries each new session (the
 // Client's own connection is passed in as the default); unary RPCs always use the Client's own
 // connection. The Router owns the connections it returns: Client.Close does not close them.
 type Router interface {

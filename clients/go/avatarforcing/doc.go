@@ -59,10 +59,10 @@
 //
 // # Routing (extension point, not implemented)
 //
-// A fleet of replicas will need routing: ask a router to create the session, dial the replica
-// that owns it, and resume the session elsewhere when its replica answers UNAVAILABLE (for
-// example while it shuts down). The server has no such RPC yet (there is no CreateSession), so
-// this package does not implement routing or resumption. The extension point is [Router]: set
+// A fleet of replicas routes sessions through the CreateSession RPC: it names the replica that
+// owns a new session, and a stream that breaks resumes elsewhere (docs/routing.md). The Python
+// SDK implements both; this package does not implement routing or resumption yet: its sessions
+// run on the replica the connection reaches. The extension point is [Router]: set
 // one with [WithRouter] and StartSession asks it for the connection that carries each new
 // session; without one, every session streams over the Client's own connection.
 package avatarforcing
