@@ -119,7 +119,8 @@ async def test_drain_stops_new_sessions_and_moves_live_ones_at_the_deadline(make
                                                                          png: bytes) -> None:
     apps = await replicas(make_app, redis_server, 2, max_sessions=2)
     async with AvatarForcingClient([addr(a) for a in apps]) as c:
-        s = c.session(image=png, pacing=pb.PACING_REALTIME)
+        # A registered avatar: the replica the session moves to loads it from Redis.
+        s = c.session(avatar_id=await c.register_avatar(png), pacing=pb.PACING_REALTIME)
         await s.start()
         src = next(a for a in apps if a.node_id == s.started.node_id)
         dst = next(a for a in apps if a is not src)
@@ -152,7 +153,8 @@ async def test_drain_stops_new_sessions_and_moves_live_ones_at_the_deadline(make
                     break
         await s.close()
     # The session ran on until the deadline, then resumed on the other replica, indices continuing.
-    assert s.resumes == 1 and s.address == addr(dst)
+    assert s.resumes == 1 and s.address == addr(dst) and s.started.node_id == dst.node_id
+    assert s.started.first_frame_index == gen_at[1]
     assert idx == sorted(idx) and len(set(idx)) == len(idx)
     assert gen_at[1] % FPB == 0 and gen_at[1] - max(i for i in idx if i < gen_at[1]) <= FPB
     await wait_slots_free([dst])
