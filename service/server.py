@@ -144,10 +144,13 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
         except RoutingError as e:
             f = SessionFailure(e.code, e.message, e.trailers)
             app.metrics.sessions_rejected.labels(f.code.name.lower()).inc()
+            app.metrics.placements.labels("refused").inc()
             log.info("placement refused", code=f.code.name, reason=f.message)
             await context.abort(f.code, f.message, app.trailers_for(f))
         except SessionFailure as f:
             await context.abort(f.code, f.message, app.trailers_for(f))
+        app.metrics.placements.labels(
+            "resumed" if pl.resumed else "local" if pl.node_id == app.node_id else "remote").inc()
         log.info("session placed", session_id=pl.session_id, node_id=pl.node_id, address=pl.address,
                  resumed=pl.resumed)
         return pb.CreateSessionResponse(session_id=pl.session_id, session_token=pl.token, address=pl.address,
@@ -348,6 +351,7 @@ class App:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await self.router.start()
+        self.metrics.routing_store_up.set_function(lambda: float(self.router.healthy))
         self._watchdog = asyncio.create_task(self.watchdog(), name="watchdog")
         log.info("serving", address=f"{self.cfg.host}:{self.port}", metrics_port=self.metrics_port,
                  model=self.loaded.model_cfg.name, checkpoint=self.loaded.source, trained=self.loaded.trained,
@@ -402,6 +406,7 @@ class App:
         """NOT_SERVING, draining in the registry, no new sessions; live ones end after ``deadline_s``."""
         if not self.draining:
             self.draining = True
+            self.metrics.draining.set(1)
             for name in ("", SERVICE_NAME):
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
             if self.router is not None:
@@ -424,6 +429,7 @@ class App:
             return
         grace = self.cfg.grace_s if grace is None else grace
         self.draining = True
+        self.metrics.draining.set(1)
         await self.health.enter_graceful_shutdown()
         if self.router is not None:
             await self.router.set_draining()

@@ -54,6 +54,11 @@ class Metrics:
                                            buckets=(0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1),
                                            registry=r)
         self.slot_bytes = Gauge(p + "slot_memory_bytes", "Device memory of one session slot", registry=r)
+        self.placements = Counter(p + "placements", "CreateSession answers, by result (local: placed on this replica, "
+                                  "remote: on another, resumed, refused)", ["result"], registry=r)
+        self.routing_store_up = Gauge(p + "routing_store_up", "1 while the routing store (Redis) is reachable "
+                                      "(always 1 with in-process routing)", registry=r)
+        self.draining = Gauge(p + "draining", "1 once this replica drains or shuts down", registry=r)
         self._http: Any = None
 
     def serve_http(self, host: str, port: int) -> int:

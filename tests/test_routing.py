@@ -72,6 +72,10 @@ async def test_placement_balances_and_a_full_cluster_is_refused(make_app: AppFac
             await c.create_session()
         assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "every replica is full" in ei.value.details()
         assert int(dict(ei.value.trailing_metadata())["retry-after-ms"]) > 0
+        m = apps[0].metrics.registry
+        assert m.get_sample_value("avatarforcing_placements_total", {"result": "local"}) == 2
+        assert m.get_sample_value("avatarforcing_placements_total", {"result": "remote"}) == 4
+        assert m.get_sample_value("avatarforcing_placements_total", {"result": "refused"}) == 1
         # A stream for a session on another replica: FAILED_PRECONDITION naming the owner.
         p = placed[0]
         other = next(a for a in apps if a.node_id != p.node_id)
@@ -222,6 +226,7 @@ async def test_redis_down_and_back_mid_stream(make_app: AppFactory, redis_server
         await frames(5)
         redis_server.stop()
         await wait_for(lambda: not any(a.router.healthy for a in apps), "both replicas see Redis down")
+        assert apps[0].metrics.registry.get_sample_value("avatarforcing_routing_store_up") == 0
         during = await frames(15)  # live sessions keep streaming
         assert during == list(range(during[0], during[0] + 15))
         # New sessions: placed on the replica asked when it has room...
@@ -235,6 +240,7 @@ async def test_redis_down_and_back_mid_stream(make_app: AppFactory, redis_server
         assert ei.value.code() == grpc.StatusCode.UNAVAILABLE and "Redis" in (ei.value.details() or "")
         redis_server.start()  # empty: it kept nothing
         await wait_for(lambda: all(a.router.healthy for a in apps), "routing recovers", timeout=15)
+        assert apps[0].metrics.registry.get_sample_value("avatarforcing_routing_store_up") == 1
         await wait_for(lambda: redis_server.cli("HGET", f"af:session:{sid}", "state") == "live",
                        "the live session's record is written back")
         assert redis_server.cli("HGET", f"af:session:{p.session_id}", "node") == "node-0"
