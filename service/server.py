@@ -163,7 +163,7 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
         except SessionFailure as f:
             await context.abort(f.code, f.message)
         peer = context.peer() or ""
-        local = peer.startswith(("ipv4:127.", "ipv6:[::1]", "unix:"))
+        local = peer.startswith(("ipv4:127.", "ipv6:[::1]", "ipv6:[::ffff:127.", "unix:"))
         if not local and tenant.name not in app.admin_tenants:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 "Drain is allowed from the replica's own host or with an admin tenant's token")
