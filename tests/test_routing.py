@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,10 @@ def addr(app: App) -> str:
 
 
 def config(png: bytes, **kw: object) -> pb.SessionConfig:
+    kw.setdefault("pacing", pb.PACING_REALTIME)
     return pb.SessionConfig(reference_image=png, audio_format=pb.AudioFormat(
         encoding=pb.AUDIO_ENCODING_PCM16LE, sample_rate_hz=16000, channels=1),
-        video_encoding=pb.VIDEO_ENCODING_JPEG, pacing=pb.PACING_REALTIME, **kw)  # type: ignore[arg-type]
+        video_encoding=pb.VIDEO_ENCODING_JPEG, **kw)  # type: ignore[arg-type]
 
 
 async def open_raw(target: str, cfg: pb.SessionConfig, md: tuple[tuple[str, str], ...] = ()) -> tuple[Any, Any]:
@@ -276,3 +278,66 @@ async def test_redis_ops_per_session_are_bounded(make_app: AppFactory, redis_ser
     assert beats >= 2
     # Only heartbeats talked to Redis in that second: no operation per frame or per audio chunk.
     assert calls1 - calls0 <= beats + 2, (calls1 - calls0, beats)
+
+
+# ---- one node (the in-process router) ------------------------------------------------------------------
+async def test_resume_on_one_node_continues_frame_and_audio_positions(make_app: AppFactory, png: bytes) -> None:
+    app = await make_app()
+    async with AvatarForcingClient(addr(app)) as c:
+        p = await c.create_session()
+        assert p.node_id == app.node_id and p.address == addr(app) and not p.resumed
+        ch, call = await open_raw(p.address, config(png, session_id=p.session_id, session_token=p.session_token))
+        assert (await call.read()).HasField("started")
+        call.cancel()  # the client vanishes: the session is kept (detached) for a resume
+        await ch.close()
+        await wait_slots_free([app])
+        with pytest.raises(grpc.aio.AioRpcError) as ei:  # a stream cannot attach to a detached session
+            ch, call = await open_raw(p.address, config(png, session_id=p.session_id, session_token=p.session_token))
+            await call.read()
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND and "resume it" in (ei.value.details() or "")
+        await ch.close()
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await c.create_session(p.session_id, "not-the-token")
+        assert ei.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        r = await c.create_session(p.session_id, p.session_token)
+        assert r.resumed and r.session_id == p.session_id and r.address == addr(app) and not r.session_token
+        pcm = speechlike_pcm(0.5)
+        reqs = [pb.StreamRequest(config=config(png, session_id=p.session_id, session_token=p.session_token,
+                                               resume_block=3, pacing=pb.PACING_ASAP)),
+                pb.StreamRequest(audio=pb.AudioChunk(data=pcm.tobytes())), pb.StreamRequest(end_of_audio={})]
+
+        async def gen() -> Any:
+            for q in reqs:
+                yield q
+
+        async with grpc.aio.insecure_channel(addr(app)) as ch:
+            resps = [x async for x in pb_grpc.AvatarForcingStub(ch).Stream(gen())]
+    assert resps[0].started.first_frame_index == 3 * FPB and resps[0].started.session_id == p.session_id
+    frames = [x.frame for x in resps if x.HasField("frame")]
+    audio = [x.audio for x in resps if x.HasField("audio")]
+    assert [f.index for f in frames] == list(range(3 * FPB, 3 * FPB + len(frames))) and len(frames) == 16
+    assert audio[0].block_index == 3 and audio[0].start_sample == 3 * SPB
+    assert frames[0].audio_start_sample == 3 * SPB and frames[0].pts_us == 3 * FPB * 40000
+    assert sum(a.real_samples for a in audio) == len(pcm)
+    assert resps[-1].end.reason == pb.END_REASON_END_OF_AUDIO
+    await wait_slots_free([app])
+    # Ended for good: nothing to resume any more.
+    async with AvatarForcingClient(addr(app)) as c:
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await c.create_session(p.session_id, p.session_token)
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_drain_command(make_app: AppFactory) -> None:
+    app = await make_app()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "avatarforcing_service.cli", "drain", "--target", addr(app), "--deadline", "0.5",
+        "--wait", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert "0 live session(s)" in out.decode() and "drained" in out.decode()
+    assert app.draining and app.metrics.registry.get_sample_value("avatarforcing_draining") == 1
+    async with AvatarForcingClient(addr(app), placement_timeout=0) as c:
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await c.create_session()
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in (ei.value.details() or "")
