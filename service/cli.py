@@ -31,6 +31,11 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace", type=float, default=None, dest="grace_s",
                    help=f"graceful-shutdown period in seconds (default {d.grace_s:g})")
     p.add_argument("--log-level", default=None, help=f"debug | info | warning | error (default {d.log_level})")
+    p.add_argument("--redis-url", default=None,
+                   help="Redis for routing across replicas, e.g. redis://redis:6379/0 (default: in-process, one node)")
+    p.add_argument("--node-id", default=None, help="this replica's id in the routing registry (default host-random)")
+    p.add_argument("--advertise-address", default=None,
+                   help="host:port clients are sent to for this replica's sessions (default: the bound address)")
 
 
 def _server_config(a: argparse.Namespace, **extra: object) -> ServerConfig:
