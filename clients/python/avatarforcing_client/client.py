@@ -379,11 +379,13 @@ class Session:
         await self.close()
 
     async def start(self) -> pb.SessionStarted:
-        """Open the stream, send the config and wait for ``SessionStarted``.
+        """Place the session (``CreateSession``), open the stream on the replica that owns it,
+        send the config and wait for ``SessionStarted``.
 
         Raises:
             grpc.aio.AioRpcError: the server refused the session (e.g. ``RESOURCE_EXHAUSTED``
-                when it has no free slot, ``INVALID_ARGUMENT`` for a bad config).
+                when every replica stayed full for ``placement_timeout`` seconds,
+                ``INVALID_ARGUMENT`` for a bad config, ``UNAUTHENTICATED`` without a valid token).
             ProtocolError: the server's first message was not ``SessionStarted``.
         """
         if self._call is not None:
