@@ -341,3 +341,35 @@ async def test_drain_command(make_app: AppFactory) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as ei:
             await c.create_session()
         assert ei.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in (ei.value.details() or "")
+
+
+async def test_concurrent_claims_never_overfill_a_node(redis_server: RedisServer) -> None:
+    """Three routers (as on three replicas) place 40 sessions at once into 3 x 4 slots: the Lua claim
+    is atomic, so exactly 12 succeed, no node gets more than its capacity, and the rest are refused."""
+    from avatarforcing_service.routing import Full, NodeInfo, RoutingLimits
+    from avatarforcing_service.routing.redis_store import RedisRouter
+
+    routers = [RedisRouter(NodeInfo(f"n{i}", f"127.0.0.1:{1000 + i}", 4), RoutingLimits(), lambda: 4,
+                           url=redis_server.url) for i in range(3)]
+    for r in routers:
+        await r.start()
+    try:
+        results = await asyncio.gather(*(routers[i % 3].create("t", 0) for i in range(40)), return_exceptions=True)
+        placed = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, BaseException)]
+        assert len(placed) == 12 and all(isinstance(e, Full) for e in refused), refused[:3]
+        assert collections.Counter(p.node_id for p in placed) == {"n0": 4, "n1": 4, "n2": 4}
+        # A tenant limit holds across replicas too.
+        for r in routers:
+            await r.stop()
+        await asyncio.to_thread(redis_server.cli, "FLUSHALL")
+        routers = [RedisRouter(NodeInfo(f"n{i}", f"127.0.0.1:{1000 + i}", 4), RoutingLimits(), lambda: 4,
+                               url=redis_server.url) for i in range(3)]
+        for r in routers:
+            await r.start()
+        results = await asyncio.gather(*(routers[i % 3].create("acme", 5) for i in range(12)), return_exceptions=True)
+        assert sum(not isinstance(r, BaseException) for r in results) == 5
+        assert all("tenant 'acme'" in str(r) for r in results if isinstance(r, BaseException))
+    finally:
+        for r in routers:
+            await r.stop()
