@@ -199,7 +199,8 @@ class Scheduler:
             first = j * fpb
             s.out.put(OutItem(pb.StreamResponse(audio=pb.AudioOut(
                 block_index=j, start_sample=blk.start_sample + a_off, data=blk.pcm_in.astype("<i2").tobytes(),
-                silent=blk.real_samples == 0, real_samples=blk.real_samples, real_offset=blk.real_offset)),
+                silent=blk.real_samples == 0, real_samples=blk.real_samples, real_offset=blk.real_offset,
+                source_end_sample=blk.source_end)),
                 block=j, due=s.frame_due(first)))
             for i, ef in enumerate(encoded):
                 n = first + i

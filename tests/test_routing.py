@@ -319,6 +319,7 @@ async def test_resume_on_one_node_continues_frame_and_audio_positions(make_app: 
     assert audio[0].block_index == 3 and audio[0].start_sample == 3 * SPB
     assert frames[0].audio_start_sample == 3 * SPB and frames[0].pts_us == 3 * FPB * 40000
     assert sum(a.real_samples for a in audio) == len(pcm)
+    assert audio[-1].source_end_sample == len(pcm)  # the client's position: all of its audio consumed
     assert resps[-1].end.reason == pb.END_REASON_END_OF_AUDIO
     await wait_slots_free([app])
     # Ended for good: nothing to resume any more.

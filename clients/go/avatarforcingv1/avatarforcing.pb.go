@@ -1050,10 +1050,15 @@ type AudioOut struct {
 	// How many samples of data came from the client (the rest is inserted silence), and where
 	// they start in data: they are data[real_offset : real_offset + real_samples]. Silence is
 	// inserted before the audio when speech starts inside a block, after it when speech stops.
-	RealSamples   uint32 `protobuf:"varint,5,opt,name=real_samples,json=realSamples,proto3" json:"real_samples,omitempty"`
-	RealOffset    uint32 `protobuf:"varint,6,opt,name=real_offset,json=realOffset,proto3" json:"real_offset,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	RealSamples uint32 `protobuf:"varint,5,opt,name=real_samples,json=realSamples,proto3" json:"real_samples,omitempty"`
+	RealOffset  uint32 `protobuf:"varint,6,opt,name=real_offset,json=realOffset,proto3" json:"real_offset,omitempty"`
+	// How many samples of the client's audio this stream has consumed up to the end of this block
+	// (rendered, or dropped by an Interrupt), counted from the stream's first audio sample. Audio
+	// the client sent beyond it is not in this block or any before it: a client that resumes a
+	// session elsewhere re-sends from there (blocks dropped for a slow client are counted too).
+	SourceEndSample uint64 `protobuf:"varint,7,opt,name=source_end_sample,json=sourceEndSample,proto3" json:"source_end_sample,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *AudioOut) Reset() {
@@ -1124,6 +1129,13 @@ func (x *AudioOut) GetRealSamples() uint32 {
 func (x *AudioOut) GetRealOffset() uint32 {
 	if x != nil {
 		return x.RealOffset
+	}
+	return 0
+}
+
+func (x *AudioOut) GetSourceEndSample() uint64 {
+	if x != nil {
+		return x.SourceEndSample
 	}
 	return 0
 }
@@ -2237,7 +2249,7 @@ const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"\x04data\x18\x05 \x01(\fR\x04data\x12\x1a\n" +
 	"\bkeyframe\x18\x06 \x01(\bR\bkeyframe\x12\x1f\n" +
 	"\vblock_index\x18\a \x01(\rR\n" +
-	"blockIndex\"\xbe\x01\n" +
+	"blockIndex\"\xea\x01\n" +
 	"\bAudioOut\x12\x1f\n" +
 	"\vblock_index\x18\x01 \x01(\rR\n" +
 	"blockIndex\x12!\n" +
@@ -2246,7 +2258,8 @@ const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"\x06silent\x18\x04 \x01(\bR\x06silent\x12!\n" +
 	"\freal_samples\x18\x05 \x01(\rR\vrealSamples\x12\x1f\n" +
 	"\vreal_offset\x18\x06 \x01(\rR\n" +
-	"realOffset\"\xb0\x02\n" +
+	"realOffset\x12*\n" +
+	"\x11source_end_sample\x18\a \x01(\x04R\x0fsourceEndSample\"\xb0\x02\n" +
 	"\x05Stats\x12\x1f\n" +
 	"\vframes_sent\x18\x01 \x01(\x04R\n" +
 	"framesSent\x12%\n" +

@@ -365,7 +365,8 @@ class Session:
         self._consumed = 0  # client samples covered by fully received blocks
         self._buf: collections.deque[tuple[int, bytes]] = collections.deque()  # (start sample, pcm)
         self._eoa_sent = False
-        self._real_by_block: dict[int, int] = {}
+        self._end_by_block: dict[int, int] = {}  # AudioOut.source_end_sample of blocks not yet complete
+        self._stream_base = 0  # client sample position where the current stream's audio starts
         self._last_index = -1  # last frame index yielded
         self._last_audio_block = -1
 
@@ -495,6 +496,8 @@ class Session:
                 self.generation += 1
                 self.resumes += 1
                 # The audio not covered by frames received yet, then EndOfAudio if it had been sent.
+                self._stream_base = self._consumed
+                self._end_by_block.clear()
                 for start, pcm in list(self._buf):
                     skip = max(self._consumed - start, 0) * 2
                     if skip < len(pcm):
@@ -526,17 +529,19 @@ class Session:
                 return False
             self._last_index = payload.index
             fpb = self._started.frames_per_block if self._started else 0
-            if fpb and payload.index % fpb == fpb - 1:
+            if fpb and payload.index % fpb == fpb - 1:  # the block is complete: its audio is covered
                 b = payload.index // fpb
-                self._consumed += self._real_by_block.pop(b, 0)
-                for k in [k for k in self._real_by_block if k < b]:
-                    self._consumed += self._real_by_block.pop(k)  # blocks whose frames were dropped
-                self._trim()
+                end = self._end_by_block.pop(b, None)
+                for k in [k for k in self._end_by_block if k < b]:
+                    del self._end_by_block[k]
+                if end is not None:
+                    self._consumed = max(self._consumed, self._stream_base + end)
+                    self._trim()
         elif which == "audio":
             if payload.block_index <= self._last_audio_block:
                 return False
             self._last_audio_block = payload.block_index
-            self._real_by_block[payload.block_index] = payload.real_samples
+            self._end_by_block[payload.block_index] = payload.source_end_sample
         return True
 
     async def close(self) -> None:
@@ -643,7 +648,6 @@ class Session:
                 self._eoa_sent = True
             elif which == "interrupt":  # the audio sent so far is void: never re-send it
                 self._consumed = self._sent
-                self._real_by_block.clear()
                 self._buf.clear()
             try:
                 await call.write(req)

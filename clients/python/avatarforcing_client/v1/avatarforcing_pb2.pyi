@@ -174,20 +174,22 @@ class VideoFrame(_message.Message):
     def __init__(self, index: _Optional[int] = ..., pts_us: _Optional[int] = ..., audio_start_sample: _Optional[int] = ..., audio_end_sample: _Optional[int] = ..., data: _Optional[bytes] = ..., keyframe: _Optional[bool] = ..., block_index: _Optional[int] = ...) -> None: ...
 
 class AudioOut(_message.Message):
-    __slots__ = ("block_index", "start_sample", "data", "silent", "real_samples", "real_offset")
+    __slots__ = ("block_index", "start_sample", "data", "silent", "real_samples", "real_offset", "source_end_sample")
     BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
     START_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SILENT_FIELD_NUMBER: _ClassVar[int]
     REAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     REAL_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_END_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     block_index: int
     start_sample: int
     data: bytes
     silent: bool
     real_samples: int
     real_offset: int
-    def __init__(self, block_index: _Optional[int] = ..., start_sample: _Optional[int] = ..., data: _Optional[bytes] = ..., silent: _Optional[bool] = ..., real_samples: _Optional[int] = ..., real_offset: _Optional[int] = ...) -> None: ...
+    source_end_sample: int
+    def __init__(self, block_index: _Optional[int] = ..., start_sample: _Optional[int] = ..., data: _Optional[bytes] = ..., silent: _Optional[bool] = ..., real_samples: _Optional[int] = ..., real_offset: _Optional[int] = ..., source_end_sample: _Optional[int] = ...) -> None: ...
 
 class Stats(_message.Message):
     __slots__ = ("frames_sent", "frames_dropped", "audio_samples_received", "silence_samples_inserted", "queue_depth", "anchor_similarity", "utterance_id")
