@@ -7,7 +7,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 venv=${AVATARFORCING_VENV:-$root/.venv}
 
-apt_pkgs=(espeak-ng)  # espeak-ng: scripts/make_demo_assets.py (the bundled speech sample)
+# espeak-ng: scripts/make_demo_assets.py (the bundled speech sample); redis-server: the routing tests and
+# `avatarforcing bench --failover` start a real one; openssl: the TLS tests make their certificates.
+apt_pkgs=(espeak-ng redis-server openssl)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -37,6 +37,7 @@ class Block:
     real_offset: int  # where they start in pcm_in
     start_sample: int  # position of pcm_in[0] on the session's (re-timed) audio timeline
     newest_arrival: float | None  # monotonic time the newest real sample of the block arrived
+    source_end: int = 0  # client samples consumed (rendered or dropped by an interrupt) through this block
 
 
 class AudioInput:
@@ -131,7 +132,7 @@ class AudioInput:
             newest = self._arrivals[0][1]  # the block ends inside a chunk: that chunk's arrival
         start = self._timeline
         self._timeline += self.in_block
-        return Block(pcm, self._to_model(pcm), n, offset, start, newest)
+        return Block(pcm, self._to_model(pcm), n, offset, start, newest, self._consumed)
 
     def _to_model(self, pcm: np.ndarray) -> np.ndarray:
         if self._resampler is None:

@@ -1,4 +1,4 @@
-"""The `avatarforcing` command: serve, demo, bench, train, eval."""
+"""The `avatarforcing` command: serve, demo, bench, drain, train, eval."""
 
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace", type=float, default=None, dest="grace_s",
                    help=f"graceful-shutdown period in seconds (default {d.grace_s:g})")
     p.add_argument("--log-level", default=None, help=f"debug | info | warning | error (default {d.log_level})")
+    p.add_argument("--redis-url", default=None,
+                   help="Redis for routing across replicas, e.g. redis://redis:6379/0 (default: in-process, one node)")
+    p.add_argument("--node-id", default=None, help="this replica's id in the routing registry (default host-random)")
+    p.add_argument("--advertise-address", default=None,
+                   help="host:port clients are sent to for this replica's sessions (default: the bound address)")
 
 
 def _server_config(a: argparse.Namespace, **extra: object) -> ServerConfig:
@@ -57,6 +62,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    if a.failover:
+        from .failover_bench import run_failover_bench
+
+        return run_failover_bench(a)
     from .bench import run_bench
 
     return run_bench(a)
@@ -102,6 +111,40 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drain(a: argparse.Namespace) -> int:
+    """Drains a replica (by default the one on this host) through its Drain RPC."""
+    import grpc
+
+    from avatarforcing_client import AvatarForcingClient, pb, pb_grpc
+
+    async def go() -> int:
+        creds = None
+        if a.tls_ca:
+            creds = grpc.ssl_channel_credentials(Path(a.tls_ca).read_bytes())
+        async with AvatarForcingClient(a.target, credentials=creds, token=a.token) as c:
+            try:
+                r = await pb_grpc.AvatarForcingStub(c.channel).Drain(
+                    pb.DrainRequest(deadline_s=a.deadline or 0.0), metadata=c.metadata, timeout=10)
+            except grpc.aio.AioRpcError as e:
+                print(f"drain failed: {e.code().name}: {e.details()}", file=sys.stderr)
+                return 1
+            print(f"draining {a.target}: {r.live_sessions} live session(s) end within {r.deadline_s:g} s "
+                  "(the Python SDK resumes them on another replica)")
+            if a.wait:
+                while True:
+                    try:
+                        info = await c.server_info(timeout=5)
+                    except grpc.aio.AioRpcError:
+                        break  # the replica stopped
+                    if info.active_sessions == 0:
+                        break
+                    await asyncio.sleep(0.5)
+                print("drained: no live session left")
+        return 0
+
+    return asyncio.run(go())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="avatarforcing", description="AvatarForcing Serve: real-time talking avatars")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -125,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--long-frames", type=int, default=3000, help="latent frames for the long-stream run")
     b.add_argument("--max-sessions", type=int, default=12, help="most sessions tried in the server run")
     b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--failover", action="store_true",
+                   help="instead: kill -9 replicas under live sessions (Redis routing) and time the SDK's resume")
+    b.add_argument("--kills", type=int, default=20, help="--failover: replicas killed (default 20)")
+    b.add_argument("--replicas", type=int, default=3, help="--failover: replicas running (default 3)")
+    b.add_argument("--sessions", type=int, default=2, help="--failover: live sessions (default 2)")
+    b.add_argument("--steady-s", type=float, default=5.0, help="--failover: seconds of steady state measured")
+    b.add_argument("--resume-timeout", type=float, default=15.0, help="--failover: SDK resume time limit")
     b.set_defaults(fn=cmd_bench)
     t = sub.add_parser("train", help="train the autoencoder, teacher, student and AR baseline (resumable)")
     t.add_argument("--run", default=Path("runs/default"), type=Path, help="run folder (default runs/default)")
@@ -154,6 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--out", default=None, type=Path, help="also write the report as JSON")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(fn=cmd_eval)
+    dr = sub.add_parser("drain", help="drain a replica: health NOT_SERVING, no new sessions, live ones move on")
+    dr.add_argument("--target", default="127.0.0.1:50051", help="the replica (default 127.0.0.1:50051)")
+    dr.add_argument("--deadline", type=float, default=None,
+                    help="seconds live sessions may run on (default: the server's --grace)")
+    dr.add_argument("--wait", action="store_true", help="return once no session is left")
+    dr.add_argument("--token", default=None, help="bearer token (default $AVATARFORCING_TOKEN)")
+    dr.add_argument("--tls-ca", default=None, help="CA certificate (PEM) when the replica serves TLS")
+    dr.set_defaults(fn=cmd_drain)
     a = ap.parse_args(argv)
     try:
         return int(a.fn(a) or 0)

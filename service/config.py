@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,26 @@ class ServerConfig:
     max_image_pixels: int = 4096 * 4096
     max_avatars: int = 256
     grace_s: float = 10.0  # graceful shutdown: live sessions get this long to finish
+    # Routing (docs/routing.md). Empty redis_url: the in-process router (one node, no store).
+    redis_url: str = ""
+    redis_prefix: str = "af:"
+    node_id: str = ""  # empty: <hostname>-<random>
+    advertise_address: str = ""  # host:port clients are sent to; empty: the bound host and port
+    heartbeat_s: float = 0.5
+    node_ttl_s: float = 2.0  # a node's registry entry expires this long after its last heartbeat
+    session_ttl_s: float = 10.0  # a live session's ownership record, refreshed by its node's heartbeat
+    reservation_ttl_s: float = 15.0  # CreateSession's slot reservation, until the Stream attaches
+    resume_ttl_s: float = 30.0  # a session whose stream broke can be resumed this long
+    # Security. TLS: certificate chain and key (PEM); with tls_client_ca clients need a certificate (mTLS).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    health_port: int = -1  # a plaintext port serving only grpc.health.v1 (for probes under TLS); -1 off
+    # Bearer tokens (service/security.py): a file (one entry a line) and/or a comma list.
+    auth_tokens_file: str = ""
+    auth_tokens: str = ""
+    tenant_max_sessions: int = 0  # sessions per tenant over all replicas (0: no limit); per token overrides
+    admin_tenants: str = "admin"  # comma list: tenants allowed to call Drain remotely
     log_level: str = "info"
     log_json: bool = True
 
@@ -55,6 +76,15 @@ class ServerConfig:
             (self.max_chunk_ms > 0 and self.max_buffered_s > 0, "audio limits must be > 0"),
             (self.queue_frames >= 4, "queue_frames must be >= 4"),
             (self.grace_s >= 0, "grace_s must be >= 0"),
+            (self.redis_url == "" or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+             "redis_url must start with redis://, rediss:// or unix://"),
+            (0 < self.heartbeat_s < self.node_ttl_s, "heartbeat_s must be > 0 and below node_ttl_s"),
+            (self.session_ttl_s > self.heartbeat_s and self.reservation_ttl_s > 0 and self.resume_ttl_s > 0,
+             "routing TTLs must be > 0 (session_ttl_s above heartbeat_s)"),
+            (bool(self.tls_cert) == bool(self.tls_key), "tls_cert and tls_key go together"),
+            (not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca needs tls_cert and tls_key"),
+            (-1 <= self.health_port < 65536, "health_port must be -1 (off) or in 0..65535"),
+            (self.tenant_max_sessions >= 0, "tenant_max_sessions must be >= 0"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}"),
             (self.log_level in ("debug", "info", "warning", "error"), f"unknown log level {self.log_level!r}"),
         ]
@@ -91,4 +121,11 @@ class ServerConfig:
         return cls(**kw)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """The configuration for the log, secrets redacted (tokens, a password in redis_url)."""
+        d = dataclasses.asdict(self)
+        if d["auth_tokens"]:
+            d["auth_tokens"] = f"<{len(d['auth_tokens'].split(','))} entries redacted>"
+        u = urllib.parse.urlsplit(d["redis_url"])
+        if u.password:
+            d["redis_url"] = u._replace(netloc=f"{u.username or ''}:***@{u.hostname}:{u.port}").geturl()
+        return json.dumps(d, sort_keys=True)

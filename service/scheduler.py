@@ -191,8 +191,9 @@ class Scheduler:
             if s.ending or s.released:
                 return
             assert r.frames is not None and r.emitted_block is not None
-            j = r.emitted_block
+            j = r.emitted_block + s.block_offset  # resumed sessions continue the client's block numbering
             fpb = s.fpb
+            a_off = s.block_offset * s.audio.in_block
             dropped = s.make_room(fpb)
             if dropped:
                 self.metrics.frames_dropped.inc(dropped)
@@ -213,12 +214,13 @@ class Scheduler:
             spf = s.audio.in_block // fpb
             first = j * fpb
             s.out.put(OutItem(pb.StreamResponse(audio=pb.AudioOut(
-                block_index=j, start_sample=blk.start_sample, data=blk.pcm_in.astype("<i2").tobytes(),
-                silent=blk.real_samples == 0, real_samples=blk.real_samples, real_offset=blk.real_offset)),
+                block_index=j, start_sample=blk.start_sample + a_off, data=blk.pcm_in.astype("<i2").tobytes(),
+                silent=blk.real_samples == 0, real_samples=blk.real_samples, real_offset=blk.real_offset,
+                source_end_sample=blk.source_end)),
                 block=j, due=s.frame_due(first)))
             for i, ef in enumerate(encoded):
                 n = first + i
-                a0 = blk.start_sample + i * spf
+                a0 = blk.start_sample + a_off + i * spf
                 msg = pb.StreamResponse(frame=pb.VideoFrame(
                     index=n, pts_us=round(n * 1e6 / s.timeline.fps), audio_start_sample=a0,
                     audio_end_sample=a0 + spf, data=ef.data, keyframe=ef.keyframe, block_index=j))
@@ -226,6 +228,6 @@ class Scheduler:
                                   arrival=blk.newest_arrival if blk.real_samples else None))
             if (j + 1) * fpb // int(s.timeline.fps) != j * fpb // int(s.timeline.fps):
                 s.out.put(OutItem(s.stats(), block=j, due=s.frame_due(first + fpb - 1)))
-            s.delivered_block = j
+            s.delivered_block = r.emitted_block
             s.maybe_finish()
         self.kick()  # backpressured sessions may be ready again

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import hashlib
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,7 +29,17 @@ from .audio_in import SUPPORTED_RATES, AudioError, AudioInput, AudioOverflowErro
 from .codecs import SUPPORTED_ENCODINGS, UnsupportedEncodingError, make_encoder
 from .config import ServerConfig
 from .images import ImageError, load_reference_image
+from .routing import LocalRouter, NodeInfo, Router, RoutingError, RoutingLimits
 from .scheduler import Scheduler
+from .security import (
+    DEFAULT_TENANT,
+    AuthConfigError,
+    AuthError,
+    AuthInterceptor,
+    Tenant,
+    TokenTable,
+    server_credentials,
+)
 from .session import Session, SessionFailure, Timeline
 from .telemetry import Metrics
 
@@ -42,6 +53,7 @@ class Avatar:
     name: str
     anchor: AnchorState
     digest: str
+    tenant: str = DEFAULT_TENANT
 
 
 class AvatarRegistry:
@@ -52,23 +64,26 @@ class AvatarRegistry:
         self._by_id: collections.OrderedDict[str, Avatar] = collections.OrderedDict()
         self._by_digest: dict[str, str] = {}
 
-    def get(self, avatar_id: str) -> Avatar | None:
+    def get(self, avatar_id: str, tenant: str = DEFAULT_TENANT) -> Avatar | None:
+        """The avatar, if registered here by ``tenant`` (another tenant's avatar is not found)."""
         a = self._by_id.get(avatar_id)
-        if a is not None:
-            self._by_id.move_to_end(avatar_id)
+        if a is None or a.tenant != tenant:
+            return None
+        self._by_id.move_to_end(avatar_id)
         return a
 
-    def by_digest(self, digest: str) -> Avatar | None:
-        aid = self._by_digest.get(digest)
-        return None if aid is None else self.get(aid)
+    def by_digest(self, digest: str, tenant: str = DEFAULT_TENANT) -> Avatar | None:
+        aid = self._by_digest.get(f"{tenant}\0{digest}")
+        return None if aid is None else self.get(aid, tenant)
 
-    def add(self, name: str, anchor: AnchorState, digest: str) -> Avatar:
-        a = Avatar("av_" + secrets.token_urlsafe(12), name, anchor, digest)
+    def add(self, name: str, anchor: AnchorState, digest: str, tenant: str = DEFAULT_TENANT,
+            avatar_id: str | None = None) -> Avatar:
+        a = Avatar(avatar_id or "av_" + secrets.token_urlsafe(16), name, anchor, digest, tenant)
         self._by_id[a.id] = a
-        self._by_digest[digest] = a.id
+        self._by_digest[f"{tenant}\0{digest}"] = a.id
         while len(self._by_id) > self.capacity:
             _, old = self._by_id.popitem(last=False)
-            self._by_digest.pop(old.digest, None)
+            self._by_digest.pop(f"{old.tenant}\0{old.digest}", None)
         return a
 
     def __len__(self) -> int:
@@ -89,18 +104,74 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
     def __init__(self, app: App) -> None:
         self.app = app
 
+    def _tenant(self, context: grpc.aio.ServicerContext) -> Tenant:
+        try:
+            return self.app.tokens.authenticate(context.invocation_metadata())
+        except AuthError as e:  # the interceptor refuses these first; kept as a second guard
+            raise SessionFailure(e.code, str(e)) from None
+
     # ---- unary ---------------------------------------------------------------------------------
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
         return self.app.server_info()
 
     async def RegisterAvatar(self, request: pb.RegisterAvatarRequest,
                              context: grpc.aio.ServicerContext) -> pb.RegisterAvatarResponse:
+        tenant = self._tenant(context)
         try:
-            avatar = await self.app.avatar_from_image(request.image, request.name)
+            avatar = await self.app.avatar_from_image(request.image, request.name, tenant.name)
         except (ImageError, ValueError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        # Other replicas load the avatar from the routing store when a session names it (resume).
+        await self.app.router.put_avatar(avatar.id, tenant.name, request.image)
         c = self.app.engine.cfg
         return pb.RegisterAvatarResponse(avatar_id=avatar.id, width=c.width, height=c.height)
+
+    async def CreateSession(self, request: pb.CreateSessionRequest,
+                            context: grpc.aio.ServicerContext) -> pb.CreateSessionResponse:
+        app = self.app
+        try:
+            tenant = self._tenant(context)
+            if request.resume_session_id:
+                if not request.session_token:
+                    raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                                         "resume_session_id needs the session's session_token")
+                pl = await app.router.resume(request.resume_session_id, request.session_token, tenant.name)
+            else:
+                if request.session_token:
+                    raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                                         "session_token without resume_session_id; leave both empty for a new session")
+                pl = await app.router.create(tenant.name, app.tenant_limit(tenant))
+        except RoutingError as e:
+            f = SessionFailure(e.code, e.message, e.trailers)
+            app.metrics.sessions_rejected.labels(f.code.name.lower()).inc()
+            app.metrics.placements.labels("refused").inc()
+            log.info("placement refused", code=f.code.name, reason=f.message)
+            await context.abort(f.code, f.message, app.trailers_for(f))
+        except SessionFailure as f:
+            await context.abort(f.code, f.message, app.trailers_for(f))
+        app.metrics.placements.labels(
+            "resumed" if pl.resumed else "local" if pl.node_id == app.node_id else "remote").inc()
+        log.info("session placed", session_id=pl.session_id, node_id=pl.node_id, address=pl.address,
+                 resumed=pl.resumed)
+        return pb.CreateSessionResponse(session_id=pl.session_id, session_token=pl.token, address=pl.address,
+                                        node_id=pl.node_id, reservation_ttl_ms=pl.ttl_s * 1000, resumed=pl.resumed)
+
+    async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
+        app = self.app
+        try:
+            tenant = self._tenant(context)
+        except SessionFailure as f:
+            await context.abort(f.code, f.message)
+        peer = context.peer() or ""
+        local = peer.startswith(("ipv4:127.", "ipv6:[::1]", "ipv6:[::ffff:127.", "unix:"))
+        if not local and tenant.name not in app.admin_tenants:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "Drain is allowed from the replica's own host or with an admin tenant's token")
+        if request.deadline_s < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "deadline_s must be >= 0 (0: the server's grace)")
+        deadline = request.deadline_s or app.cfg.grace_s
+        live = await app.drain(deadline)
+        return pb.DrainResponse(live_sessions=live, deadline_s=deadline)
 
     # ---- the stream ----------------------------------------------------------------------------
     async def Stream(self, request_iterator: AsyncIterator[pb.StreamRequest],
@@ -109,6 +180,7 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
         session: Session | None = None
         reader: asyncio.Task[None] | None = None
         try:
+            tenant = self._tenant(context)
             try:
                 first = await asyncio.wait_for(anext(request_iterator), app.cfg.config_timeout_s)
             except TimeoutError:
@@ -122,7 +194,7 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
             if kind != "config":
                 raise SessionFailure(grpc.StatusCode.FAILED_PRECONDITION,
                                      f"the first message must be a SessionConfig, got {kind or 'an empty message'}")
-            session = await app.open_session(first.config)
+            session = await app.open_session(first.config, tenant)
             yield pb.StreamResponse(started=app.started_message(session))
             reader = asyncio.create_task(self._read(request_iterator, session))
             while True:
@@ -131,6 +203,8 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
                     if session.failure is not None:
                         raise session.failure
                     if item.msg.WhichOneof("message"):
+                        # Ended for good, except by a drain or shutdown: the client resumes elsewhere.
+                        session.resumable = item.msg.end.reason == pb.END_REASON_SERVER_SHUTDOWN
                         yield item.msg
                     app.metrics.sessions_ended.labels(pb.EndReason.Name(item.msg.end.reason).lower()).inc()
                     return
@@ -144,6 +218,7 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
         except SessionFailure as e:
             app.metrics.sessions_rejected.labels(e.code.name.lower()).inc()
             if session is not None:
+                session.resumable = e.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
                 session.log.info("session failed", code=e.code.name, reason=e.message)
             else:
                 log.info("stream refused", code=e.code.name, reason=e.message)
@@ -158,6 +233,7 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
                 reader.cancel()
             if session is not None:
                 await app.scheduler.release(session)
+                await asyncio.shield(app.release_route(session))
                 session.log.info("session closed", frames_sent=session.frames_sent,
                                  frames_dropped=session.frames_dropped, steps=session.steps)
 
@@ -224,6 +300,19 @@ class App:
         self.metrics.sessions_capacity.set(cfg.max_sessions)
         self.metrics.slot_bytes.set(self.engine.slot_bytes())
         self.scheduler: Scheduler = None  # type: ignore[assignment]  # made in start()
+        self.router: Router = None  # type: ignore[assignment]  # made in start(), once the port is known
+        self.owned: dict[str, Session] = {}  # session id -> the Session streaming it here
+        try:
+            self.tokens = TokenTable.load(cfg.auth_tokens_file, cfg.auth_tokens)
+            self.credentials = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert \
+                else None
+        except AuthConfigError as e:
+            raise ValueError(f"invalid server config: {e}") from None
+        self.admin_tenants = {t.strip() for t in cfg.admin_tenants.split(",") if t.strip()}
+        self.node_id = cfg.node_id or f"{socket.gethostname()}-{secrets.token_hex(3)}"
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port = -1
+        self._drain_task: asyncio.Task[None] | None = None
         self.avatars = AvatarRegistry(cfg.max_avatars)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -248,27 +337,101 @@ class App:
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", self.cfg.max_image_bytes + 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ])
+        ], interceptors=[AuthInterceptor(self.tokens)] if self.tokens.enabled else None)
         pb_grpc.add_AvatarForcingServicer_to_server(AvatarForcingServicer(self), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
-        self.port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        bind = f"{self.cfg.host}:{self.cfg.port}"
+        if self.credentials is not None:
+            self.port = self.server.add_secure_port(bind, self.credentials)
+        else:
+            self.port = self.server.add_insecure_port(bind)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.cfg.host}:{self.cfg.port}")
+        self.router = self._make_router()
         await self.server.start()
+        if self.cfg.health_port >= 0:  # plaintext health only, for probes that cannot speak TLS
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{self.cfg.host}:{self.cfg.health_port}")
+            await self.health_server.start()
         if self.cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve_http(self.cfg.host, self.cfg.metrics_port)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.router.start()
+        self.metrics.routing_store_up.set_function(lambda: float(self.router.healthy))
         self._watchdog = asyncio.create_task(self.watchdog(), name="watchdog")
         log.info("serving", address=f"{self.cfg.host}:{self.port}", metrics_port=self.metrics_port,
                  model=self.loaded.model_cfg.name, checkpoint=self.loaded.source, trained=self.loaded.trained,
                  device=str(self.engine.device), dtype=str(self.engine.dtype).replace("torch.", ""),
                  capacity=self.cfg.max_sessions, slot_bytes=self.engine.slot_bytes(),
                  lookahead_ms=round(self.lookahead_ms(), 1), latency_ms=round(self.timeline.latency_s * 1000, 1),
+                 node_id=self.node_id, advertise=self.router.node.address, routing=self.router.kind,
+                 tls=self.credentials is not None, auth=self.tokens.enabled, health_port=self.health_port,
                  config=self.cfg.to_json())
+
+    def _make_router(self) -> Router:
+        cfg = self.cfg
+        address = cfg.advertise_address
+        if not address:
+            host = cfg.host
+            if host in ("", "0.0.0.0", "::", "[::]"):
+                host = socket.gethostbyname(socket.gethostname())
+            address = f"{host}:{self.port}"
+        node = NodeInfo(self.node_id, address, cfg.max_sessions)
+        limits = RoutingLimits(reservation_ttl_s=cfg.reservation_ttl_s, resume_ttl_s=cfg.resume_ttl_s,
+                               session_ttl_s=cfg.session_ttl_s, node_ttl_s=cfg.node_ttl_s, heartbeat_s=cfg.heartbeat_s)
+        router: Router
+        if cfg.redis_url:
+            from .routing.redis_store import RedisRouter
+
+            router = RedisRouter(node, limits, lambda: self.engine.free_slots, url=cfg.redis_url,
+                                 prefix=cfg.redis_prefix)
+        else:
+            router = LocalRouter(node, limits, lambda: self.engine.free_slots)
+        router.on_lost = self._on_lost
+        return router
+
+    def _on_lost(self, session_id: str) -> None:
+        s = self.owned.pop(session_id, None)
+        if s is not None:
+            s.fail(SessionFailure(grpc.StatusCode.ABORTED, "this session was resumed on another replica; this "
+                                  "stream ends"))
+
+    def tenant_limit(self, tenant: Tenant) -> int:
+        return tenant.max_sessions or self.cfg.tenant_max_sessions
+
+    async def release_route(self, s: Session) -> None:
+        """Gives the session's routing record back, exactly once, unless another stream took it over."""
+        if s.route_released:
+            return
+        s.route_released = True
+        if self.owned.get(s.id) is s:
+            del self.owned[s.id]
+            await self.router.release(s.id, s.resumable)
+
+    async def drain(self, deadline_s: float) -> int:
+        """NOT_SERVING, draining in the registry, no new sessions; live ones end after ``deadline_s``."""
+        if not self.draining:
+            self.draining = True
+            self.metrics.draining.set(1)
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            if self.router is not None:
+                await self.router.set_draining()
+            log.info("draining", live_sessions=len(self.scheduler.sessions), deadline_s=deadline_s)
+            self._drain_task = asyncio.create_task(self._end_after(deadline_s), name="drain")
+        return len(self.scheduler.sessions)
+
+    async def _end_after(self, deadline_s: float) -> None:
+        deadline = time.monotonic() + deadline_s
+        while self.scheduler.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for s in list(self.scheduler.sessions.values()):
+            s.end(pb.END_REASON_SERVER_SHUTDOWN, "this replica is draining; resume the session on another replica")
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: NOT_SERVING, refuse new sessions, let live ones finish within the grace
@@ -277,20 +440,29 @@ class App:
             return
         grace = self.cfg.grace_s if grace is None else grace
         self.draining = True
+        self.metrics.draining.set(1)
         await self.health.enter_graceful_shutdown()
+        if self.router is not None:
+            await self.router.set_draining()
         log.info("shutting down", live_sessions=len(self.scheduler.sessions), grace_s=grace)
         deadline = time.monotonic() + grace
         while self.scheduler.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for s in list(self.scheduler.sessions.values()):
-            s.end(pb.END_REASON_SERVER_SHUTDOWN, "the server is shutting down; reconnect to another replica")
+            s.end(pb.END_REASON_SERVER_SHUTDOWN, "the server is shutting down; resume the session on another replica")
         t_end = time.monotonic() + 2.0
         while self.scheduler.sessions and time.monotonic() < t_end:
             await asyncio.sleep(0.02)
         assert self.server is not None
         await self.server.stop(1.0)
+        if self.health_server is not None:
+            await self.health_server.stop(0.2)
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+        if self.router is not None:
+            await self.router.stop()
         await self.scheduler.stop()
         self.metrics.close()
         self.stopped = True
@@ -301,22 +473,27 @@ class App:
         e = self.engine
         return e.frames_per_block * (e.L - 1) / e.cfg.fps * 1000
 
-    async def avatar_from_image(self, data: bytes, name: str = "") -> Avatar:
+    async def avatar_from_image(self, data: bytes, name: str = "", tenant: str = DEFAULT_TENANT,
+                                avatar_id: str | None = None) -> Avatar:
         digest = hashlib.sha256(data).hexdigest()
-        known = self.avatars.by_digest(digest)
-        if known is not None:
+        known = self.avatars.by_digest(digest, tenant)
+        if known is not None and avatar_id in (None, known.id):
             return known
         c = self.engine.cfg
         img = load_reference_image(data, c.width, c.height, max_bytes=self.cfg.max_image_bytes,
                                    max_pixels=self.cfg.max_image_pixels)
         anchor = await self.scheduler.in_engine(self.engine.prepare_anchor, img)
-        avatar = self.avatars.add(name, anchor, digest)
-        log.info("avatar registered", avatar_id=avatar.id, name=name)
+        avatar = self.avatars.add(name, anchor, digest, tenant, avatar_id)
+        log.info("avatar registered", avatar_id=avatar.id, name=name, tenant=tenant)
         return avatar
 
-    async def open_session(self, sc: pb.SessionConfig) -> Session:
+    async def open_session(self, sc: pb.SessionConfig, tenant: Tenant | None = None) -> Session:
+        tenant = tenant or Tenant(DEFAULT_TENANT)
         if self.draining:
             raise SessionFailure(grpc.StatusCode.UNAVAILABLE, "this replica is shutting down; connect to another")
+        if not sc.session_id and (sc.session_token or sc.resume_block):
+            raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                                 "session_token and resume_block need session_id (from CreateSession)")
         af = sc.audio_format
         if af.encoding not in (pb.AUDIO_ENCODING_PCM16LE, pb.AUDIO_ENCODING_UNSPECIFIED):
             raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
@@ -339,14 +516,21 @@ class App:
             raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT, "jpeg_quality must be 1..100 (0: default)")
         ref = sc.WhichOneof("reference")
         if ref == "avatar_id":
-            avatar = self.avatars.get(sc.avatar_id)
+            avatar = self.avatars.get(sc.avatar_id, tenant.name)
+            if avatar is None:  # registered on another replica: its image is in the routing store
+                image = await self.router.get_avatar(sc.avatar_id, tenant.name)
+                if image is not None:
+                    try:
+                        avatar = await self.avatar_from_image(image, "", tenant.name, sc.avatar_id)
+                    except ImageError as e:
+                        raise SessionFailure(grpc.StatusCode.INTERNAL, f"stored avatar is unusable: {e}") from None
             if avatar is None:
                 raise SessionFailure(grpc.StatusCode.NOT_FOUND,
                                      f"avatar {sc.avatar_id!r} is not registered on this replica; register it "
                                      "with RegisterAvatar or send reference_image")
         elif ref == "reference_image":
             try:
-                avatar = await self.avatar_from_image(sc.reference_image)
+                avatar = await self.avatar_from_image(sc.reference_image, "", tenant.name)
             except ImageError as e:
                 raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         else:
@@ -359,23 +543,43 @@ class App:
         except AudioError as e:
             raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         seed = sc.seed or secrets.randbits(63)
+        # Routing: attach to the session placed by CreateSession, or place one here.
+        try:
+            if sc.session_id:
+                rec = await self.router.attach(sc.session_id, sc.session_token, tenant.name)
+                token = ""
+            else:
+                rec, token = await self.router.create_local(tenant.name, self.tenant_limit(tenant))
+        except RoutingError as e:
+            raise SessionFailure(e.code, e.message, e.trailers) from None
+        sid = rec.session_id
+        old = self.owned.get(sid)
+        if old is not None:  # the same session attached again (its client reconnected): the new stream wins
+            old.log.info("superseded by a new stream for the same session")
+            old.fail(SessionFailure(grpc.StatusCode.ABORTED, "another stream attached to this session; this one ends"))
+            await self.scheduler.release(old)
         try:
             slot = await self.scheduler.allocate(avatar.anchor, seed)
         except NoFreeSlotError:
+            await self.router.release(sid, resumable=True)
             raise SessionFailure(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  f"all {self.cfg.max_sessions} session slots of this replica are in use; retry "
                                  "later or on another replica") from None
+        except BaseException:
+            await asyncio.shield(self.router.release(sid, resumable=True))
+            raise
         try:
             encoder = make_encoder(sc.video_encoding, c.width, c.height, c.fps, jpeg_quality=sc.jpeg_quality,
                                    bitrate_bps=sc.video_bitrate_bps)
         except Exception as e:
             await self.scheduler.in_engine(self.engine.free, slot)
+            await self.router.release(sid, resumable=False)
             raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT, f"cannot create the video encoder: {e}") from None
-        sid = "s_" + secrets.token_urlsafe(12)
         s = Session(id=sid, config=sc, slot=slot, audio=audio, encoder=encoder, timeline=self.timeline,
                     queue_frames=self.cfg.queue_frames, max_blocks_ahead=self.cfg.max_blocks_ahead,
-                    avatar_id=avatar.id)
+                    avatar_id=avatar.id, block_offset=int(sc.resume_block), token=token, tenant=tenant.name)
         s.log = log.bind(session_id=sid, utterance_id=sc.utterance_id or None, avatar_id=avatar.id)
+        self.owned[sid] = s
         self.scheduler.add(s)
         self.metrics.sessions_started.inc()
         s.log.info("session started", slot=slot, sample_rate=rate, encoding=pb.VideoEncoding.Name(sc.video_encoding),
@@ -389,7 +593,8 @@ class App:
             session_id=s.id, fps=c.fps, width=c.width, height=c.height, frames_per_block=self.engine.frames_per_block,
             lookahead_ms=self.lookahead_ms(), latency_ms=lat, video_encoding=s.config.video_encoding,
             init_segment=s.encoder.init_segment, audio_sample_rate_hz=s.audio.rate, avatar_id=s.avatar_id,
-            idle_timeout_ms=self.cfg.idle_timeout_s * 1000)
+            idle_timeout_ms=self.cfg.idle_timeout_s * 1000, session_token=s.token, node_id=self.node_id,
+            first_frame_index=s.block_offset * self.engine.frames_per_block)
 
     def on_frame_sent(self, s: Session, item: Any) -> None:
         now = time.monotonic()
@@ -409,8 +614,8 @@ class App:
     def trailers_for(self, e: SessionFailure) -> tuple[tuple[str, str], ...]:
         if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             ms = str(int(self.timeline.block_s * 1000 * 4))
-            return (("grpc-retry-pushback-ms", ms), ("retry-after-ms", ms))
-        return ()
+            return (*e.trailers, ("grpc-retry-pushback-ms", ms), ("retry-after-ms", ms))
+        return e.trailers
 
     def server_info(self) -> pb.ServerInfo:
         e, lm = self.engine, self.loaded
@@ -427,7 +632,8 @@ class App:
             capacity_sessions=e.capacity, free_slots=e.free_slots, active_sessions=len(self.scheduler.sessions),
             supported_sample_rates_hz=list(SUPPORTED_RATES),
             supported_video_encodings=cast(list[pb.VideoEncoding], list(SUPPORTED_ENCODINGS)),
-            registered_avatars=len(self.avatars))
+            registered_avatars=len(self.avatars), node_id=self.node_id, address=self.router.node.address,
+            draining=self.draining, routing=self.router.kind, routing_healthy=self.router.healthy)
 
     async def watchdog(self) -> None:
         """Idle timeout and maximum session length."""

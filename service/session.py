@@ -29,10 +29,11 @@ from .codecs import FrameEncoder
 class SessionFailure(Exception):
     """Ends one session with a gRPC status; others go on."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.trailers = trailers
 
 
 @dataclass
@@ -119,6 +120,12 @@ class Session:
     t_start: float = field(default_factory=time.monotonic)
     avatar_id: str = ""
     log: Any = None
+    # routing
+    block_offset: int = 0  # resumed sessions: output block (and frame, audio) positions continue from here
+    token: str = ""  # for a session placed without CreateSession: its token, sent in SessionStarted
+    tenant: str = ""
+    resumable: bool = True  # on release: keep the routing record (detached) so that the client can resume
+    route_released: bool = False
     # progress
     steps: int = 0
     in_flight: bool = False
@@ -198,6 +205,7 @@ class Session:
     def frame_due(self, index: int) -> float | None:
         if not self.realtime:
             return None
+        index -= self.block_offset * self.fpb
         return self.t_start + self.timeline.latency_s + index / self.timeline.fps
 
     def make_room(self, incoming: int) -> int:

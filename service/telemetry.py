@@ -61,6 +61,11 @@ class Metrics:
                                     "Sessions that crossed below the calibrated anchor-similarity floor",
                                     registry=r)
         self.slot_bytes = Gauge(p + "slot_memory_bytes", "Device memory of one session slot", registry=r)
+        self.placements = Counter(p + "placements", "CreateSession answers, by result (local: placed on this replica, "
+                                  "remote: on another, resumed, refused)", ["result"], registry=r)
+        self.routing_store_up = Gauge(p + "routing_store_up", "1 while the routing store (Redis) is reachable "
+                                      "(always 1 with in-process routing)", registry=r)
+        self.draining = Gauge(p + "draining", "1 once this replica drains or shuts down", registry=r)
         self._http: Any = None
 
     def serve_http(self, host: str, port: int) -> int:

@@ -13,6 +13,8 @@ from avatarforcing.checkpoint import random_init
 from avatarforcing_service.config import ServerConfig
 from avatarforcing_service.server import App
 
+from .cluster import redis_server  # noqa: F401 (a fixture: a real redis-server on a free loopback port)
+
 torch.set_num_threads(2)
 
 

@@ -3,14 +3,19 @@ package avatarforcing
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
+	"sync"
+	"sync/atomic"
 
 	pb "github.com/avatarforcing/serve/clients/go/avatarforcingv1"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 )
 
 // MaxMessageSize is the default limit on one gRPC message in either direction: raw RGB frames
@@ -73,11 +78,11 @@ func WithRouter(r Router) Option {
 	return func(d *dialConfig) { d.router = r }
 }
 
-// Router is the extension point for session routing across replicas. It is NOT implemented by
-// this package because the server has no routing RPC yet (no CreateSession): a future router
-// would create the session through a routing service, dial the replica that owns it, and let
-// the Session resume on another replica when its stream fails with UNAVAILABLE. Until then, a
-// Router set with WithRouter is asked for the connection that carries each new session (the
+// Router is an extension point for custom session routing. By default (no Router) StartSession
+// asks the server for placement (CreateSession, see docs/routing.md) and streams on the replica
+// it names, following a FAILED_PRECONDITION redirect to the owner; this package does not resume
+// a session on another replica when its stream fails (the Python SDK does). A Router set with
+// WithRouter replaces placement: is asked for the connection that carries each new session (the
 // Client's own connection is passed in as the default); unary RPCs always use the Client's own
 // connection. The Router owns the connections it returns: Client.Close does not close them.
 type Router interface {
@@ -91,6 +96,12 @@ type Client struct {
 	conn   *grpc.ClientConn
 	stub   pb.AvatarForcingClient
 	router Router
+	target string
+	dopts  []grpc.DialOption
+
+	mu       sync.Mutex
+	replicas map[string]*grpc.ClientConn // connections to the replicas placement sent sessions to
+	noRoute  atomic.Bool                 // the server has no CreateSession (an older server)
 }
 
 // Dial creates a Client for target ("host:port" or any gRPC target string). It does not wait
@@ -125,7 +136,8 @@ func Dial(ctx context.Context, target string, opts ...Option) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("avatarforcing: dial %s: %w", target, err)
 	}
-	c := &Client{conn: conn, stub: pb.NewAvatarForcingClient(conn), router: cfg.router}
+	c := &Client{conn: conn, stub: pb.NewAvatarForcingClient(conn), router: cfg.router, target: target,
+		dopts: dopts, replicas: map[string]*grpc.ClientConn{}}
 	if cfg.block {
 		if err := c.waitReady(ctx); err != nil {
 			conn.Close()
@@ -159,8 +171,60 @@ func (c *Client) waitReady(ctx context.Context) error {
 // Conn returns the underlying gRPC connection, for example to call the health service.
 func (c *Client) Conn() *grpc.ClientConn { return c.conn }
 
-// Close closes the connection; sessions still running on it fail with codes.Canceled.
-func (c *Client) Close() error { return c.conn.Close() }
+// Close closes the connection (and those to the replicas sessions were placed on); sessions
+// still running on them fail with codes.Canceled.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	errs := []error{c.conn.Close()}
+	for addr, cc := range c.replicas {
+		errs = append(errs, cc.Close())
+		delete(c.replicas, addr)
+	}
+	c.mu.Unlock()
+	return errors.Join(errs...)
+}
+
+// place asks the server the Client is connected to where a new session runs (CreateSession,
+// see docs/routing.md). ok is false for a server without routing: the session then streams
+// over the Client's own connection. A refusal (every replica full: RESOURCE_EXHAUSTED) is a
+// *StartError, whose trailer holds the retry hint.
+func (c *Client) place(ctx context.Context) (resp *pb.CreateSessionResponse, ok bool, err error) {
+	if c.noRoute.Load() {
+		return nil, false, nil
+	}
+	var tr metadata.MD
+	resp, err = c.stub.CreateSession(ctx, &pb.CreateSessionRequest{}, grpc.Trailer(&tr))
+	if status.Code(err) == codes.Unimplemented {
+		c.noRoute.Store(true)
+		return nil, false, nil
+	}
+	if err != nil {
+		if _, isStatus := status.FromError(err); isStatus {
+			return nil, false, &StartError{Err: err, Trailer: tr}
+		}
+		return nil, false, err
+	}
+	return resp, true, nil
+}
+
+// connFor returns a connection to the replica at addr (the Client's own for its own target),
+// dialled once with the Client's options (credentials, metadata) and kept until Close.
+func (c *Client) connFor(addr string) (grpc.ClientConnInterface, error) {
+	if addr == "" || addr == c.target {
+		return c.conn, nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cc, ok := c.replicas[addr]; ok {
+		return cc, nil
+	}
+	cc, err := grpc.NewClient(addr, c.dopts...)
+	if err != nil {
+		return nil, fmt.Errorf("avatarforcing: dial replica %s: %w", addr, err)
+	}
+	c.replicas[addr] = cc
+	return cc, nil
+}
 
 // ServerInfo returns the server's model and stream configuration, capacity and free slots.
 func (c *Client) ServerInfo(ctx context.Context) (*pb.ServerInfo, error) {

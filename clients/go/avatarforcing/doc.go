@@ -57,12 +57,16 @@
 // stream fails (Events closes, Err returns the gRPC status error), when the context given to
 // StartSession is cancelled (the server frees the slot), or on [Session.Close].
 //
-// # Routing (extension point, not implemented)
+// # Routing
 //
-// A fleet of replicas will need routing: ask a router to create the session, dial the replica
-// that owns it, and resume the session elsewhere when its replica answers UNAVAILABLE (for
-// example while it shuts down). The server has no such RPC yet (there is no CreateSession), so
-// this package does not implement routing or resumption. The extension point is [Router]: set
+// A fleet of replicas routes sessions through the CreateSession RPC (docs/routing.md):
+// StartSession asks the server it is connected to (for example a load-balanced address) where
+// the session runs, dials that replica (with the Client's credentials and metadata; the
+// connection is kept until Client.Close) and streams there, following a FAILED_PRECONDITION
+// redirect to the owner. When every replica is full it returns RESOURCE_EXHAUSTED with a
+// RetryAfter hint. Against a server without CreateSession it streams over the Client's own
+// connection. This package does not resume a session on another replica when its stream
+// fails; the Python SDK does. The extension point is [Router]: set
 // one with [WithRouter] and StartSession asks it for the connection that carries each new
 // session; without one, every session streams over the Client's own connection.
 package avatarforcing

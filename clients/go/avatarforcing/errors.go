@@ -11,6 +11,9 @@ import (
 	"google.golang.org/grpc/status"
 )
 
+// ownerAddressKey is the trailer of FAILED_PRECONDITION naming the replica that owns a session.
+const ownerAddressKey = "avatarforcing-owner-address"
+
 var (
 	// ErrInvalidArgument is wrapped by every error that rejects a caller's argument before
 	// anything is sent (bad SessionOptions, an odd-length PCM buffer, a WAV file in the wrong

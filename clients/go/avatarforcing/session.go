@@ -109,33 +109,63 @@ func (c *Client) StartSession(ctx context.Context, opts SessionOptions) (*Sessio
 		return nil, err
 	}
 	var cc grpc.ClientConnInterface = c.conn
+	cfg := o.config()
 	if c.router != nil {
 		if cc, err = c.router.Route(ctx, o, c.conn); err != nil {
 			return nil, fmt.Errorf("avatarforcing: routing the session: %w", err)
 		}
+	} else {
+		placed, ok, err := c.place(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			if cc, err = c.connFor(placed.GetAddress()); err != nil {
+				return nil, err
+			}
+			cfg.SessionId, cfg.SessionToken = placed.GetSessionId(), placed.GetSessionToken()
+		}
 	}
-	sctx, cancel := context.WithCancel(ctx)
-	stream, err := pb.NewAvatarForcingClient(cc).Stream(sctx)
-	if err != nil {
-		cancel()
-		return nil, err
-	}
-	// io.EOF from Send means the stream already failed; Recv returns the real status.
-	if err := stream.Send(&pb.StreamRequest{Message: &pb.StreamRequest_Config{Config: o.config()}}); err != nil && err != io.EOF {
-		cancel()
-		return nil, err
-	}
-	sentAt := time.Now()
-	resp, err := stream.Recv()
-	if err != nil {
-		if err == io.EOF {
-			err = fmt.Errorf("%w: the server closed the stream without sending SessionStarted", ErrProtocol)
-		} else if _, ok := status.FromError(err); ok {
-			// The stream has finished: its trailer holds the server's retry hint, if any.
-			err = &StartError{Err: err, Trailer: stream.Trailer()}
+	var (
+		sctx   context.Context
+		cancel context.CancelFunc
+		stream pb.AvatarForcing_StreamClient
+		resp   *pb.StreamResponse
+		sentAt time.Time
+	)
+	for redirects := 0; ; redirects++ {
+		sctx, cancel = context.WithCancel(ctx)
+		stream, err = pb.NewAvatarForcingClient(cc).Stream(sctx)
+		if err != nil {
+			cancel()
+			return nil, err
+		}
+		// io.EOF from Send means the stream already failed; Recv returns the real status.
+		if err := stream.Send(&pb.StreamRequest{Message: &pb.StreamRequest_Config{Config: cfg}}); err != nil && err != io.EOF {
+			cancel()
+			return nil, err
+		}
+		sentAt = time.Now()
+		resp, err = stream.Recv()
+		if err == nil {
+			break
 		}
 		cancel()
-		return nil, err
+		if err == io.EOF {
+			return nil, fmt.Errorf("%w: the server closed the stream without sending SessionStarted", ErrProtocol)
+		}
+		if _, ok := status.FromError(err); !ok {
+			return nil, err
+		}
+		// The stream has finished: its trailer holds the server's retry hint or the owner's address.
+		tr := stream.Trailer()
+		if owner := tr.Get(ownerAddressKey); status.Code(err) == codes.FailedPrecondition && len(owner) > 0 && redirects < 2 {
+			if cc, err = c.connFor(owner[0]); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		return nil, &StartError{Err: err, Trailer: tr}
 	}
 	started := resp.GetStarted()
 	if started == nil {

@@ -324,7 +324,17 @@ type SessionConfig struct {
 	// Optional: H.264 / fMP4 target bitrate in bits per second (0: encoder default).
 	VideoBitrateBps uint32 `protobuf:"varint,8,opt,name=video_bitrate_bps,json=videoBitrateBps,proto3" json:"video_bitrate_bps,omitempty"`
 	// Optional: seed for the session's noise (0: random). Same seed, same audio: same video.
-	Seed          uint64 `protobuf:"varint,9,opt,name=seed,proto3" json:"seed,omitempty"`
+	Seed uint64 `protobuf:"varint,9,opt,name=seed,proto3" json:"seed,omitempty"`
+	// Routing: the session placed by CreateSession and its token. Both empty: the session runs on
+	// the replica that receives the stream (single-node use). A replica that does not own the
+	// session answers FAILED_PRECONDITION with the owner's address in the trailing metadata key
+	// "avatarforcing-owner-address".
+	SessionId    string `protobuf:"bytes,10,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	SessionToken string `protobuf:"bytes,11,opt,name=session_token,json=sessionToken,proto3" json:"session_token,omitempty"`
+	// Resume: the first block of the resumed stream. Frame indices then start at
+	// resume_block * frames_per_block and AudioOut.start_sample at resume_block * (samples per
+	// block at the input rate); the window starts fresh from the avatar's anchor. 0: a new session.
+	ResumeBlock   uint64 `protobuf:"varint,12,opt,name=resume_block,json=resumeBlock,proto3" json:"resume_block,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -429,6 +439,27 @@ func (x *SessionConfig) GetVideoBitrateBps() uint32 {
 func (x *SessionConfig) GetSeed() uint64 {
 	if x != nil {
 		return x.Seed
+	}
+	return 0
+}
+
+func (x *SessionConfig) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+func (x *SessionConfig) GetSessionToken() string {
+	if x != nil {
+		return x.SessionToken
+	}
+	return ""
+}
+
+func (x *SessionConfig) GetResumeBlock() uint64 {
+	if x != nil {
+		return x.ResumeBlock
 	}
 	return 0
 }
@@ -765,8 +796,15 @@ type SessionStarted struct {
 	// A session with no message from the client for this long ends (END_REASON_IDLE_TIMEOUT);
 	// a client that only listens sends KeepAlive more often than this (the SDKs do it for you).
 	IdleTimeoutMs float64 `protobuf:"fixed64,12,opt,name=idle_timeout_ms,json=idleTimeoutMs,proto3" json:"idle_timeout_ms,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// The token that resumes this session (CreateSession.session_token); also set for a session
+	// placed implicitly (no CreateSession). Keep it secret: it is the session's credential.
+	SessionToken string `protobuf:"bytes,13,opt,name=session_token,json=sessionToken,proto3" json:"session_token,omitempty"`
+	// The replica running the session.
+	NodeId string `protobuf:"bytes,14,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	// Index of the first frame of this stream (resume_block * frames_per_block; 0 for a new session).
+	FirstFrameIndex uint64 `protobuf:"varint,15,opt,name=first_frame_index,json=firstFrameIndex,proto3" json:"first_frame_index,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *SessionStarted) Reset() {
@@ -883,6 +921,27 @@ func (x *SessionStarted) GetIdleTimeoutMs() float64 {
 	return 0
 }
 
+func (x *SessionStarted) GetSessionToken() string {
+	if x != nil {
+		return x.SessionToken
+	}
+	return ""
+}
+
+func (x *SessionStarted) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *SessionStarted) GetFirstFrameIndex() uint64 {
+	if x != nil {
+		return x.FirstFrameIndex
+	}
+	return 0
+}
+
 type VideoFrame struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// 0, 1, 2, ... over the whole session, without gaps (a dropped frame keeps its index).
@@ -991,10 +1050,15 @@ type AudioOut struct {
 	// How many samples of data came from the client (the rest is inserted silence), and where
 	// they start in data: they are data[real_offset : real_offset + real_samples]. Silence is
 	// inserted before the audio when speech starts inside a block, after it when speech stops.
-	RealSamples   uint32 `protobuf:"varint,5,opt,name=real_samples,json=realSamples,proto3" json:"real_samples,omitempty"`
-	RealOffset    uint32 `protobuf:"varint,6,opt,name=real_offset,json=realOffset,proto3" json:"real_offset,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	RealSamples uint32 `protobuf:"varint,5,opt,name=real_samples,json=realSamples,proto3" json:"real_samples,omitempty"`
+	RealOffset  uint32 `protobuf:"varint,6,opt,name=real_offset,json=realOffset,proto3" json:"real_offset,omitempty"`
+	// How many samples of the client's audio this stream has consumed up to the end of this block
+	// (rendered, or dropped by an Interrupt), counted from the stream's first audio sample. Audio
+	// the client sent beyond it is not in this block or any before it: a client that resumes a
+	// session elsewhere re-sends from there (blocks dropped for a slow client are counted too).
+	SourceEndSample uint64 `protobuf:"varint,7,opt,name=source_end_sample,json=sourceEndSample,proto3" json:"source_end_sample,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *AudioOut) Reset() {
@@ -1065,6 +1129,13 @@ func (x *AudioOut) GetRealSamples() uint32 {
 func (x *AudioOut) GetRealOffset() uint32 {
 	if x != nil {
 		return x.RealOffset
+	}
+	return 0
+}
+
+func (x *AudioOut) GetSourceEndSample() uint64 {
+	if x != nil {
+		return x.SourceEndSample
 	}
 	return 0
 }
@@ -1731,8 +1802,16 @@ type ServerInfo struct {
 	SupportedSampleRatesHz  []uint32               `protobuf:"varint,7,rep,packed,name=supported_sample_rates_hz,json=supportedSampleRatesHz,proto3" json:"supported_sample_rates_hz,omitempty"`
 	SupportedVideoEncodings []VideoEncoding        `protobuf:"varint,8,rep,packed,name=supported_video_encodings,json=supportedVideoEncodings,proto3,enum=avatarforcing.v1.VideoEncoding" json:"supported_video_encodings,omitempty"`
 	RegisteredAvatars       uint32                 `protobuf:"varint,9,opt,name=registered_avatars,json=registeredAvatars,proto3" json:"registered_avatars,omitempty"`
-	unknownFields           protoimpl.UnknownFields
-	sizeCache               protoimpl.SizeCache
+	// This replica's id in the routing registry and the address clients are sent to.
+	NodeId  string `protobuf:"bytes,10,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Address string `protobuf:"bytes,11,opt,name=address,proto3" json:"address,omitempty"`
+	// True once the replica drains (Drain RPC or SIGTERM): it takes no new sessions.
+	Draining bool `protobuf:"varint,12,opt,name=draining,proto3" json:"draining,omitempty"`
+	// "local" (single node, in-process) or "redis"; routing_healthy is false while Redis is unreachable.
+	Routing        string `protobuf:"bytes,13,opt,name=routing,proto3" json:"routing,omitempty"`
+	RoutingHealthy bool   `protobuf:"varint,14,opt,name=routing_healthy,json=routingHealthy,proto3" json:"routing_healthy,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *ServerInfo) Reset() {
@@ -1828,6 +1907,279 @@ func (x *ServerInfo) GetRegisteredAvatars() uint32 {
 	return 0
 }
 
+func (x *ServerInfo) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *ServerInfo) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *ServerInfo) GetDraining() bool {
+	if x != nil {
+		return x.Draining
+	}
+	return false
+}
+
+func (x *ServerInfo) GetRouting() string {
+	if x != nil {
+		return x.Routing
+	}
+	return ""
+}
+
+func (x *ServerInfo) GetRoutingHealthy() bool {
+	if x != nil {
+		return x.RoutingHealthy
+	}
+	return false
+}
+
+type CreateSessionRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Resume: the id and token of a session whose stream broke. Empty: a new session.
+	ResumeSessionId string `protobuf:"bytes,1,opt,name=resume_session_id,json=resumeSessionId,proto3" json:"resume_session_id,omitempty"`
+	SessionToken    string `protobuf:"bytes,2,opt,name=session_token,json=sessionToken,proto3" json:"session_token,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *CreateSessionRequest) Reset() {
+	*x = CreateSessionRequest{}
+	mi := &file_avatarforcing_v1_avatarforcing_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateSessionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateSessionRequest) ProtoMessage() {}
+
+func (x *CreateSessionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_avatarforcing_v1_avatarforcing_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateSessionRequest.ProtoReflect.Descriptor instead.
+func (*CreateSessionRequest) Descriptor() ([]byte, []int) {
+	return file_avatarforcing_v1_avatarforcing_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *CreateSessionRequest) GetResumeSessionId() string {
+	if x != nil {
+		return x.ResumeSessionId
+	}
+	return ""
+}
+
+func (x *CreateSessionRequest) GetSessionToken() string {
+	if x != nil {
+		return x.SessionToken
+	}
+	return ""
+}
+
+type CreateSessionResponse struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	SessionId string                 `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	// The session's credential: send it in SessionConfig.session_token.
+	SessionToken string `protobuf:"bytes,2,opt,name=session_token,json=sessionToken,proto3" json:"session_token,omitempty"`
+	// host:port of the replica that runs the session: open the Stream there.
+	Address string `protobuf:"bytes,3,opt,name=address,proto3" json:"address,omitempty"`
+	NodeId  string `protobuf:"bytes,4,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	// The reserved slot is released unless a Stream attaches within this many milliseconds.
+	ReservationTtlMs float64 `protobuf:"fixed64,5,opt,name=reservation_ttl_ms,json=reservationTtlMs,proto3" json:"reservation_ttl_ms,omitempty"`
+	// True when resume_session_id was given and the session was found.
+	Resumed       bool `protobuf:"varint,6,opt,name=resumed,proto3" json:"resumed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateSessionResponse) Reset() {
+	*x = CreateSessionResponse{}
+	mi := &file_avatarforcing_v1_avatarforcing_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateSessionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateSessionResponse) ProtoMessage() {}
+
+func (x *CreateSessionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_avatarforcing_v1_avatarforcing_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateSessionResponse.ProtoReflect.Descriptor instead.
+func (*CreateSessionResponse) Descriptor() ([]byte, []int) {
+	return file_avatarforcing_v1_avatarforcing_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *CreateSessionResponse) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+func (x *CreateSessionResponse) GetSessionToken() string {
+	if x != nil {
+		return x.SessionToken
+	}
+	return ""
+}
+
+func (x *CreateSessionResponse) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *CreateSessionResponse) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *CreateSessionResponse) GetReservationTtlMs() float64 {
+	if x != nil {
+		return x.ReservationTtlMs
+	}
+	return 0
+}
+
+func (x *CreateSessionResponse) GetResumed() bool {
+	if x != nil {
+		return x.Resumed
+	}
+	return false
+}
+
+type DrainRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Seconds live sessions may run on before they are ended; 0: the server's grace period.
+	DeadlineS     float64 `protobuf:"fixed64,1,opt,name=deadline_s,json=deadlineS,proto3" json:"deadline_s,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainRequest) Reset() {
+	*x = DrainRequest{}
+	mi := &file_avatarforcing_v1_avatarforcing_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainRequest) ProtoMessage() {}
+
+func (x *DrainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_avatarforcing_v1_avatarforcing_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
+func (*DrainRequest) Descriptor() ([]byte, []int) {
+	return file_avatarforcing_v1_avatarforcing_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *DrainRequest) GetDeadlineS() float64 {
+	if x != nil {
+		return x.DeadlineS
+	}
+	return 0
+}
+
+type DrainResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	LiveSessions  uint32                 `protobuf:"varint,1,opt,name=live_sessions,json=liveSessions,proto3" json:"live_sessions,omitempty"`
+	DeadlineS     float64                `protobuf:"fixed64,2,opt,name=deadline_s,json=deadlineS,proto3" json:"deadline_s,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainResponse) Reset() {
+	*x = DrainResponse{}
+	mi := &file_avatarforcing_v1_avatarforcing_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainResponse) ProtoMessage() {}
+
+func (x *DrainResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_avatarforcing_v1_avatarforcing_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
+func (*DrainResponse) Descriptor() ([]byte, []int) {
+	return file_avatarforcing_v1_avatarforcing_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *DrainResponse) GetLiveSessions() uint32 {
+	if x != nil {
+		return x.LiveSessions
+	}
+	return 0
+}
+
+func (x *DrainResponse) GetDeadlineS() float64 {
+	if x != nil {
+		return x.DeadlineS
+	}
+	return 0
+}
+
 var File_avatarforcing_v1_avatarforcing_proto protoreflect.FileDescriptor
 
 const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
@@ -1836,7 +2188,7 @@ const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"\vAudioFormat\x12;\n" +
 	"\bencoding\x18\x01 \x01(\x0e2\x1f.avatarforcing.v1.AudioEncodingR\bencoding\x12$\n" +
 	"\x0esample_rate_hz\x18\x02 \x01(\rR\fsampleRateHz\x12\x1a\n" +
-	"\bchannels\x18\x03 \x01(\rR\bchannels\"\xa8\x03\n" +
+	"\bchannels\x18\x03 \x01(\rR\bchannels\"\x8f\x04\n" +
 	"\rSessionConfig\x12)\n" +
 	"\x0freference_image\x18\x01 \x01(\fH\x00R\x0ereferenceImage\x12\x1d\n" +
 	"\tavatar_id\x18\x02 \x01(\tH\x00R\bavatarId\x12@\n" +
@@ -1846,7 +2198,12 @@ const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"\futterance_id\x18\x06 \x01(\tR\vutteranceId\x12!\n" +
 	"\fjpeg_quality\x18\a \x01(\rR\vjpegQuality\x12*\n" +
 	"\x11video_bitrate_bps\x18\b \x01(\rR\x0fvideoBitrateBps\x12\x12\n" +
-	"\x04seed\x18\t \x01(\x04R\x04seedB\v\n" +
+	"\x04seed\x18\t \x01(\x04R\x04seed\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\n" +
+	" \x01(\tR\tsessionId\x12#\n" +
+	"\rsession_token\x18\v \x01(\tR\fsessionToken\x12!\n" +
+	"\fresume_block\x18\f \x01(\x04R\vresumeBlockB\v\n" +
 	"\treference\" \n" +
 	"\n" +
 	"AudioChunk\x12\x12\n" +
@@ -1863,7 +2220,7 @@ const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"endOfAudio\x12<\n" +
 	"\n" +
 	"keep_alive\x18\x05 \x01(\v2\x1b.avatarforcing.v1.KeepAliveH\x00R\tkeepAliveB\t\n" +
-	"\amessage\"\xbc\x03\n" +
+	"\amessage\"\xa6\x04\n" +
 	"\x0eSessionStarted\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x10\n" +
@@ -1879,7 +2236,10 @@ const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"\x14audio_sample_rate_hz\x18\n" +
 	" \x01(\rR\x11audioSampleRateHz\x12\x1b\n" +
 	"\tavatar_id\x18\v \x01(\tR\bavatarId\x12&\n" +
-	"\x0fidle_timeout_ms\x18\f \x01(\x01R\ridleTimeoutMs\"\xe2\x01\n" +
+	"\x0fidle_timeout_ms\x18\f \x01(\x01R\ridleTimeoutMs\x12#\n" +
+	"\rsession_token\x18\r \x01(\tR\fsessionToken\x12\x17\n" +
+	"\anode_id\x18\x0e \x01(\tR\x06nodeId\x12*\n" +
+	"\x11first_frame_index\x18\x0f \x01(\x04R\x0ffirstFrameIndex\"\xe2\x01\n" +
 	"\n" +
 	"VideoFrame\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x15\n" +
@@ -1889,7 +2249,7 @@ const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"\x04data\x18\x05 \x01(\fR\x04data\x12\x1a\n" +
 	"\bkeyframe\x18\x06 \x01(\bR\bkeyframe\x12\x1f\n" +
 	"\vblock_index\x18\a \x01(\rR\n" +
-	"blockIndex\"\xbe\x01\n" +
+	"blockIndex\"\xea\x01\n" +
 	"\bAudioOut\x12\x1f\n" +
 	"\vblock_index\x18\x01 \x01(\rR\n" +
 	"blockIndex\x12!\n" +
@@ -1898,7 +2258,8 @@ const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"\x06silent\x18\x04 \x01(\bR\x06silent\x12!\n" +
 	"\freal_samples\x18\x05 \x01(\rR\vrealSamples\x12\x1f\n" +
 	"\vreal_offset\x18\x06 \x01(\rR\n" +
-	"realOffset\"\xb0\x02\n" +
+	"realOffset\x12*\n" +
+	"\x11source_end_sample\x18\a \x01(\x04R\x0fsourceEndSample\"\xb0\x02\n" +
 	"\x05Stats\x12\x1f\n" +
 	"\vframes_sent\x18\x01 \x01(\x04R\n" +
 	"framesSent\x12%\n" +
@@ -1953,7 +2314,7 @@ const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"\x06height\x18\b \x01(\rR\x06height\x12(\n" +
 	"\x10frames_per_block\x18\t \x01(\rR\x0eframesPerBlock\x12!\n" +
 	"\flookahead_ms\x18\n" +
-	" \x01(\x01R\vlookaheadMs\"\xcb\x03\n" +
+	" \x01(\x01R\vlookaheadMs\"\xdd\x04\n" +
 	"\n" +
 	"ServerInfo\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x121\n" +
@@ -1965,7 +2326,31 @@ const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"\x0factive_sessions\x18\x06 \x01(\rR\x0eactiveSessions\x129\n" +
 	"\x19supported_sample_rates_hz\x18\a \x03(\rR\x16supportedSampleRatesHz\x12[\n" +
 	"\x19supported_video_encodings\x18\b \x03(\x0e2\x1f.avatarforcing.v1.VideoEncodingR\x17supportedVideoEncodings\x12-\n" +
-	"\x12registered_avatars\x18\t \x01(\rR\x11registeredAvatars*K\n" +
+	"\x12registered_avatars\x18\t \x01(\rR\x11registeredAvatars\x12\x17\n" +
+	"\anode_id\x18\n" +
+	" \x01(\tR\x06nodeId\x12\x18\n" +
+	"\aaddress\x18\v \x01(\tR\aaddress\x12\x1a\n" +
+	"\bdraining\x18\f \x01(\bR\bdraining\x12\x18\n" +
+	"\arouting\x18\r \x01(\tR\arouting\x12'\n" +
+	"\x0frouting_healthy\x18\x0e \x01(\bR\x0eroutingHealthy\"g\n" +
+	"\x14CreateSessionRequest\x12*\n" +
+	"\x11resume_session_id\x18\x01 \x01(\tR\x0fresumeSessionId\x12#\n" +
+	"\rsession_token\x18\x02 \x01(\tR\fsessionToken\"\xd6\x01\n" +
+	"\x15CreateSessionResponse\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\x01 \x01(\tR\tsessionId\x12#\n" +
+	"\rsession_token\x18\x02 \x01(\tR\fsessionToken\x12\x18\n" +
+	"\aaddress\x18\x03 \x01(\tR\aaddress\x12\x17\n" +
+	"\anode_id\x18\x04 \x01(\tR\x06nodeId\x12,\n" +
+	"\x12reservation_ttl_ms\x18\x05 \x01(\x01R\x10reservationTtlMs\x12\x18\n" +
+	"\aresumed\x18\x06 \x01(\bR\aresumed\"-\n" +
+	"\fDrainRequest\x12\x1d\n" +
+	"\n" +
+	"deadline_s\x18\x01 \x01(\x01R\tdeadlineS\"S\n" +
+	"\rDrainResponse\x12#\n" +
+	"\rlive_sessions\x18\x01 \x01(\rR\fliveSessions\x12\x1d\n" +
+	"\n" +
+	"deadline_s\x18\x02 \x01(\x01R\tdeadlineS*K\n" +
 	"\rAudioEncoding\x12\x1e\n" +
 	"\x1aAUDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16AUDIO_ENCODING_PCM16LE\x10\x01*\x98\x01\n" +
@@ -1985,11 +2370,13 @@ const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"\x18END_REASON_CLIENT_CLOSED\x10\x02\x12\x1b\n" +
 	"\x17END_REASON_IDLE_TIMEOUT\x10\x03\x12\x1b\n" +
 	"\x17END_REASON_MAX_DURATION\x10\x04\x12\x1e\n" +
-	"\x1aEND_REASON_SERVER_SHUTDOWN\x10\x052\x9c\x02\n" +
+	"\x1aEND_REASON_SERVER_SHUTDOWN\x10\x052\xc8\x03\n" +
 	"\rAvatarForcing\x12O\n" +
 	"\x06Stream\x12\x1f.avatarforcing.v1.StreamRequest\x1a .avatarforcing.v1.StreamResponse(\x010\x01\x12c\n" +
 	"\x0eRegisterAvatar\x12'.avatarforcing.v1.RegisterAvatarRequest\x1a(.avatarforcing.v1.RegisterAvatarResponse\x12U\n" +
-	"\rGetServerInfo\x12&.avatarforcing.v1.GetServerInfoRequest\x1a\x1c.avatarforcing.v1.ServerInfoBKZIgithub.com/avatarforcing/serve/clients/go/avatarforcingv1;avatarforcingv1b\x06proto3"
+	"\rGetServerInfo\x12&.avatarforcing.v1.GetServerInfoRequest\x1a\x1c.avatarforcing.v1.ServerInfo\x12`\n" +
+	"\rCreateSession\x12&.avatarforcing.v1.CreateSessionRequest\x1a'.avatarforcing.v1.CreateSessionResponse\x12H\n" +
+	"\x05Drain\x12\x1e.avatarforcing.v1.DrainRequest\x1a\x1f.avatarforcing.v1.DrainResponseBKZIgithub.com/avatarforcing/serve/clients/go/avatarforcingv1;avatarforcingv1b\x06proto3"
 
 var (
 	file_avatarforcing_v1_avatarforcing_proto_rawDescOnce sync.Once
@@ -2004,7 +2391,7 @@ func file_avatarforcing_v1_avatarforcing_proto_rawDescGZIP() []byte {
 }
 
 var file_avatarforcing_v1_avatarforcing_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_avatarforcing_v1_avatarforcing_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_avatarforcing_v1_avatarforcing_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_avatarforcing_v1_avatarforcing_proto_goTypes = []any{
 	(AudioEncoding)(0),             // 0: avatarforcing.v1.AudioEncoding
 	(VideoEncoding)(0),             // 1: avatarforcing.v1.VideoEncoding
@@ -2029,6 +2416,10 @@ var file_avatarforcing_v1_avatarforcing_proto_goTypes = []any{
 	(*ModelInfo)(nil),              // 20: avatarforcing.v1.ModelInfo
 	(*StreamInfo)(nil),             // 21: avatarforcing.v1.StreamInfo
 	(*ServerInfo)(nil),             // 22: avatarforcing.v1.ServerInfo
+	(*CreateSessionRequest)(nil),   // 23: avatarforcing.v1.CreateSessionRequest
+	(*CreateSessionResponse)(nil),  // 24: avatarforcing.v1.CreateSessionResponse
+	(*DrainRequest)(nil),           // 25: avatarforcing.v1.DrainRequest
+	(*DrainResponse)(nil),          // 26: avatarforcing.v1.DrainResponse
 }
 var file_avatarforcing_v1_avatarforcing_proto_depIdxs = []int32{
 	0,  // 0: avatarforcing.v1.AudioFormat.encoding:type_name -> avatarforcing.v1.AudioEncoding
@@ -2053,11 +2444,15 @@ var file_avatarforcing_v1_avatarforcing_proto_depIdxs = []int32{
 	10, // 19: avatarforcing.v1.AvatarForcing.Stream:input_type -> avatarforcing.v1.StreamRequest
 	17, // 20: avatarforcing.v1.AvatarForcing.RegisterAvatar:input_type -> avatarforcing.v1.RegisterAvatarRequest
 	19, // 21: avatarforcing.v1.AvatarForcing.GetServerInfo:input_type -> avatarforcing.v1.GetServerInfoRequest
-	16, // 22: avatarforcing.v1.AvatarForcing.Stream:output_type -> avatarforcing.v1.StreamResponse
-	18, // 23: avatarforcing.v1.AvatarForcing.RegisterAvatar:output_type -> avatarforcing.v1.RegisterAvatarResponse
-	22, // 24: avatarforcing.v1.AvatarForcing.GetServerInfo:output_type -> avatarforcing.v1.ServerInfo
-	22, // [22:25] is the sub-list for method output_type
-	19, // [19:22] is the sub-list for method input_type
+	23, // 22: avatarforcing.v1.AvatarForcing.CreateSession:input_type -> avatarforcing.v1.CreateSessionRequest
+	25, // 23: avatarforcing.v1.AvatarForcing.Drain:input_type -> avatarforcing.v1.DrainRequest
+	16, // 24: avatarforcing.v1.AvatarForcing.Stream:output_type -> avatarforcing.v1.StreamResponse
+	18, // 25: avatarforcing.v1.AvatarForcing.RegisterAvatar:output_type -> avatarforcing.v1.RegisterAvatarResponse
+	22, // 26: avatarforcing.v1.AvatarForcing.GetServerInfo:output_type -> avatarforcing.v1.ServerInfo
+	24, // 27: avatarforcing.v1.AvatarForcing.CreateSession:output_type -> avatarforcing.v1.CreateSessionResponse
+	26, // 28: avatarforcing.v1.AvatarForcing.Drain:output_type -> avatarforcing.v1.DrainResponse
+	24, // [24:29] is the sub-list for method output_type
+	19, // [19:24] is the sub-list for method input_type
 	19, // [19:19] is the sub-list for extension type_name
 	19, // [19:19] is the sub-list for extension extendee
 	0,  // [0:19] is the sub-list for field type_name
@@ -2092,7 +2487,7 @@ func file_avatarforcing_v1_avatarforcing_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_avatarforcing_v1_avatarforcing_proto_rawDesc), len(file_avatarforcing_v1_avatarforcing_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   19,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

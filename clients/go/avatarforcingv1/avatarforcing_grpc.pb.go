@@ -28,6 +28,8 @@ const (
 	AvatarForcing_Stream_FullMethodName         = "/avatarforcing.v1.AvatarForcing/Stream"
 	AvatarForcing_RegisterAvatar_FullMethodName = "/avatarforcing.v1.AvatarForcing/RegisterAvatar"
 	AvatarForcing_GetServerInfo_FullMethodName  = "/avatarforcing.v1.AvatarForcing/GetServerInfo"
+	AvatarForcing_CreateSession_FullMethodName  = "/avatarforcing.v1.AvatarForcing/CreateSession"
+	AvatarForcing_Drain_FullMethodName          = "/avatarforcing.v1.AvatarForcing/Drain"
 )
 
 // AvatarForcingClient is the client API for AvatarForcing service.
@@ -43,6 +45,17 @@ type AvatarForcingClient interface {
 	RegisterAvatar(ctx context.Context, in *RegisterAvatarRequest, opts ...grpc.CallOption) (*RegisterAvatarResponse, error)
 	// Model and stream configuration, capacity and free slots of this replica.
 	GetServerInfo(ctx context.Context, in *GetServerInfoRequest, opts ...grpc.CallOption) (*ServerInfo, error)
+	// Placement, on any replica: picks the least-loaded serving replica with a free slot, reserves a
+	// slot there and returns its address with a new session id and token; the client then opens
+	// Stream on that address with SessionConfig.session_id and session_token. With resume_session_id
+	// (and that session's token) it finds the session's owner, or, when the owner is gone, places
+	// the session on another replica. RESOURCE_EXHAUSTED: every replica is full (retry later);
+	// UNAVAILABLE: the routing store is unreachable and this replica is full.
+	CreateSession(ctx context.Context, in *CreateSessionRequest, opts ...grpc.CallOption) (*CreateSessionResponse, error)
+	// Drains this replica: health NOT_SERVING, no new sessions; live sessions run on up to the
+	// deadline, then end with END_REASON_SERVER_SHUTDOWN (the Python SDK resumes them elsewhere).
+	// Allowed from the replica's own host (loopback) or with an admin tenant's token.
+	Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (*DrainResponse, error)
 }
 
 type avatarForcingClient struct {
@@ -86,6 +99,26 @@ func (c *avatarForcingClient) GetServerInfo(ctx context.Context, in *GetServerIn
 	return out, nil
 }
 
+func (c *avatarForcingClient) CreateSession(ctx context.Context, in *CreateSessionRequest, opts ...grpc.CallOption) (*CreateSessionResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateSessionResponse)
+	err := c.cc.Invoke(ctx, AvatarForcing_CreateSession_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *avatarForcingClient) Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (*DrainResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DrainResponse)
+	err := c.cc.Invoke(ctx, AvatarForcing_Drain_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AvatarForcingServer is the server API for AvatarForcing service.
 // All implementations must embed UnimplementedAvatarForcingServer
 // for forward compatibility.
@@ -99,6 +132,17 @@ type AvatarForcingServer interface {
 	RegisterAvatar(context.Context, *RegisterAvatarRequest) (*RegisterAvatarResponse, error)
 	// Model and stream configuration, capacity and free slots of this replica.
 	GetServerInfo(context.Context, *GetServerInfoRequest) (*ServerInfo, error)
+	// Placement, on any replica: picks the least-loaded serving replica with a free slot, reserves a
+	// slot there and returns its address with a new session id and token; the client then opens
+	// Stream on that address with SessionConfig.session_id and session_token. With resume_session_id
+	// (and that session's token) it finds the session's owner, or, when the owner is gone, places
+	// the session on another replica. RESOURCE_EXHAUSTED: every replica is full (retry later);
+	// UNAVAILABLE: the routing store is unreachable and this replica is full.
+	CreateSession(context.Context, *CreateSessionRequest) (*CreateSessionResponse, error)
+	// Drains this replica: health NOT_SERVING, no new sessions; live sessions run on up to the
+	// deadline, then end with END_REASON_SERVER_SHUTDOWN (the Python SDK resumes them elsewhere).
+	// Allowed from the replica's own host (loopback) or with an admin tenant's token.
+	Drain(context.Context, *DrainRequest) (*DrainResponse, error)
 	mustEmbedUnimplementedAvatarForcingServer()
 }
 
@@ -117,6 +161,12 @@ func (UnimplementedAvatarForcingServer) RegisterAvatar(context.Context, *Registe
 }
 func (UnimplementedAvatarForcingServer) GetServerInfo(context.Context, *GetServerInfoRequest) (*ServerInfo, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetServerInfo not implemented")
+}
+func (UnimplementedAvatarForcingServer) CreateSession(context.Context, *CreateSessionRequest) (*CreateSessionResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateSession not implemented")
+}
+func (UnimplementedAvatarForcingServer) Drain(context.Context, *DrainRequest) (*DrainResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Drain not implemented")
 }
 func (UnimplementedAvatarForcingServer) mustEmbedUnimplementedAvatarForcingServer() {}
 func (UnimplementedAvatarForcingServer) testEmbeddedByValue()                       {}
@@ -182,6 +232,42 @@ func _AvatarForcing_GetServerInfo_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AvatarForcing_CreateSession_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateSessionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AvatarForcingServer).CreateSession(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AvatarForcing_CreateSession_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AvatarForcingServer).CreateSession(ctx, req.(*CreateSessionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AvatarForcing_Drain_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DrainRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AvatarForcingServer).Drain(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AvatarForcing_Drain_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AvatarForcingServer).Drain(ctx, req.(*DrainRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AvatarForcing_ServiceDesc is the grpc.ServiceDesc for AvatarForcing service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -196,6 +282,14 @@ var AvatarForcing_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetServerInfo",
 			Handler:    _AvatarForcing_GetServerInfo_Handler,
+		},
+		{
+			MethodName: "CreateSession",
+			Handler:    _AvatarForcing_CreateSession_Handler,
+		},
+		{
+			MethodName: "Drain",
+			Handler:    _AvatarForcing_Drain_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

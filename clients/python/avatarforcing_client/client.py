@@ -16,13 +16,25 @@ serialised by a lock) while one task reads the responses with :meth:`Session.eve
 session is open it sends ``KeepAlive`` by itself whenever nothing was sent for a third of the
 server's idle timeout (``SessionStarted.idle_timeout_ms``), so a client that only listens is not
 ended with ``END_REASON_IDLE_TIMEOUT``; ``client.session(..., auto_keepalive=False)`` turns that off.
+
+Routing and resume (many replicas, docs/routing.md): :meth:`Session.start` first asks any replica
+(``CreateSession``) where the session should run, then opens the stream on that replica; a full
+deployment (``RESOURCE_EXHAUSTED``) is retried for up to ``placement_timeout`` seconds. When the
+stream breaks (the replica died: ``UNAVAILABLE``; or it drained: ``END_REASON_SERVER_SHUTDOWN``) the
+session resumes by itself on another replica with the same session id and avatar: a fresh window
+from the anchor, frame indices continuing after the last frame received, and the audio not yet
+covered by received frames sent again from a bounded buffer (``resume_buffer_s``). Frames and
+``AudioOut`` of a block already received are not yielded twice. :attr:`Session.resumes` counts the
+resumes. A session that cannot be resumed within ``resume_timeout`` seconds raises the last status.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
+import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Sequence
 from typing import Any, TypeAlias
@@ -55,6 +67,27 @@ DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 
 
 _CLOSE_WAIT_S = 1.0
+#: Trailing metadata of FAILED_PRECONDITION: the replica that owns the session.
+OWNER_ADDRESS_KEY = "avatarforcing-owner-address"
+_RETRY_PLACEMENT = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
+                    grpc.StatusCode.DEADLINE_EXCEEDED)
+#: Stream failures after which a session resumes on another replica.
+_RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+
+
+def _trailer(e: grpc.aio.AioRpcError, key: str) -> str | None:
+    for k, v in e.trailing_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode()
+    return None
+
+
+def _retry_after(e: grpc.aio.AioRpcError, default: float) -> float:
+    v = _trailer(e, "retry-after-ms")
+    try:
+        return float(v) / 1000 if v else default
+    except ValueError:
+        return default
 
 
 class SessionClosedError(RuntimeError):
@@ -73,39 +106,96 @@ class AvatarForcingClient:
     on the first RPC (or on ``__aenter__``), so constructing the client never connects.
 
     Args:
-        target: ``host:port`` (or any gRPC target string) of the server.
+        target: ``host:port`` (or any gRPC target string) of the server, or of the load balancer in
+            front of many replicas; a list of addresses is tried in turn for placement
+            (``CreateSession``) and for the unary RPCs when one does not answer.
         credentials: channel credentials for TLS; ``None`` for a plaintext channel.
-        metadata: ``(key, value)`` pairs sent with every call (e.g. an auth token).
+        metadata: ``(key, value)`` pairs sent with every call.
         options: extra gRPC channel options, appended to :data:`DEFAULT_CHANNEL_OPTIONS`.
+        token: bearer token sent as ``authorization: Bearer <token>`` with every call (default: the
+            environment variable ``AVATARFORCING_TOKEN``, if set).
+        placement_timeout: seconds :meth:`Session.start` keeps retrying placement while every
+            replica is full or unreachable.
+        resume_timeout: seconds a broken session keeps trying to resume; 0 turns resuming off.
     """
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         options: Sequence[tuple[str, Any]] = (),
+        token: str | None = None,
+        placement_timeout: float = 10.0,
+        resume_timeout: float = 15.0,
     ) -> None:
-        self.target = target
+        self.targets: tuple[str, ...] = (target,) if isinstance(target, str) else tuple(target)
+        if not self.targets:
+            raise ValueError("target must name at least one address")
+        self.target = self.targets[0]
         self._credentials = credentials
-        self._metadata: tuple[tuple[str, str], ...] = tuple((str(k), str(v)) for k, v in metadata)
+        token = token if token is not None else os.environ.get("AVATARFORCING_TOKEN")
+        md = [(str(k), str(v)) for k, v in metadata]
+        if token:
+            md.append(("authorization", f"Bearer {token}"))
+        self._metadata: tuple[tuple[str, str], ...] = tuple(md)
         self._options = tuple(DEFAULT_CHANNEL_OPTIONS) + tuple(options)
+        self.placement_timeout = placement_timeout
+        self.resume_timeout = resume_timeout
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.AvatarForcingStub | None = None
+        self._replicas: dict[str, tuple[grpc.aio.Channel, pb_grpc.AvatarForcingStub]] = {}
+        self._front = 0  # index of the target that answered last
 
     # -- channel lifecycle -------------------------------------------------------------------
 
+    def _dial(self, address: str) -> grpc.aio.Channel:
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(address, options=self._options)
+        return grpc.aio.secure_channel(address, self._credentials, options=self._options)
+
     def _ensure_stub(self) -> pb_grpc.AvatarForcingStub:
         if self._stub is None:
-            if self._credentials is None:
-                self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
-            else:
-                self._channel = grpc.aio.secure_channel(
-                    self.target, self._credentials, options=self._options
-                )
+            self._channel = self._dial(self.target)
             self._stub = pb_grpc.AvatarForcingStub(self._channel)
         return self._stub
+
+    def _stub_for(self, address: str) -> pb_grpc.AvatarForcingStub:
+        """The stub of one replica (a channel per address, kept until :meth:`close`)."""
+        if address == self.target:
+            return self._ensure_stub()
+        if address not in self._replicas:
+            ch = self._dial(address)
+            self._replicas[address] = (ch, pb_grpc.AvatarForcingStub(ch))
+        return self._replicas[address][1]
+
+    async def create_session(
+        self, resume_session_id: str = "", session_token: str = "", *, timeout: float | None = 5.0
+    ) -> pb.CreateSessionResponse:
+        """Placement (``CreateSession``): which replica runs a new session, or where an existing one
+        resumes. Tries each target in turn while one is ``UNAVAILABLE``. :meth:`Session.start` calls
+        it for you."""
+        err: grpc.aio.AioRpcError | None = None
+        n = len(self.targets)
+        for i in range(n):
+            k = (self._front + i) % n
+            stub = self._stub_for(self.targets[k])
+            try:
+                resp: pb.CreateSessionResponse = await stub.CreateSession(
+                    pb.CreateSessionRequest(resume_session_id=resume_session_id, session_token=session_token),
+                    metadata=self._metadata,
+                    timeout=timeout,
+                )
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                err = e
+                continue
+            self._front = k
+            return resp
+        assert err is not None
+        raise err
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -129,6 +219,9 @@ class AvatarForcingClient:
     async def close(self, grace: float | None = None) -> None:
         """Close the channel (cancelling calls still running after ``grace`` seconds)."""
         channel, self._channel, self._stub = self._channel, None, None
+        replicas, self._replicas = self._replicas, {}
+        for ch, _ in replicas.values():
+            await ch.close(grace)
         if channel is not None:
             await channel.close(grace)
 
@@ -177,6 +270,7 @@ class AvatarForcingClient:
         jpeg_quality: int = 0,
         video_bitrate_bps: int = 0,
         auto_keepalive: bool = True,
+        resume_buffer_s: float = 30.0,
     ) -> Session:
         """Prepare a streaming session; open it with ``async with client.session(...) as s:``.
 
@@ -199,6 +293,8 @@ class AvatarForcingClient:
                 server's idle timeout (``SessionStarted.idle_timeout_ms``), from a background
                 task that lives as long as the session; ``False``: call
                 :meth:`Session.keep_alive` yourself if you may be quiet that long.
+            resume_buffer_s: audio kept for resuming on another replica: the audio sent but not yet
+                covered by received frames, at most this many seconds (older audio is not re-sent).
         """
         if (image is None) == (avatar_id is None):
             raise ValueError("pass exactly one of image= (PNG/JPEG bytes) and avatar_id=")
@@ -228,7 +324,7 @@ class AvatarForcingClient:
         else:
             assert avatar_id is not None
             config.avatar_id = avatar_id
-        return Session(self, config, auto_keepalive=auto_keepalive)
+        return Session(self, config, auto_keepalive=auto_keepalive, resume_buffer_s=resume_buffer_s)
 
 
 class Session:
@@ -241,7 +337,8 @@ class Session:
     ``SessionStarted.idle_timeout_ms``; it stops when the session is closed or has finished.
     """
 
-    def __init__(self, client: AvatarForcingClient, config: pb.SessionConfig, *, auto_keepalive: bool = True) -> None:
+    def __init__(self, client: AvatarForcingClient, config: pb.SessionConfig, *, auto_keepalive: bool = True,
+                 resume_buffer_s: float = 30.0) -> None:
         self._client = client
         self.config = config
         self.auto_keepalive = auto_keepalive
@@ -255,6 +352,23 @@ class Session:
         self._reading = False
         self._end: pb.End | None = None
         self._finished = False  # End received or server closed the stream
+        # Routing and resume.
+        self._session_id = ""
+        self._token = ""
+        self._routed = False  # placed by CreateSession (the server supports resuming)
+        self.address = ""  # the replica the stream runs on
+        self.resumes = 0  #: how many times the session resumed after its stream broke
+        self.generation = 0  #: incremented by each resume
+        self._resume_lock = asyncio.Lock()
+        self._resume_buffer_s = resume_buffer_s
+        self._sent = 0  # client samples sent (absolute position)
+        self._consumed = 0  # client samples covered by fully received blocks
+        self._buf: collections.deque[tuple[int, bytes]] = collections.deque()  # (start sample, pcm)
+        self._eoa_sent = False
+        self._end_by_block: dict[int, int] = {}  # AudioOut.source_end_sample of blocks not yet complete
+        self._stream_base = 0  # client sample position where the current stream's audio starts
+        self._last_index = -1  # last frame index yielded
+        self._last_audio_block = -1
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -266,39 +380,169 @@ class Session:
         await self.close()
 
     async def start(self) -> pb.SessionStarted:
-        """Open the stream, send the config and wait for ``SessionStarted``.
+        """Place the session (``CreateSession``), open the stream on the replica that owns it,
+        send the config and wait for ``SessionStarted``.
 
         Raises:
             grpc.aio.AioRpcError: the server refused the session (e.g. ``RESOURCE_EXHAUSTED``
-                when it has no free slot, ``INVALID_ARGUMENT`` for a bad config).
+                when every replica stayed full for ``placement_timeout`` seconds,
+                ``INVALID_ARGUMENT`` for a bad config, ``UNAUTHENTICATED`` without a valid token).
             ProtocolError: the server's first message was not ``SessionStarted``.
         """
         if self._call is not None:
             raise RuntimeError("session already started")
         if self._closed:
             raise SessionClosedError("session is closed")
-        stub = self._client._ensure_stub()
-        call = stub.Stream(metadata=self._client.metadata)
+        try:
+            started, call = await self._place_and_open(resume=False)
+        except BaseException:
+            self._closed = True
+            raise
         self._call = call
+        self._started = started
+        if started.session_token:  # placed implicitly by the server: its token resumes it
+            self._token = started.session_token
+            self._session_id = started.session_id
+        self._start_keepalive()
+        return started
+
+    async def _open(self, stub: Any, resume_block: int) -> tuple[pb.SessionStarted, Any]:
+        """One Stream call: config, then SessionStarted. Raises the call's status on refusal."""
+        config = pb.SessionConfig()
+        config.CopyFrom(self.config)
+        if self._routed:
+            config.session_id, config.session_token = self._session_id, self._token
+            config.resume_block = resume_block
+        call = stub.Stream(metadata=self._client.metadata)
         try:
             try:
-                await call.write(pb.StreamRequest(config=self.config))
+                await call.write(pb.StreamRequest(config=config))
             except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
-                # The call already failed; the read below raises the real status.
-                pass
+                pass  # the call already failed; the read below raises the real status
             resp = await call.read()
             if resp is grpc.aio.EOF:
                 raise ProtocolError("server closed the stream without sending SessionStarted")
             which = resp.WhichOneof("message")
             if which != "started":
                 raise ProtocolError(f"expected SessionStarted as the first response, got {which!r}")
-            self._started = resp.started
-            self._start_keepalive()
-            return resp.started
+            return resp.started, call
         except BaseException:
-            self._closed = True
             call.cancel()
             raise
+
+    async def _place_and_open(self, resume: bool) -> tuple[pb.SessionStarted, Any]:
+        """Placement, then the stream on the replica it names; retries while replicas are full,
+        unreachable or the session is owned elsewhere, up to the client's time limit."""
+        client = self._client
+        front = client._ensure_stub()
+        if not resume and getattr(front, "CreateSession", None) is None:
+            return await self._open(front, 0)  # a stand-in stub without routing
+        limit = client.resume_timeout if resume else client.placement_timeout
+        deadline = time.monotonic() + limit
+        resume_block = self._resume_block() if resume else 0
+        delay = 0.05
+        address: str | None = None
+        while True:
+            try:
+                if address is None:
+                    try:
+                        placed = await client.create_session(self._session_id if resume else "",
+                                                             self._token if resume else "")
+                    except grpc.aio.AioRpcError as e:
+                        if e.code() != grpc.StatusCode.UNIMPLEMENTED or resume:
+                            raise
+                        return await self._open(front, 0)  # a server without routing
+                    if not resume:
+                        self._session_id, self._token = placed.session_id, placed.session_token
+                    self._routed = True
+                    address = placed.address
+                started, call = await self._open(client._stub_for(address), resume_block)
+                self.address = address
+                return started, call
+            except grpc.aio.AioRpcError as e:
+                owner = _trailer(e, OWNER_ADDRESS_KEY) if e.code() == grpc.StatusCode.FAILED_PRECONDITION else None
+                if owner is None and e.code() not in _RETRY_PLACEMENT:
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise
+                address = owner  # dial the owner next; otherwise ask for placement again
+                wait = _retry_after(e, delay) if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else delay
+                await asyncio.sleep(min(wait, max(deadline - time.monotonic(), 0)) * (0.5 + random.random()))
+                delay = min(delay * 2, 0.5)
+
+    # -- resume ------------------------------------------------------------------------------
+
+    def _resume_block(self) -> int:
+        """The first block not fully received: the resumed stream starts there."""
+        if self._started is None or not self._started.frames_per_block:
+            return 0
+        return (self._last_index + 1) // self._started.frames_per_block
+
+    def _can_resume(self) -> bool:
+        return self._routed and self._client.resume_timeout > 0 and not self._closed and bool(self._token)
+
+    async def _resume(self, broken: Any, cause: BaseException) -> None:
+        """Moves the session to a new stream (another replica if the old one is gone), once per break."""
+        async with self._resume_lock:
+            if self._call is not broken:
+                return  # another task resumed it already
+            if not self._can_resume():
+                raise cause
+            broken.cancel()
+            started, call = await self._place_and_open(resume=True)
+            async with self._write_lock:
+                self._call = call
+                self._started = started
+                self.generation += 1
+                self.resumes += 1
+                # The audio not covered by frames received yet, then EndOfAudio if it had been sent.
+                self._stream_base = self._consumed
+                self._end_by_block.clear()
+                for start, pcm in list(self._buf):
+                    skip = max(self._consumed - start, 0) * 2
+                    if skip < len(pcm):
+                        await call.write(pb.StreamRequest(audio=pb.AudioChunk(data=pcm[skip:])))
+                if self._eoa_sent:
+                    await call.write(pb.StreamRequest(end_of_audio=pb.EndOfAudio()))
+                self._last_write = time.monotonic()
+            if self._keepalive_task is not None and self._keepalive_task.done():
+                self._keepalive_task = None  # it stopped when the old stream finished
+            self._start_keepalive()
+
+    def _track_audio(self, data: bytes) -> None:
+        n = len(data) // 2
+        self._buf.append((self._sent, data))
+        self._sent += n
+        self._eoa_sent = False
+        self._trim()
+
+    def _trim(self) -> None:
+        rate = self.sample_rate or 16000
+        keep_from = max(self._consumed, self._sent - int(self._resume_buffer_s * rate))
+        while self._buf and self._buf[0][0] + len(self._buf[0][1]) // 2 <= keep_from:
+            self._buf.popleft()
+
+    def _on_event(self, which: str, payload: Any) -> bool:
+        """Bookkeeping for resume; False: a duplicate of something yielded before a resume."""
+        if which == "frame":
+            if payload.index <= self._last_index:
+                return False
+            self._last_index = payload.index
+            fpb = self._started.frames_per_block if self._started else 0
+            if fpb and payload.index % fpb == fpb - 1:  # the block is complete: its audio is covered
+                b = payload.index // fpb
+                end = self._end_by_block.pop(b, None)
+                for k in [k for k in self._end_by_block if k < b]:
+                    del self._end_by_block[k]
+                if end is not None:
+                    self._consumed = max(self._consumed, self._stream_base + end)
+                    self._trim()
+        elif which == "audio":
+            if payload.block_index <= self._last_audio_block:
+                return False
+            self._last_audio_block = payload.block_index
+            self._end_by_block[payload.block_index] = payload.source_end_sample
+        return True
 
     async def close(self) -> None:
         """Half-close the request stream and cancel the call if it is still running.
@@ -393,31 +637,53 @@ class Session:
             raise RuntimeError("session not started")
         if self._closed:
             raise SessionClosedError("session is closed")
-        call = self._call
         async with self._write_lock:
+            call = self._call
             if self._closed:
                 raise SessionClosedError("session is closed")
+            which = req.WhichOneof("message")
+            if which == "audio":
+                self._track_audio(req.audio.data)
+            elif which == "end_of_audio":
+                self._eoa_sent = True
+            elif which == "interrupt":  # the audio sent so far is void: never re-send it
+                self._consumed = self._sent
+                self._buf.clear()
             try:
                 await call.write(req)
                 self._last_write = time.monotonic()
+                return
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if self._closed and not (task and task.cancelling()):
                     # The call was cancelled by close() from another task, not this task.
                     raise SessionClosedError("session was closed while sending") from None
-                raise
-            except asyncio.InvalidStateError as e:
-                # The RPC finished: surface the server's error status if there is one.
-                code = await call.code()
-                if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
-                    raise grpc.aio.AioRpcError(
-                        code,
-                        await call.initial_metadata(),
-                        await call.trailing_metadata(),
-                        await call.details(),
-                        await call.debug_error_string(),
-                    ) from e
-                raise SessionClosedError(f"the session's stream has finished ({code.name})") from e
+                if self._call is not call and not (task and task.cancelling()):
+                    pass  # cancelled by a resume in another task: handled below
+                else:
+                    raise
+                broken: BaseException = asyncio.InvalidStateError("stream replaced")
+            except (asyncio.InvalidStateError, grpc.aio.AioRpcError) as e:
+                broken = e
+        # The stream broke. Audio is in the resume buffer and EndOfAudio is replayed; KeepAlive and
+        # Interrupt need no replay (a resumed stream starts with an empty server-side buffer).
+        if self._call is not call:
+            return  # already resumed by another task, which replayed what this write carried
+        code = broken.code() if isinstance(broken, grpc.aio.AioRpcError) else await call.code()
+        if self._resume_lock.locked() or (code in _RESUMABLE and self._can_resume()):
+            await self._resume(call, broken)
+            return
+        if isinstance(broken, grpc.aio.AioRpcError):
+            raise broken
+        if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+            raise grpc.aio.AioRpcError(
+                code,
+                await call.initial_metadata(),
+                await call.trailing_metadata(),
+                await call.details(),
+                await call.debug_error_string(),
+            ) from broken
+        raise SessionClosedError(f"the session's stream has finished ({code.name})") from broken
 
     # -- automatic KeepAlive -----------------------------------------------------------------
 
@@ -584,24 +850,35 @@ class Session:
             raise RuntimeError("session not started")
         if self._reading:
             raise RuntimeError("events() is already being consumed by another task")
-        call = self._call
         self._reading = True
         try:
             while not self._finished:
+                call = self._call
                 try:
                     resp = await call.read()
-                except asyncio.CancelledError:
+                except asyncio.CancelledError as e:
                     task = asyncio.current_task()
-                    if self._closed and not (task and task.cancelling()):
+                    if task and task.cancelling():
+                        raise
+                    if self._closed:
                         return  # closed locally by another task: end of events
-                    raise
-                except asyncio.InvalidStateError:
+                    if not self._can_resume():
+                        raise
+                    await self._resume(call, e)  # cancelled by a resume in another task: wait for it
+                    continue
+                except asyncio.InvalidStateError as e:
                     if self._closed:
                         return
-                    raise
+                    if not self._can_resume():
+                        raise
+                    await self._resume(call, e)
+                    continue
                 except grpc.aio.AioRpcError as e:
                     if self._closed and e.code() == grpc.StatusCode.CANCELLED:
                         return  # our own cancellation, seen as a status
+                    if self._call is not call or (e.code() in _RESUMABLE and self._can_resume()):
+                        await self._resume(call, e)
+                        continue
                     raise
                 if resp is grpc.aio.EOF:
                     self._finished = True
@@ -613,8 +890,14 @@ class Session:
                     raise ProtocolError("unexpected second SessionStarted")
                 payload: Event = getattr(resp, which)
                 if which == "end":
+                    if resp.end.reason == pb.END_REASON_SERVER_SHUTDOWN and self._can_resume():
+                        # The replica drains or stops: go on on another one.
+                        await self._resume(call, ProtocolError(resp.end.message))
+                        continue
                     self._end = resp.end
                     self._finished = True
+                elif not self._on_event(which, payload):
+                    continue
                 yield payload
         finally:
             self._reading = False

@@ -43,11 +43,14 @@ class SyncClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         options: Sequence[tuple[str, Any]] = (),
+        token: str | None = None,
+        placement_timeout: float = 10.0,
+        resume_timeout: float = 15.0,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -56,7 +59,8 @@ class SyncClient:
         self._thread.start()
         # The channel is created lazily inside the loop thread on the first call.
         self._client = AvatarForcingClient(
-            target, credentials=credentials, metadata=metadata, options=options
+            target, credentials=credentials, metadata=metadata, options=options, token=token,
+            placement_timeout=placement_timeout, resume_timeout=resume_timeout,
         )
         self._closed = False
 

@@ -62,7 +62,7 @@ class AudioFormat(_message.Message):
     def __init__(self, encoding: _Optional[_Union[AudioEncoding, str]] = ..., sample_rate_hz: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("reference_image", "avatar_id", "audio_format", "video_encoding", "pacing", "utterance_id", "jpeg_quality", "video_bitrate_bps", "seed")
+    __slots__ = ("reference_image", "avatar_id", "audio_format", "video_encoding", "pacing", "utterance_id", "jpeg_quality", "video_bitrate_bps", "seed", "session_id", "session_token", "resume_block")
     REFERENCE_IMAGE_FIELD_NUMBER: _ClassVar[int]
     AVATAR_ID_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,9 @@ class SessionConfig(_message.Message):
     JPEG_QUALITY_FIELD_NUMBER: _ClassVar[int]
     VIDEO_BITRATE_BPS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RESUME_BLOCK_FIELD_NUMBER: _ClassVar[int]
     reference_image: bytes
     avatar_id: str
     audio_format: AudioFormat
@@ -81,7 +84,10 @@ class SessionConfig(_message.Message):
     jpeg_quality: int
     video_bitrate_bps: int
     seed: int
-    def __init__(self, reference_image: _Optional[bytes] = ..., avatar_id: _Optional[str] = ..., audio_format: _Optional[_Union[AudioFormat, _Mapping]] = ..., video_encoding: _Optional[_Union[VideoEncoding, str]] = ..., pacing: _Optional[_Union[Pacing, str]] = ..., utterance_id: _Optional[str] = ..., jpeg_quality: _Optional[int] = ..., video_bitrate_bps: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    session_id: str
+    session_token: str
+    resume_block: int
+    def __init__(self, reference_image: _Optional[bytes] = ..., avatar_id: _Optional[str] = ..., audio_format: _Optional[_Union[AudioFormat, _Mapping]] = ..., video_encoding: _Optional[_Union[VideoEncoding, str]] = ..., pacing: _Optional[_Union[Pacing, str]] = ..., utterance_id: _Optional[str] = ..., jpeg_quality: _Optional[int] = ..., video_bitrate_bps: _Optional[int] = ..., seed: _Optional[int] = ..., session_id: _Optional[str] = ..., session_token: _Optional[str] = ..., resume_block: _Optional[int] = ...) -> None: ...
 
 class AudioChunk(_message.Message):
     __slots__ = ("data",)
@@ -116,7 +122,7 @@ class StreamRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., interrupt: _Optional[_Union[Interrupt, _Mapping]] = ..., end_of_audio: _Optional[_Union[EndOfAudio, _Mapping]] = ..., keep_alive: _Optional[_Union[KeepAlive, _Mapping]] = ...) -> None: ...
 
 class SessionStarted(_message.Message):
-    __slots__ = ("session_id", "fps", "width", "height", "frames_per_block", "lookahead_ms", "latency_ms", "video_encoding", "init_segment", "audio_sample_rate_hz", "avatar_id", "idle_timeout_ms")
+    __slots__ = ("session_id", "fps", "width", "height", "frames_per_block", "lookahead_ms", "latency_ms", "video_encoding", "init_segment", "audio_sample_rate_hz", "avatar_id", "idle_timeout_ms", "session_token", "node_id", "first_frame_index")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +135,9 @@ class SessionStarted(_message.Message):
     AUDIO_SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
     AVATAR_ID_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     fps: float
     width: int
@@ -141,7 +150,10 @@ class SessionStarted(_message.Message):
     audio_sample_rate_hz: int
     avatar_id: str
     idle_timeout_ms: float
-    def __init__(self, session_id: _Optional[str] = ..., fps: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames_per_block: _Optional[int] = ..., lookahead_ms: _Optional[float] = ..., latency_ms: _Optional[float] = ..., video_encoding: _Optional[_Union[VideoEncoding, str]] = ..., init_segment: _Optional[bytes] = ..., audio_sample_rate_hz: _Optional[int] = ..., avatar_id: _Optional[str] = ..., idle_timeout_ms: _Optional[float] = ...) -> None: ...
+    session_token: str
+    node_id: str
+    first_frame_index: int
+    def __init__(self, session_id: _Optional[str] = ..., fps: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames_per_block: _Optional[int] = ..., lookahead_ms: _Optional[float] = ..., latency_ms: _Optional[float] = ..., video_encoding: _Optional[_Union[VideoEncoding, str]] = ..., init_segment: _Optional[bytes] = ..., audio_sample_rate_hz: _Optional[int] = ..., avatar_id: _Optional[str] = ..., idle_timeout_ms: _Optional[float] = ..., session_token: _Optional[str] = ..., node_id: _Optional[str] = ..., first_frame_index: _Optional[int] = ...) -> None: ...
 
 class VideoFrame(_message.Message):
     __slots__ = ("index", "pts_us", "audio_start_sample", "audio_end_sample", "data", "keyframe", "block_index")
@@ -162,20 +174,22 @@ class VideoFrame(_message.Message):
     def __init__(self, index: _Optional[int] = ..., pts_us: _Optional[int] = ..., audio_start_sample: _Optional[int] = ..., audio_end_sample: _Optional[int] = ..., data: _Optional[bytes] = ..., keyframe: _Optional[bool] = ..., block_index: _Optional[int] = ...) -> None: ...
 
 class AudioOut(_message.Message):
-    __slots__ = ("block_index", "start_sample", "data", "silent", "real_samples", "real_offset")
+    __slots__ = ("block_index", "start_sample", "data", "silent", "real_samples", "real_offset", "source_end_sample")
     BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
     START_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SILENT_FIELD_NUMBER: _ClassVar[int]
     REAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     REAL_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_END_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     block_index: int
     start_sample: int
     data: bytes
     silent: bool
     real_samples: int
     real_offset: int
-    def __init__(self, block_index: _Optional[int] = ..., start_sample: _Optional[int] = ..., data: _Optional[bytes] = ..., silent: _Optional[bool] = ..., real_samples: _Optional[int] = ..., real_offset: _Optional[int] = ...) -> None: ...
+    source_end_sample: int
+    def __init__(self, block_index: _Optional[int] = ..., start_sample: _Optional[int] = ..., data: _Optional[bytes] = ..., silent: _Optional[bool] = ..., real_samples: _Optional[int] = ..., real_offset: _Optional[int] = ..., source_end_sample: _Optional[int] = ...) -> None: ...
 
 class Stats(_message.Message):
     __slots__ = ("frames_sent", "frames_dropped", "audio_samples_received", "silence_samples_inserted", "queue_depth", "anchor_similarity", "utterance_id")
@@ -286,7 +300,7 @@ class StreamInfo(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., block_latent_frames: _Optional[int] = ..., window_blocks: _Optional[int] = ..., noise_levels: _Optional[_Iterable[float]] = ..., history_latent_frames: _Optional[int] = ..., fps: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames_per_block: _Optional[int] = ..., lookahead_ms: _Optional[float] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "model", "stream", "capacity_sessions", "free_slots", "active_sessions", "supported_sample_rates_hz", "supported_video_encodings", "registered_avatars")
+    __slots__ = ("version", "model", "stream", "capacity_sessions", "free_slots", "active_sessions", "supported_sample_rates_hz", "supported_video_encodings", "registered_avatars", "node_id", "address", "draining", "routing", "routing_healthy")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
@@ -296,6 +310,11 @@ class ServerInfo(_message.Message):
     SUPPORTED_SAMPLE_RATES_HZ_FIELD_NUMBER: _ClassVar[int]
     SUPPORTED_VIDEO_ENCODINGS_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_AVATARS_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_HEALTHY_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: ModelInfo
     stream: StreamInfo
@@ -305,4 +324,47 @@ class ServerInfo(_message.Message):
     supported_sample_rates_hz: _containers.RepeatedScalarFieldContainer[int]
     supported_video_encodings: _containers.RepeatedScalarFieldContainer[VideoEncoding]
     registered_avatars: int
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., stream: _Optional[_Union[StreamInfo, _Mapping]] = ..., capacity_sessions: _Optional[int] = ..., free_slots: _Optional[int] = ..., active_sessions: _Optional[int] = ..., supported_sample_rates_hz: _Optional[_Iterable[int]] = ..., supported_video_encodings: _Optional[_Iterable[_Union[VideoEncoding, str]]] = ..., registered_avatars: _Optional[int] = ...) -> None: ...
+    node_id: str
+    address: str
+    draining: bool
+    routing: str
+    routing_healthy: bool
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., stream: _Optional[_Union[StreamInfo, _Mapping]] = ..., capacity_sessions: _Optional[int] = ..., free_slots: _Optional[int] = ..., active_sessions: _Optional[int] = ..., supported_sample_rates_hz: _Optional[_Iterable[int]] = ..., supported_video_encodings: _Optional[_Iterable[_Union[VideoEncoding, str]]] = ..., registered_avatars: _Optional[int] = ..., node_id: _Optional[str] = ..., address: _Optional[str] = ..., draining: _Optional[bool] = ..., routing: _Optional[str] = ..., routing_healthy: _Optional[bool] = ...) -> None: ...
+
+class CreateSessionRequest(_message.Message):
+    __slots__ = ("resume_session_id", "session_token")
+    RESUME_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    resume_session_id: str
+    session_token: str
+    def __init__(self, resume_session_id: _Optional[str] = ..., session_token: _Optional[str] = ...) -> None: ...
+
+class CreateSessionResponse(_message.Message):
+    __slots__ = ("session_id", "session_token", "address", "node_id", "reservation_ttl_ms", "resumed")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    session_token: str
+    address: str
+    node_id: str
+    reservation_ttl_ms: float
+    resumed: bool
+    def __init__(self, session_id: _Optional[str] = ..., session_token: _Optional[str] = ..., address: _Optional[str] = ..., node_id: _Optional[str] = ..., reservation_ttl_ms: _Optional[float] = ..., resumed: _Optional[bool] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("deadline_s",)
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    deadline_s: float
+    def __init__(self, deadline_s: _Optional[float] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("live_sessions", "deadline_s")
+    LIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    live_sessions: int
+    deadline_s: float
+    def __init__(self, live_sessions: _Optional[int] = ..., deadline_s: _Optional[float] = ...) -> None: ...

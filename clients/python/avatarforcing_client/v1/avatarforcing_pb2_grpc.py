@@ -49,6 +49,16 @@ class AvatarForcingStub:
                 request_serializer=avatarforcing_dot_v1_dot_avatarforcing__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=avatarforcing_dot_v1_dot_avatarforcing__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.CreateSession = channel.unary_unary(
+                '/avatarforcing.v1.AvatarForcing/CreateSession',
+                request_serializer=avatarforcing_dot_v1_dot_avatarforcing__pb2.CreateSessionRequest.SerializeToString,
+                response_deserializer=avatarforcing_dot_v1_dot_avatarforcing__pb2.CreateSessionResponse.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/avatarforcing.v1.AvatarForcing/Drain',
+                request_serializer=avatarforcing_dot_v1_dot_avatarforcing__pb2.DrainRequest.SerializeToString,
+                response_deserializer=avatarforcing_dot_v1_dot_avatarforcing__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class AvatarForcingServicer:
@@ -78,6 +88,27 @@ class AvatarForcingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSession(self, request, context):
+        """Placement, on any replica: picks the least-loaded serving replica with a free slot, reserves a
+        slot there and returns its address with a new session id and token; the client then opens
+        Stream on that address with SessionConfig.session_id and session_token. With resume_session_id
+        (and that session's token) it finds the session's owner, or, when the owner is gone, places
+        the session on another replica. RESOURCE_EXHAUSTED: every replica is full (retry later);
+        UNAVAILABLE: the routing store is unreachable and this replica is full.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Drains this replica: health NOT_SERVING, no new sessions; live sessions run on up to the
+        deadline, then end with END_REASON_SERVER_SHUTDOWN (the Python SDK resumes them elsewhere).
+        Allowed from the replica's own host (loopback) or with an admin tenant's token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AvatarForcingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +126,16 @@ def add_AvatarForcingServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=avatarforcing_dot_v1_dot_avatarforcing__pb2.GetServerInfoRequest.FromString,
                     response_serializer=avatarforcing_dot_v1_dot_avatarforcing__pb2.ServerInfo.SerializeToString,
+            ),
+            'CreateSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSession,
+                    request_deserializer=avatarforcing_dot_v1_dot_avatarforcing__pb2.CreateSessionRequest.FromString,
+                    response_serializer=avatarforcing_dot_v1_dot_avatarforcing__pb2.CreateSessionResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=avatarforcing_dot_v1_dot_avatarforcing__pb2.DrainRequest.FromString,
+                    response_serializer=avatarforcing_dot_v1_dot_avatarforcing__pb2.DrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +219,60 @@ class AvatarForcing:
             '/avatarforcing.v1.AvatarForcing/GetServerInfo',
             avatarforcing_dot_v1_dot_avatarforcing__pb2.GetServerInfoRequest.SerializeToString,
             avatarforcing_dot_v1_dot_avatarforcing__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/avatarforcing.v1.AvatarForcing/CreateSession',
+            avatarforcing_dot_v1_dot_avatarforcing__pb2.CreateSessionRequest.SerializeToString,
+            avatarforcing_dot_v1_dot_avatarforcing__pb2.CreateSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/avatarforcing.v1.AvatarForcing/Drain',
+            avatarforcing_dot_v1_dot_avatarforcing__pb2.DrainRequest.SerializeToString,
+            avatarforcing_dot_v1_dot_avatarforcing__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,226 @@
+"""The Router interface: node registry, session ownership, placement (see docs/routing.md).
+
+Two backends implement it: :class:`~.local.LocalRouter` (in-process, one node, the zero-config
+default) and :class:`~.redis_store.RedisRouter` (many replicas sharing one Redis). The server only
+talks to this interface.
+
+A session record goes through three states:
+
+- ``pending``: a slot is reserved on its node by CreateSession; it expires unless a Stream
+  attaches within the reservation TTL;
+- ``live``: a Stream is attached on its node; the node refreshes it while the session runs;
+- ``detached``: the stream went away without an End (the client vanished, or the replica drained
+  it away); its slot is free, and the record stays for the resume TTL so the client can resume.
+
+A session that ends with End (or an error status) is deleted.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+OWNER_ADDRESS_KEY = "avatarforcing-owner-address"
+
+PENDING, LIVE, DETACHED = "pending", "live", "detached"
+SERVING, DRAINING = "serving", "draining"
+
+
+class RoutingError(Exception):
+    """A routing decision that refuses the call, with the gRPC status to answer."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, trailers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.trailers = trailers
+
+
+class NotFound(RoutingError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Denied(RoutingError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class NotOwner(RoutingError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, session_id: str, address: str) -> None:
+        super().__init__(f"session {session_id} runs on the replica at {address}, not on this one; open the "
+                         f"stream there (trailing metadata {OWNER_ADDRESS_KEY})", ((OWNER_ADDRESS_KEY, address),))
+        self.address = address
+
+
+class Full(RoutingError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class StoreDown(RoutingError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Draining(RoutingError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_session_id() -> str:
+    return "s_" + secrets.token_urlsafe(16)  # 128 random bits
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)  # 256 random bits
+
+
+def check_token(rec_hash: str, token: str) -> bool:
+    return bool(token) and hmac.compare_digest(rec_hash, token_hash(token))
+
+
+@dataclass
+class NodeInfo:
+    node_id: str
+    address: str
+    capacity: int
+
+
+@dataclass
+class SessionRecord:
+    session_id: str
+    tenant: str
+    token_hash: str
+    node_id: str
+    address: str
+    state: str = PENDING
+    expires: float = field(default=0.0)  # monotonic, for the local backend and the local cache
+
+    def fields(self) -> dict[str, str]:
+        return {"node": self.node_id, "addr": self.address, "tenant": self.tenant, "token": self.token_hash,
+                "state": self.state}
+
+
+@dataclass
+class Placement:
+    session_id: str
+    token: str  # empty when resuming (the client has it)
+    node_id: str
+    address: str
+    ttl_s: float
+    resumed: bool = False
+
+
+@dataclass
+class RoutingLimits:
+    reservation_ttl_s: float = 15.0  # CreateSession -> Stream attach
+    resume_ttl_s: float = 30.0  # a detached session can be resumed this long
+    session_ttl_s: float = 10.0  # a live session's record outlives its node by this at most
+    node_ttl_s: float = 2.0  # a node's entry expires this long after its last heartbeat
+    heartbeat_s: float = 0.5
+
+
+class Router(abc.ABC):
+    """Where sessions run. ``free_slots`` is the App's view of its engine (free slots now)."""
+
+    kind = "abstract"
+
+    def __init__(self, node: NodeInfo, limits: RoutingLimits, free_slots: Callable[[], int]) -> None:
+        self.node = node
+        self.limits = limits
+        self.free_slots = free_slots
+        self.draining = False
+        self.healthy = True
+        # Sessions this node owns (pending or live): the truth when the store is unreachable,
+        # and what is written back when the store comes back empty.
+        self.local: dict[str, SessionRecord] = {}
+        # Sessions that moved to another node while this one still ran them: the App ends them.
+        self.on_lost: Callable[[str], None] = lambda sid: None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:  # noqa: B027 (optional hook)
+        pass
+
+    async def stop(self) -> None:  # noqa: B027
+        pass
+
+    async def set_draining(self) -> None:
+        self.draining = True
+
+    # ---- placement -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create(self, tenant: str, tenant_limit: int) -> Placement:
+        """Reserves a slot on the least-loaded serving node for a new session."""
+
+    @abc.abstractmethod
+    async def resume(self, session_id: str, token: str, tenant: str) -> Placement:
+        """The node to resume an existing session on: its owner while that is alive and reachable,
+        else the least-loaded other serving node (the reservation moves there)."""
+
+    @abc.abstractmethod
+    async def create_local(self, tenant: str, tenant_limit: int) -> tuple[SessionRecord, str]:
+        """A session placed on this node by a Stream without CreateSession, returned attached (live),
+        with its token."""
+
+    @abc.abstractmethod
+    async def attach(self, session_id: str, token: str, tenant: str) -> SessionRecord:
+        """A Stream for ``session_id`` arrived here: checks the token and tenant and that this node
+        owns the session; marks it live."""
+
+    @abc.abstractmethod
+    async def release(self, session_id: str, resumable: bool) -> None:
+        """The session's stream ended on this node: deleted, or kept ``detached`` for resuming."""
+
+    # ---- avatars ---------------------------------------------------------------------------------
+    async def put_avatar(self, avatar_id: str, tenant: str, image: bytes) -> None:  # noqa: B027
+        """Makes a registered avatar's image reachable from other replicas (no-op on one node)."""
+
+    async def get_avatar(self, avatar_id: str, tenant: str) -> bytes | None:
+        return None
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def local_pending(self) -> int:
+        now = time.monotonic()
+        for sid in [s for s, r in self.local.items() if r.state == PENDING and r.expires < now]:
+            del self.local[sid]
+        return sum(1 for r in self.local.values() if r.state == PENDING)
+
+    def local_free(self) -> int:
+        """Slots of this node neither in use nor reserved."""
+        return self.free_slots() - self.local_pending()
+
+    def _check_local(self, sid: str, token: str, tenant: str) -> SessionRecord:
+        rec = self.local.get(sid)
+        if rec is None:
+            raise NotFound(f"session {sid} is unknown or expired; create a new one")
+        if not check_token(rec.token_hash, token) or rec.tenant != tenant:
+            raise Denied(f"the session token does not match session {sid}")
+        return rec
+
+
+async def reachable(address: str, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections at ``address`` (host:port): a replica killed with
+    -9 refuses at once, so its sessions move without waiting for its node entry to expire."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        _r, w = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
+    except (OSError, TimeoutError, ValueError):
+        return False
+    w.close()
+    try:
+        await w.wait_closed()
+    except OSError:
+        pass
+    return True
