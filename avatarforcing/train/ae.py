@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..vae import TinyAutoencoder
-from .common import StageCheckpoint
+from .common import RunningLoss, StageCheckpoint, apply_step
 from .data import ClipBank, to_unit
 
 
@@ -90,20 +90,16 @@ def train_autoencoder(cfg: ModelConfig, bank: ClipBank, ck_dir, tc: AEConfig, de
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc.lr, total_steps=tc.steps, pct_start=0.05,
                                                 last_epoch=start - 1 if start else -1)
     bar = tqdm(range(start, tc.steps), desc="autoencoder", disable=not progress, initial=start, total=tc.steps)
-    loss_ema = None
+    running = RunningLoss()
     for step in bar:
         loss = ae_loss(vae, bank, rng, tc, device)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        apply_step(opt, vae.parameters(), loss)
         sched.step()
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{loss_ema:.4f}")
+        bar.set_postfix(loss=f"{running.update(loss):.4f}")
         ck.maybe_save(step + 1)
     vae.eval()
     mean, std = latent_stats(vae, bank, device)
     vae.set_latent_stats(mean.to(device), std.to(device))
-    ck.extra = {"final_loss": float(loss_ema or 0.0)}
+    ck.extra = {"final_loss": float(running)}
     ck.finish(meta=ck.extra)
     return vae, dict(ck.extra)

@@ -111,6 +111,30 @@ def read_meta(path: Path) -> dict[str, Any]:
     return dict(json.loads(md.get("meta", "{}")))
 
 
+def apply_step(opt: torch.optim.Optimizer, params: Any, loss: torch.Tensor, clip: float = 1.0) -> None:
+    """Backward, gradient-norm clipping and one optimizer step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+
+
+class RunningLoss:
+    """An exponential moving average of a loss, for progress bars and the stage's final report."""
+
+    def __init__(self, decay: float = 0.98) -> None:
+        self.decay = decay
+        self.value: float | None = None
+
+    def update(self, loss: torch.Tensor) -> float:
+        x = float(loss.item())
+        self.value = x if self.value is None else self.decay * self.value + (1 - self.decay) * x
+        return self.value
+
+    def __float__(self) -> float:
+        return float(self.value or 0.0)
+
+
 class EMA:
     """Exponential moving average of a module's parameters (kept in a copy of the module)."""
 

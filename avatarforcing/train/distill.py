@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ..config import StreamConfig
 from ..model import AvatarDiT, Prefix
 from ..rope import RopeTable
-from .common import EMA, StageCheckpoint
+from .common import EMA, RunningLoss, StageCheckpoint, apply_step
 from .data import LatentBank
 from .teacher import Geometry, anchor_prefix, cfg_x0, clip_audio_tokens, clip_flow, sample, sampler_levels
 
@@ -264,18 +264,14 @@ def train_stage1(model: AvatarDiT, stream: StreamConfig, traj: dict[str, torch.T
     start = ck.start()
     rng = np.random.default_rng([sc.seed, start])
     bar = tqdm(range(start, sc.steps), desc=name, disable=not progress, initial=start, total=sc.steps)
-    loss_ema = None
+    running = RunningLoss()
     for step in bar:
         loss = stage1_loss(model, stream, traj, bank, rng, sc.batch, device)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{loss_ema:.4f}")
+        apply_step(opt, model.parameters(), loss)
+        bar.set_postfix(loss=f"{running.update(loss):.4f}")
         ck.maybe_save(step + 1)
     model.eval()
-    ck.extra = {"final_loss": float(loss_ema or 0.0)}
+    ck.extra = {"final_loss": float(running)}
     ck.finish(meta=ck.extra)
     return dict(ck.extra)
 
@@ -390,7 +386,7 @@ def train_dmd(student: AvatarDiT, teacher: AvatarDiT, stream: StreamConfig, bank
     B, L = stream.block_frames, stream.window_blocks
     n_tok = K + (L - 1) * B
     bar = tqdm(range(start, dc.steps), desc=name, disable=not progress, initial=start, total=dc.steps)
-    g_ema = c_ema = None
+    g_run, c_run = RunningLoss(0.9), RunningLoss(0.9)
 
     for step in bar:
         batch = dmd_batch(bank, rng, dc.batch, n_tok, device)
@@ -398,24 +394,16 @@ def train_dmd(student: AvatarDiT, teacher: AvatarDiT, stream: StreamConfig, bank
                     K)
         target = dmd_target(teacher, critic, geo, bank, batch, x, dc)
         g_loss = 0.5 * (x - target).square().mean()
-        g_opt.zero_grad(set_to_none=True)
-        g_loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        g_opt.step()
+        apply_step(g_opt, student.parameters(), g_loss)
         ema.update()
         # critic updates on the student's samples (flow matching)
         xd = x.detach()
         c_loss = torch.zeros(())
         for _ in range(dc.critic_steps):
             c_loss = critic_loss(critic, geo, bank, batch, xd, dc)
-            c_opt.zero_grad(set_to_none=True)
-            c_loss.backward()
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
-            c_opt.step()
-        g_ema = g_loss.item() if g_ema is None else 0.9 * g_ema + 0.1 * g_loss.item()
-        c_ema = c_loss.item() if c_ema is None else 0.9 * c_ema + 0.1 * c_loss.item()
-        bar.set_postfix(g=f"{g_ema:.4f}", critic=f"{c_ema:.4f}")
+            apply_step(c_opt, critic.parameters(), c_loss)
+        bar.set_postfix(g=f"{g_run.update(g_loss):.4f}", critic=f"{c_run.update(c_loss):.4f}")
         ck.maybe_save(step + 1)
-    ck.extra = {"final_generator_loss": float(g_ema or 0.0), "final_critic_loss": float(c_ema or 0.0)}
+    ck.extra = {"final_generator_loss": float(g_run), "final_critic_loss": float(c_run)}
     ck.finish({"dit": ema_model}, meta=ck.extra)
     return ema_model, dict(ck.extra)

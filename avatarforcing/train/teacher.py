@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..config import ModelConfig, shift_sigma
 from ..model import AvatarDiT, Prefix
 from ..rope import RopeTable
-from .common import StageCheckpoint
+from .common import RunningLoss, StageCheckpoint, apply_step
 from .data import LatentBank, segment_pcm
 
 
@@ -117,19 +117,15 @@ def train_teacher(model: AvatarDiT, bank: LatentBank, ck_dir, tc: TeacherConfig,
     rng = np.random.default_rng([tc.seed, start])
     geo = Geometry(model.cfg, tc.clip_frames, device)
     bar = tqdm(range(start, tc.steps), desc="teacher", disable=not progress, initial=start, total=tc.steps)
-    loss_ema = None
+    running = RunningLoss()
     for step in bar:
         loss = teacher_loss(model, bank, rng, tc, geo, device)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        apply_step(opt, model.parameters(), loss)
         sched.step()
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{loss_ema:.4f}")
+        bar.set_postfix(loss=f"{running.update(loss):.4f}")
         ck.maybe_save(step + 1)
     model.eval()
-    ck.extra = {"final_loss": float(loss_ema or 0.0)}
+    ck.extra = {"final_loss": float(running)}
     ck.finish(meta=ck.extra)
     return dict(ck.extra)
 
