@@ -33,6 +33,23 @@ class LoadedModel:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+# How far below its calibrated mean (in standard deviations) a stream's anchor similarity may fall
+# before the server counts it as drifting.
+DRIFT_FLOOR_STDS = 4.0
+
+
+def drift_floor(meta: dict[str, Any]) -> float | None:
+    """The anchor-similarity floor calibrated on a checkpoint (None if it carries no calibration).
+
+    ``avatarforcing eval`` measures the similarity over held-out streams and ``scripts/ship_model.py``
+    stores it in the metadata; the floor is its mean minus ``DRIFT_FLOOR_STDS`` standard deviations.
+    """
+    cal = meta.get("drift_calibration", {}).get("anchor_similarity")
+    if not cal:
+        return None
+    return float(cal["mean"]) - DRIFT_FLOOR_STDS * float(cal["std"])
+
+
 def save_checkpoint(path: str | Path, model: AvatarDiT, vae: TinyAutoencoder, stream_cfg: StreamConfig,
                     meta: dict[str, Any] | None = None) -> None:
     tensors = {f"dit.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .config import ModelConfig, StreamConfig
 from .model import AvatarDiT, Prefix
 from .rope import RopeTable
-from .vae import TinyAutoencoder
+from .vae import TinyAutoencoder, to_pixels, to_unit
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -177,7 +177,7 @@ class StreamEngine:
             raise ValueError(f"reference image must be uint8 [{c.height}, {c.width}, 3], got "
                              f"{image.dtype} {list(image.shape)}")
         img = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
-        img = img.permute(2, 0, 1)[None].to(self.dtype) / 127.5 - 1.0
+        img = to_unit(img)[None].to(self.dtype)
         ref = self.vae.encode_image(img)  # [1, C, h, w]
         zeros_audio = torch.zeros(1, 1, c.audio_token_dim, device=self.device, dtype=self.dtype)
         sigma = torch.zeros(1, 1, device=self.device)
@@ -258,8 +258,7 @@ class StreamEngine:
         sims: list[float] = []
         if rows.numel() > 0:
             frames = self.vae.decode(clean)  # [m, 4B, 3, H, W]
-            frames_u8 = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            frames_np = frames_u8.permute(0, 1, 3, 4, 2).contiguous().cpu().numpy()
+            frames_np = to_pixels(frames).contiguous().cpu().numpy()
             ref = self.ref_lat[idx[rows]].float().flatten(1)[:, None]
             sims = F.cosine_similarity(clean.float().flatten(2), ref, dim=-1).mean(1).tolist()
         out: list[SlotResult] = []

@@ -31,12 +31,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import LoadedModel, load_checkpoint
+from .checkpoint import DEFAULT_CHECKPOINT, PACKAGE_CHECKPOINTS, LoadedModel, load_checkpoint
 from .data import LONG_FORM, make_clip
 from .engine import StreamEngine
 from .metrics import best_offset, box_mask, drift_slope, mouth_opening, per_segment, psnr, ssim, sync_correlation
-
-SHIPPED = Path(__file__).resolve().parent / "checkpoints"
+from .vae import to_pixels, to_unit
 
 
 @dataclass
@@ -99,8 +98,7 @@ def teacher_clips(lm: LoadedModel, clips: list[dict[str, Any]], clip_frames: int
     out = []
     for c in tqdm(clips, desc="teacher", disable=not progress):
         n_lat = len(c["frames"]) // k
-        img = torch.from_numpy(c["reference"]).to(dev).permute(2, 0, 1)[None].float() / 127.5 - 1
-        ref = vae.encode_image(img)
+        ref = vae.encode_image(to_unit(torch.from_numpy(c["reference"]).to(dev))[None])
         audio = torch.from_numpy(np.ascontiguousarray(c["audio"][: n_lat * k * cfg.samples_per_frame]))[None]
         # every chunk of the clip in one batch; the last one overlaps its predecessor
         starts = [min(s, n_lat - clip_frames) for s in range(0, n_lat, clip_frames)]
@@ -115,7 +113,7 @@ def teacher_clips(lm: LoadedModel, clips: list[dict[str, Any]], clip_frames: int
                 chunks.append(x0[j:j + 1, s - s0:])
         lat = torch.cat(chunks, dim=1)[:, :n_lat]
         fr = vae.decode(lat)[0]
-        out.append(((fr.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+        out.append(to_pixels(fr).cpu().numpy())
     return out
 
 
@@ -166,8 +164,8 @@ def summarize(short: list[dict[str, float]], long: list[dict[str, Any]]) -> dict
 
 # ---- the command --------------------------------------------------------------------------------------
 def default_models() -> dict[str, Path]:
-    return {"teacher": SHIPPED / "eval" / "teacher.safetensors", "student": SHIPPED / "default.safetensors",
-            "ar": SHIPPED / "eval" / "ar.safetensors"}
+    return {"teacher": PACKAGE_CHECKPOINTS / "eval" / "teacher.safetensors", "student": DEFAULT_CHECKPOINT,
+            "ar": PACKAGE_CHECKPOINTS / "eval" / "ar.safetensors"}
 
 
 def evaluate(models: dict[str, Path], ec: EvalConfig, device: str = "cpu", progress: bool = True,

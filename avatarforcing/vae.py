@@ -13,6 +13,16 @@ from torch import nn
 from .config import ModelConfig
 
 
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1] (the autoencoder's input range)."""
+    return pixels.movedim(-1, -3).float() / 127.5 - 1.0
+
+
+def to_pixels(frames: torch.Tensor) -> torch.Tensor:
+    """Decoded frames [..., 3, H, W] (about [-1, 1]) -> uint8 pixels [..., H, W, 3], clamped and rounded."""
+    return ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1)
+
+
 def _block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1),
                          nn.SiLU())

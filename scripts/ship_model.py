@@ -16,12 +16,18 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from avatarforcing.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from avatarforcing.checkpoint import (  # noqa: E402
+    DEFAULT_CHECKPOINT,
+    DRIFT_FLOOR_STDS,
+    PACKAGE_CHECKPOINTS,
+    LoadedModel,
+    drift_floor,
+    load_checkpoint,
+    save_checkpoint,
+)
 from avatarforcing.model import count_parameters  # noqa: E402
 
 
@@ -38,10 +44,9 @@ def _fmt(v: float, f: str = "{:.3f}") -> str:
     return f.format(v)
 
 
-def card(run: Path, report: dict, student_meta: dict) -> str:
-    b = student_meta["budget"]
-    secs = student_meta.get("train_seconds", {})
-    lm = load_checkpoint(ROOT / "avatarforcing/checkpoints/default.safetensors")
+def card(run: Path, report: dict, lm: LoadedModel) -> str:
+    b = lm.meta["budget"]
+    secs = lm.meta.get("train_seconds", {})
     r = report["results"]
     rows = []
     for name in ("teacher", "student", "ar"):
@@ -61,7 +66,7 @@ def card(run: Path, report: dict, student_meta: dict) -> str:
             "target compares two near-zero slopes and says nothing either way. Every frame of both models is "
             "conditioned on the reference latent (input channels) and attends to the style anchor, which holds "
             "the appearance; the baseline's weakness shows in its lower lip sync instead (no local future).\n")
-    cal = student_meta.get("drift_calibration", {}).get("anchor_similarity", {})
+    cal = lm.meta.get("drift_calibration", {}).get("anchor_similarity", {})
     total = sum(v for k, v in secs.items() if k != "export")
     ec = report["config"]
     where = "on a CUDA GPU" if "cuda" in str(report.get("train_device", "")) else "on the CPU (2 cores)"
@@ -134,7 +139,7 @@ Anchor similarity (cosine similarity of each emitted block's latents to the refe
 the held-out streams: mean {cal.get('mean', float('nan')):.4f}, std {cal.get('std', float('nan')):.4f},
 1st percentile {cal.get('p01', float('nan')):.4f}. The server flags a session as drifting
 (`avatarforcing_drift_alerts_total`, a warning in the log) when the mean over its last 25 blocks falls
-below mean - 4 std = {cal.get('mean', 0) - 4 * cal.get('std', 0):.4f}
+below mean - {DRIFT_FLOOR_STDS:g} std = {drift_floor(lm.meta) or float('nan'):.4f}
 (`avatarforcing_anchor_similarity_floor`).
 """
 
@@ -149,16 +154,14 @@ def main() -> int:
     st = report["results"]["student"]
     metrics = {k: v for k, v in st.items() if not isinstance(v, list)}
     extra = {"eval": metrics, "drift_calibration": {"anchor_similarity": st.get("anchor_similarity", {})}}
-    dst = ROOT / "avatarforcing/checkpoints"
-    _save(a.run / "student.safetensors", dst / "default.safetensors", extra, half=False)
+    dst = PACKAGE_CHECKPOINTS
+    _save(a.run / "student.safetensors", DEFAULT_CHECKPOINT, extra, half=False)
     for name in ("teacher", "ar"):
         _save(a.run / f"{name}.safetensors", dst / "eval" / f"{name}.safetensors",
               {"eval": {k: v for k, v in report["results"].get(name, {}).items() if not isinstance(v, list)}},
               half=True)
-    meta = load_checkpoint(dst / "default.safetensors").meta
-    (dst / "MODEL_CARD.md").write_text(card(a.run, report, meta))
-    print(f"shipped {dst / 'default.safetensors'} and {dst / 'MODEL_CARD.md'}")
-    torch.set_num_threads(1)
+    (dst / "MODEL_CARD.md").write_text(card(a.run, report, load_checkpoint(DEFAULT_CHECKPOINT)))
+    print(f"shipped {DEFAULT_CHECKPOINT} and {dst / 'MODEL_CARD.md'}")
     return 0
 
 

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from avatarforcing import AnchorState, NoFreeSlotError, StreamEngine
-from avatarforcing.checkpoint import LoadedModel, load_default
+from avatarforcing.checkpoint import LoadedModel, drift_floor, load_default
 from avatarforcing.model import count_parameters
 from avatarforcing_client.v1 import avatarforcing_pb2 as pb
 from avatarforcing_client.v1 import avatarforcing_pb2_grpc as pb_grpc
@@ -274,15 +274,6 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
         except Exception as e:
             code, msg = _abort_code(e)
             s.fail(SessionFailure(code, msg))
-
-
-def drift_floor(meta: dict[str, Any]) -> float | None:
-    """The anchor-similarity floor calibrated on the checkpoint (``avatarforcing eval`` measures
-    the similarity over held-out streams; the floor is its mean minus 4 standard deviations)."""
-    cal = meta.get("drift_calibration", {}).get("anchor_similarity")
-    if not cal:
-        return None
-    return float(cal["mean"]) - 4.0 * float(cal["std"])
 
 
 class App:

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from avatarforcing.checkpoint import random_init
+from avatarforcing.checkpoint import drift_floor, random_init
 from avatarforcing_service.config import ServerConfig
-from avatarforcing_service.server import App, drift_floor
+from avatarforcing_service.server import App
 
 from .conftest import png_bytes, speechlike_pcm
 from .test_server import EOA, audio_reqs, cfg, collect, gen

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import grpc
 
-from avatarforcing.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, load_default
+from avatarforcing.checkpoint import DEFAULT_CHECKPOINT, drift_floor, load_checkpoint, load_default
 from avatarforcing.evaluate import default_models
 from avatarforcing_client import pb, pb_grpc
 from avatarforcing_service.config import ServerConfig
-from avatarforcing_service.server import App, drift_floor
+from avatarforcing_service.server import App
 
 
 def test_shipped_checkpoints_exist_with_their_metadata():

@@ -32,6 +32,7 @@ from avatarforcing.train.distill import (
     stage1_loss,
 )
 from avatarforcing.train.teacher import Geometry, TeacherConfig, anchor_prefix, clip_audio_tokens, teacher_loss
+from avatarforcing.vae import to_pixels, to_unit
 
 CPU = torch.device("cpu")
 
@@ -72,8 +73,7 @@ def test_rollout_is_the_engines_step(banks):
     engine_frames = [r.frames for i in range(n_steps) for r in eng.step([slot], pcm[i:i + 1])
                      if r.frames is not None]
     with torch.no_grad():
-        img = torch.from_numpy(ref_img).permute(2, 0, 1)[None].float() / 127.5 - 1
-        ref = vae.encode_image(img)
+        ref = vae.encode_image(to_unit(torch.from_numpy(ref_img))[None])
         ctx = model.context()
         ro = StreamRollout(model, stream, ref, anchor_prefix(model, ref, eng.rope_anchor, ctx), ctx)
         full = torch.cat([torch.zeros(1, eng.context_samples), torch.from_numpy(pcm.reshape(1, -1))], dim=1)
@@ -85,8 +85,7 @@ def test_rollout_is_the_engines_step(banks):
             noise = torch.randn(eng.win_lat.shape[1:], generator=gen)[None]
             e = ro.step(tok[:, i * stream.block_frames:(i + 1) * stream.block_frames], noise)
             if e is not None:
-                fr = ((vae.decode(e).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-                out.append(fr[0].permute(0, 2, 3, 1).numpy())
+                out.append(to_pixels(vae.decode(e))[0].numpy())
     assert len(out) == len(engine_frames) == n_steps - (stream.window_blocks - 1)
     for a, b in zip(out, engine_frames, strict=True):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1

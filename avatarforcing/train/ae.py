@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ..config import ModelConfig
 from ..vae import TinyAutoencoder
 from .common import RunningLoss, StageCheckpoint, apply_step
-from .data import ClipBank, to_unit
+from .data import ClipBank, unit_on
 
 
 @dataclass
@@ -49,7 +49,7 @@ def _batch(bank: ClipBank, rng: np.random.Generator, n: int, t: int, ref_fractio
         y0, y1, x0, x1 = bank.boxes[i]
         w[y0:y1, x0:x1] = 0.0
         ws.append(w)
-    frames = to_unit(np.stack(xs), device)  # [n, t, 3, H, W]
+    frames = unit_on(np.stack(xs), device)  # [n, t, 3, H, W]
     weight = torch.from_numpy(np.stack(ws)).to(device)[:, None, None]  # [n,1,1,H,W], 0 in the mouth
     return frames, weight
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..data import make_clip
-from ..vae import TinyAutoencoder
+from ..vae import TinyAutoencoder, to_unit
 
 
 @dataclass
@@ -41,10 +41,9 @@ class ClipBank:
         return int(self.frames.shape[0])
 
 
-def to_unit(frames_u8: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+def unit_on(frames_u8: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1] on ``device``."""
-    t = torch.as_tensor(frames_u8).to(device)
-    return t.movedim(-1, -3).float() / 127.5 - 1.0
+    return to_unit(torch.as_tensor(frames_u8).to(device))
 
 
 @dataclass
@@ -71,9 +70,9 @@ class LatentBank:
         lats, refs = [], []
         vae = vae.to(device).eval()
         for i in tqdm(range(len(bank)), desc="encoding latents", disable=not progress):
-            fr = to_unit(bank.frames[i, : n_lat * k], device)[None]
+            fr = unit_on(bank.frames[i, : n_lat * k], device)[None]
             lats.append(vae.encode(fr)[0].cpu())
-            refs.append(vae.encode_image(to_unit(bank.refs[i], device)[None])[0].cpu())
+            refs.append(vae.encode_image(unit_on(bank.refs[i], device)[None])[0].cpu())
         spl = n_lat * k * cfg.samples_per_frame
         return cls(lat=torch.stack(lats), ref=torch.stack(refs),
                    audio=torch.from_numpy(np.ascontiguousarray(bank.audio[:, :spl])).float())
