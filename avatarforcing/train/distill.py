@@ -38,7 +38,16 @@ from ..model import AvatarDiT, Prefix
 from ..rope import RopeTable
 from .common import EMA, RunningLoss, StageCheckpoint, apply_step
 from .data import LatentBank
-from .teacher import Geometry, anchor_prefix, cfg_x0, clip_audio_tokens, clip_flow, sample, sampler_levels
+from .teacher import (
+    Geometry,
+    anchor_prefix,
+    cfg_x0,
+    clip_audio_tokens,
+    clip_flow,
+    sample,
+    sample_batch,
+    sampler_levels,
+)
 
 
 class StreamRollout:
@@ -85,8 +94,11 @@ class StreamRollout:
                              prefix_rope=self.rope_prefix, key_mask=key_mask, context=self.context)
         return lat - self.sigma_window[:, :, None, None, None].to(lat.dtype) * flow
 
-    def push_history(self, clean: torch.Tensor, audio: torch.Tensor) -> None:
-        """The temporal anchor: the clean block at t = 0; its keys/values become history."""
+    def push_history(self, clean: torch.Tensor, audio: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """The temporal anchor: the clean block at t = 0; its keys/values become history.
+
+        ``rows`` [n] bool: only these streams take the block (the others keep their history).
+        """
         if self.H == 0:
             return
         pmask = self._pmask()
@@ -96,10 +108,16 @@ class StreamRollout:
         _, kvs = self.model(clean, sigma, self.ref, audio, self.rope_clean, prefix=self._prefix(),
                             prefix_rope=self.rope_prefix, key_mask=key_mask, context=self.context)
         keep = self.H * self.P
-        self.hist_k = [torch.cat([hk, k], 1)[:, -keep:] for hk, (k, _) in zip(self.hist_k, kvs, strict=True)]
-        self.hist_v = [torch.cat([hv, v], 1)[:, -keep:] for hv, (_, v) in zip(self.hist_v, kvs, strict=True)]
+
+        def take(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            if rows is None:
+                return new
+            return torch.where(rows.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+        self.hist_k = [take(hk, torch.cat([hk, k], 1)[:, -keep:]) for hk, (k, _) in zip(self.hist_k, kvs, strict=True)]
+        self.hist_v = [take(hv, torch.cat([hv, v], 1)[:, -keep:]) for hv, (_, v) in zip(self.hist_v, kvs, strict=True)]
         ones = torch.ones(self.n, self.B, dtype=torch.bool, device=self.ref.device)
-        self.hist_valid = torch.cat([self.hist_valid, ones], dim=1)[:, -self.H:]
+        self.hist_valid = take(self.hist_valid, torch.cat([self.hist_valid, ones], dim=1)[:, -self.H:])
 
     def step(self, tok: torch.Tensor, noise: torch.Tensor) -> torch.Tensor | None:
         """tok [n, B, a] the newest block's audio tokens; noise [n, L*B, C, h, w].
@@ -158,8 +176,7 @@ def make_trajectories(teacher: AvatarDiT, bank: LatentBank, K: int, oc: ODEConfi
     states, finals, clips, starts = [], [], [], []
     for b0 in tqdm(range(0, oc.trajectories, oc.batch), desc="teacher trajectories", disable=not progress):
         n = min(oc.batch, oc.trajectories - b0)
-        idx = rng.integers(len(bank), size=n).tolist()
-        st = rng.integers(0, bank.frames - K + 1, size=n).tolist()
+        idx, st = sample_batch(bank, rng, n, K)
         ref = bank.ref[idx].to(device)
         audio = clip_audio_tokens(teacher, bank.audio, idx, st, K)
         noise = torch.randn((n, K, *bank.lat.shape[2:]), generator=gen).to(device)
@@ -230,16 +247,8 @@ def _stage1_batch(model: AvatarDiT, stream: StreamConfig, traj: dict[str, torch.
             if have[r]:
                 clean[r] = finals[ti[r], int(hb[r]) * B:(int(hb[r]) + 1) * B]
                 a[r] = tok[r, int(hb[r]) * B:(int(hb[r]) + 1) * B]
-        prev_k, prev_v, prev_valid = ro.hist_k, ro.hist_v, ro.hist_valid
-        ro.push_history(clean.to(device), a)
-        # rows without this history block keep their previous (empty) history
-        keep_old = ~have.to(device)
-        if bool(keep_old.any()):
-            ro.hist_k = [torch.where(keep_old[:, None, None, None], pk, nk) for pk, nk in zip(prev_k, ro.hist_k,
-                                                                                               strict=True)]
-            ro.hist_v = [torch.where(keep_old[:, None, None, None], pv, nv) for pv, nv in zip(prev_v, ro.hist_v,
-                                                                                               strict=True)]
-            ro.hist_valid = torch.where(keep_old[:, None], prev_valid, ro.hist_valid)
+        # rows without this history block (the window starts earlier in the clip) keep their history
+        ro.push_history(clean.to(device), a, rows=have.to(device))
     return ro, lat.to(device), aud, valid.to(device), target.to(device), valid.repeat_interleave(B, 1).to(device)
 
 
@@ -319,8 +328,7 @@ class DMDBatch:
 
 
 def dmd_batch(bank: LatentBank, rng: np.random.Generator, n: int, n_tok: int, device: torch.device) -> DMDBatch:
-    idx = rng.integers(len(bank), size=n).tolist()
-    starts = rng.integers(0, bank.frames - n_tok + 1, size=n).tolist()
+    idx, starts = sample_batch(bank, rng, n, n_tok)
     return DMDBatch(idx, starts, bank.ref[idx].to(device))
 
 

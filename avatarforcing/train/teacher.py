@@ -76,6 +76,7 @@ def clip_audio_tokens(model: AvatarDiT, audio: torch.Tensor, clip_idx: Sequence[
 
 
 def sample_batch(bank: LatentBank, rng: np.random.Generator, n: int, K: int) -> tuple[list[int], list[int]]:
+    """n random (clip, start latent frame) pairs with K latent frames inside the clip."""
     idx = rng.integers(len(bank), size=n).tolist()
     starts = rng.integers(0, bank.frames - K + 1, size=n).tolist()
     return idx, starts
