@@ -200,6 +200,14 @@ class Router(abc.ABC):
         """Slots of this node neither in use nor reserved."""
         return self.free_slots() - self.local_pending()
 
+    def _record_here(self, tenant: str, state: str) -> tuple[SessionRecord, str]:
+        """A new session record owned by this node (kept in ``local``), and its token."""
+        token = new_token()
+        rec = SessionRecord(new_session_id(), tenant, token_hash(token), self.node.node_id, self.node.address, state,
+                            time.monotonic() + self.limits.reservation_ttl_s)
+        self.local[rec.session_id] = rec
+        return rec, token
+
     def _check_local(self, sid: str, token: str, tenant: str) -> SessionRecord:
         rec = self.local.get(sid)
         if rec is None:

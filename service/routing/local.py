@@ -16,9 +16,6 @@ from .base import (
     Router,
     SessionRecord,
     check_token,
-    new_session_id,
-    new_token,
-    token_hash,
 )
 
 
@@ -48,21 +45,14 @@ class LocalRouter(Router):
             raise Full(f"all {self.node.capacity} session slots of this replica are in use or reserved; retry "
                        "later or on another replica")
 
-    def _new(self, tenant: str, state: str) -> tuple[SessionRecord, str]:
-        token = new_token()
-        rec = SessionRecord(new_session_id(), tenant, token_hash(token), self.node.node_id, self.node.address, state,
-                            time.monotonic() + self.limits.reservation_ttl_s)
-        self.local[rec.session_id] = rec
-        return rec, token
-
     async def create(self, tenant: str, tenant_limit: int) -> Placement:
         self._admit(tenant, tenant_limit)
-        rec, token = self._new(tenant, PENDING)
+        rec, token = self._record_here(tenant, PENDING)
         return Placement(rec.session_id, token, rec.node_id, rec.address, self.limits.reservation_ttl_s)
 
     async def create_local(self, tenant: str, tenant_limit: int) -> tuple[SessionRecord, str]:
         self._admit(tenant, tenant_limit)
-        return self._new(tenant, LIVE)
+        return self._record_here(tenant, LIVE)
 
     async def resume(self, session_id: str, token: str, tenant: str) -> Placement:
         self._expire()

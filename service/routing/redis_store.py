@@ -314,11 +314,7 @@ class RedisRouter(Router):
                             "shortly")
         if tenant_limit and sum(1 for r in self.local.values() if r.tenant == tenant) >= tenant_limit:
             raise Full(f"tenant {tenant!r} already has {tenant_limit} sessions, its limit; end one first")
-        token = new_token()
-        rec = SessionRecord(new_session_id(), tenant, token_hash(token), self.node.node_id, self.node.address, state,
-                            time.monotonic() + self.limits.reservation_ttl_s)
-        self.local[rec.session_id] = rec
-        return rec, token
+        return self._record_here(tenant, state)
 
     async def create(self, tenant: str, tenant_limit: int) -> Placement:
         sid, token = new_session_id(), new_token()
