@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -147,11 +144,3 @@ class EMA:
     def update(self) -> None:
         for ps, pm in zip(self.shadow.parameters(), self.model.parameters(), strict=True):
             ps.lerp_(pm.detach(), 1.0 - self.decay)
-
-
-@contextmanager
-def timed(what: str, stats: dict[str, float]) -> Iterator[None]:
-    t0 = time.perf_counter()
-    yield
-    stats[what] = round(time.perf_counter() - t0, 1)
-    log.info("%s took %.1f s", what, stats[what])
