@@ -11,12 +11,26 @@ Positions are relative to the window on every step: anchor at latent-frame posit
 at 1..H, window at H+1..H+L*B, so RoPE tables are fixed and a stream can run for hours at
 constant cost. Noise for a slot's step comes from a generator seeded by (session seed, step), so
 a slot's output does not depend on which other slots share its batch.
+
+Which window blocks and history frames hold data follows from a slot's step count alone, so the
+host knows it without asking the device: a batch whose slots are all past their warm-up runs with
+no attention mask (the fused attention kernels), at static shapes.
+
+On CUDA the engine runs on its own streams: ``submit`` enqueues a step and returns at once; the
+denoising runs on the compute stream, the decoding and the device-to-host copy of its frames (into
+pinned buffers) on a second stream, so step k+1's denoising overlaps step k's decoding and copies.
+``result`` waits for a step's frames. With ``cuda_graphs`` the steady-state denoising of each batch
+size is captured once as a CUDA graph and replayed; with ``compile`` the transformer blocks run
+through ``torch.compile``. On a CPU every step completes inside ``submit``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,6 +40,8 @@ from .config import ModelConfig, StreamConfig
 from .model import AvatarDiT, Prefix
 from .rope import RopeTable
 from .vae import TinyAutoencoder, to_pixels, to_unit
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,15 +81,26 @@ def _mix_seed(seed: int, step: int) -> int:
 
 class StreamEngine:
     def __init__(self, model: AvatarDiT, vae: TinyAutoencoder, stream: StreamConfig, *, max_sessions: int,
-                 device: str | torch.device = "cpu", dtype: str = "float32") -> None:
+                 device: str | torch.device = "cpu", dtype: str = "float32", compile: bool = False,
+                 cuda_graphs: bool = False, attention: str = "auto") -> None:
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {attention!r}; choose one of {sorted(ATTENTION_BACKENDS)}")
         self.cfg: ModelConfig = model.cfg
         self.stream = stream
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
+        self.cuda = self.device.type == "cuda"
+        if cuda_graphs and not self.cuda:
+            raise ValueError("cuda_graphs needs a CUDA device")
         self.model = model.to(self.device, self.dtype).eval()
         self.vae = vae.to(self.device, self.dtype).eval()
+        if self.cuda:
+            self.vae.to(memory_format=torch.channels_last)
+        self.compiled = compile
+        self.use_graphs = cuda_graphs
+        self.attention = attention
         self.capacity = max_sessions
         c = self.cfg
         B, L, H = stream.block_frames, stream.window_blocks, stream.history_frames
@@ -83,20 +110,21 @@ class StreamEngine:
         self.frames_per_block = B * c.frames_per_latent
         self.block_samples = self.frames_per_block * c.samples_per_frame
         self.context_samples = self.model.audio_frontend.context
+        # Steps after which every window block and history frame of a slot holds data.
+        self.warmup_steps = (L - 1) + -(-H // B)
         dev, dt = self.device, self.dtype
         S, nl = max_sessions, c.layers
-        kv_shape = (S, nl, P, c.heads, c.head_dim)
         # ---- the slots (preallocated once) -----------------------------------------------
         self.win_lat = torch.zeros(S, L * B, c.latent_channels, lh, lw, device=dev, dtype=dt)
         self.win_audio = torch.zeros(S, L * B, c.audio_token_dim, device=dev, dtype=dt)
-        self.win_valid = torch.zeros(S, L, device=dev, dtype=torch.bool)
         self.ref_lat = torch.zeros(S, c.latent_channels, lh, lw, device=dev, dtype=dt)
-        self.anchor_k = torch.zeros(kv_shape, device=dev, dtype=dt)
-        self.anchor_v = torch.zeros(kv_shape, device=dev, dtype=dt)
-        hist_shape = (S, nl, H * P, c.heads, c.head_dim)
-        self.hist_k = torch.zeros(hist_shape, device=dev, dtype=dt)
-        self.hist_v = torch.zeros(hist_shape, device=dev, dtype=dt)
-        self.hist_valid = torch.zeros(S, H, device=dev, dtype=torch.bool)
+        # The attention prefix of each layer: the style anchor's P keys/values, then the H*P of the
+        # temporal-anchor history, un-rotated, in one buffer (gathered once per step).
+        pre_shape = (S, nl, (1 + H) * P, c.heads, c.head_dim)
+        self.prefix_k = torch.zeros(pre_shape, device=dev, dtype=dt)
+        self.prefix_v = torch.zeros(pre_shape, device=dev, dtype=dt)
+        self.anchor_k, self.anchor_v = self.prefix_k[:, :, :P], self.prefix_v[:, :, :P]
+        self.hist_k, self.hist_v = self.prefix_k[:, :, P:], self.prefix_v[:, :, P:]
         self.audio_tail = torch.zeros(S, self.context_samples, device=dev, dtype=torch.float32)
         self._allocated = [False] * S
         self._steps = [0] * S
@@ -110,10 +138,43 @@ class StreamEngine:
         self.sigma_window = lv.repeat_interleave(B)[None]  # [1, L*B]
         self.sigma_renoise = lv[:-1].repeat_interleave(B)[None, :, None, None, None].to(dt)
         self._gen = torch.Generator(device=dev)
-        with torch.inference_mode():
+        # ---- streams, pinned output rings, graphs (CUDA) -----------------------------------------
+        self._compute = torch.cuda.Stream(dev) if self.cuda else None
+        self._decode_stream = torch.cuda.Stream(dev) if self.cuda else None
+        self._ring: list[_RingSlot] = []
+        self._ring_next = 0
+        self._lock = threading.Lock()  # submit and result may run on different threads
+        self._graphs: dict[int, _Graph] = {}
+        self.graph_errors: dict[int, str] = {}
+        with self._on_compute(), torch.inference_mode():
             self._context = self.model.context()
+            self._cross = self.model.cross_kv(self._context)
             silence = torch.zeros(1, self.context_samples + self.block_samples, device=dev, dtype=dt)
             self.silence_tokens = self.model.audio_tokens(silence)[0]  # [B, a]
+        if self.cuda:
+            hw = (self.frames_per_block, c.height, c.width, 3)
+            for _ in range(2):
+                self._ring.append(_RingSlot(
+                    clean=torch.zeros(S, B, c.latent_channels, lh, lw, device=dev, dtype=dt),
+                    sims=torch.zeros(S, device=dev, dtype=torch.float32),
+                    host_frames=torch.zeros((S, *hw), dtype=torch.uint8).pin_memory(),
+                    host_sims=torch.zeros(S, dtype=torch.float32).pin_memory(),
+                    clean_ready=torch.cuda.Event(), done=torch.cuda.Event()))
+
+    # ---- streams ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _on_compute(self) -> Iterator[None]:
+        """Runs the enclosed work on the compute stream (on a CPU: as is), with the chosen attention kernels."""
+        with contextlib.ExitStack() as st:
+            if self._compute is not None:
+                st.enter_context(torch.cuda.stream(self._compute))
+            st.enter_context(attention_backends(self.attention))
+            yield
+
+    def synchronize(self) -> None:
+        """Waits for every step enqueued so far."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
 
     # ---- slots ------------------------------------------------------------------------------
     @property
@@ -123,8 +184,7 @@ class StreamEngine:
     def slot_bytes(self) -> int:
         """Device memory one slot's state takes."""
         per = 0
-        for t in (self.win_lat, self.win_audio, self.win_valid, self.ref_lat, self.anchor_k, self.anchor_v,
-                  self.hist_k, self.hist_v, self.hist_valid, self.audio_tail):
+        for t in (self.win_lat, self.win_audio, self.ref_lat, self.prefix_k, self.prefix_v, self.audio_tail):
             per += t[0].numel() * t.element_size()
         return per
 
@@ -136,16 +196,14 @@ class StreamEngine:
         self._allocated[s] = True
         self._steps[s] = 0
         self._seeds[s] = int(seed)
-        with torch.inference_mode():
+        with self._on_compute(), torch.inference_mode():
             self.win_lat[s].zero_()
             self.win_audio[s].zero_()
-            self.win_valid[s] = False
             self.ref_lat[s] = anchor.ref_latent.to(self.device, self.dtype)
             self.anchor_k[s] = anchor.k.to(self.device, self.dtype)
             self.anchor_v[s] = anchor.v.to(self.device, self.dtype)
             self.hist_k[s].zero_()
             self.hist_v[s].zero_()
-            self.hist_valid[s] = False
             self.audio_tail[s].zero_()
         return s
 
@@ -164,7 +222,7 @@ class StreamEngine:
         """Interrupt: the blocks still in the window finish as silence (the mouth closes)."""
         if not self.is_allocated(slot):
             raise SlotError(f"slot {slot} is not allocated")
-        with torch.inference_mode():
+        with self._on_compute(), torch.inference_mode():
             self.win_audio[slot] = self.silence_tokens.repeat(self.L, 1)
             self.audio_tail[slot].zero_()
 
@@ -176,117 +234,324 @@ class StreamEngine:
         if image.shape != (c.height, c.width, 3) or image.dtype != np.uint8:
             raise ValueError(f"reference image must be uint8 [{c.height}, {c.width}, 3], got "
                              f"{image.dtype} {list(image.shape)}")
-        img = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
-        img = to_unit(img)[None].to(self.dtype)
-        ref = self.vae.encode_image(img)  # [1, C, h, w]
-        zeros_audio = torch.zeros(1, 1, c.audio_token_dim, device=self.device, dtype=self.dtype)
-        sigma = torch.zeros(1, 1, device=self.device)
-        _, kvs = self.model(ref[:, None], sigma, ref, zeros_audio, self.rope_anchor, mask_value=0.0,
-                            context=self._context)
-        k = torch.stack([kv[0][0] for kv in kvs])
-        v = torch.stack([kv[1][0] for kv in kvs])
-        return AnchorState(ref_latent=ref[0].clone(), k=k.clone(), v=v.clone())
+        with self._on_compute():
+            img = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+            img = to_unit(img)[None].to(self.dtype)
+            ref = self.vae.encode_image(img)  # [1, C, h, w]
+            zeros_audio = torch.zeros(1, 1, c.audio_token_dim, device=self.device, dtype=self.dtype)
+            sigma = torch.zeros(1, 1, device=self.device)
+            _, kvs = self.model(ref[:, None], sigma, ref, zeros_audio, self.rope_anchor, mask_value=0.0,
+                                cross_kv=self._cross)
+            k = torch.stack([kv[0][0] for kv in kvs])
+            v = torch.stack([kv[1][0] for kv in kvs])
+            out = AnchorState(ref_latent=ref[0].clone(), k=k.clone(), v=v.clone())
+        if self._compute is not None:
+            self._compute.synchronize()  # the anchor may be used from any stream from now on
+        return out
+
+    # ---- which keys hold data (known on the host) ----------------------------------------------
+    def _key_masks(self, slots: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prefix mask [n, (1+H)*P], window mask [n, L*B*P]) of this step, True where a key holds data.
+
+        At step k a slot's window holds blocks for its last min(k+1, L) steps (the newest slot is
+        filled this step), and its history the newest min(H, B * emitted) clean frames.
+        """
+        B, L, H, P = self.B, self.L, self.H, self.P
+        ks = np.array([self._steps[s] for s in slots])[:, None]
+        win = np.arange(L)[None, :] >= (L - 1 - ks)  # block j valid once k >= L-1-j
+        emitted = np.maximum(ks - (L - 1), 0)
+        hist = np.arange(H)[None, :] >= H - np.minimum(H, B * emitted)
+        pre = np.concatenate([np.ones_like(ks, dtype=bool), hist], axis=1)
+        to = torch.from_numpy
+        return (to(np.repeat(pre, P, axis=1)).to(self.device), to(np.repeat(win, B * P, axis=1)).to(self.device))
+
+    def _steady(self, slots: Sequence[int]) -> bool:
+        return all(self._steps[s] >= self.warmup_steps for s in slots)
 
     # ---- the step -------------------------------------------------------------------------------
-    def _noise(self, slots: Sequence[int]) -> torch.Tensor:
+    def _noise(self, slots: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
         shape = self.win_lat.shape[1:]
-        out = torch.empty((len(slots), *shape), device=self.device, dtype=torch.float32)
+        noise = torch.empty((len(slots), *shape), device=self.device, dtype=torch.float32)
         for i, s in enumerate(slots):
             self._gen.manual_seed(_mix_seed(self._seeds[s], self._steps[s]))
-            out[i] = torch.randn(shape, generator=self._gen, device=self.device)
-        return out.to(self.dtype)
-
-    def _prefix(self, idx: torch.Tensor, layer: int) -> Prefix:
-        k = torch.cat([self.anchor_k[idx, layer], self.hist_k[idx, layer]], dim=1)
-        v = torch.cat([self.anchor_v[idx, layer], self.hist_v[idx, layer]], dim=1)
-        return Prefix(k, v)
-
-    def _prefix_mask(self, idx: torch.Tensor) -> torch.Tensor:
-        n = idx.shape[0]
-        anchor = torch.ones(n, self.P, dtype=torch.bool, device=self.device)
-        return torch.cat([anchor, self.hist_valid[idx].repeat_interleave(self.P, dim=1)], dim=1)
+            noise[i] = torch.randn(shape, generator=self._gen, device=self.device)
+        if out is None:
+            return noise.to(self.dtype)
+        return out.copy_(noise)
 
     @torch.inference_mode()
     def step(self, slots: Sequence[int], pcm: np.ndarray | torch.Tensor) -> list[SlotResult]:
-        """One denoising step for each slot in ``slots`` (one batched pass).
+        """One denoising step for each slot in ``slots`` (one batched pass), waited for.
 
         pcm: float32 [n, block_samples] in [-1, 1], the newest block's audio at 16 kHz per slot.
         """
+        return self.submit(slots, pcm).result()
+
+    @torch.inference_mode()
+    def submit(self, slots: Sequence[int], pcm: np.ndarray | torch.Tensor) -> PendingStep:
+        """Enqueues one denoising step for ``slots``; ``result()`` of the returned handle gives its frames.
+
+        At most two steps are in flight: submitting a third first waits for the oldest's frames.
+        """
         n = len(slots)
         if n == 0:
-            return []
+            return PendingStep(self, [], [], None, None, None)
         if len(set(slots)) != n:
             raise ValueError("a slot appears twice in one step")
         for s in slots:
             if not self.is_allocated(s):
                 raise SlotError(f"slot {s} is not allocated")
-        pcm_t = torch.as_tensor(pcm, dtype=torch.float32).to(self.device)
+        pcm_t = torch.as_tensor(pcm, dtype=torch.float32)
         if pcm_t.shape != (n, self.block_samples):
             raise ValueError(f"pcm must be [{n}, {self.block_samples}], got {list(pcm_t.shape)}")
-        B, L, P = self.B, self.L, self.P
-        idx = torch.tensor(list(slots), device=self.device)
+        steps = [self._steps[s] for s in slots]
+        rows = [i for i in range(n) if steps[i] >= self.L - 1]
+        with self._on_compute():
+            ring = self._claim_ring() if self.cuda else None
+            clean = self._advance(slots, pcm_t)
+            if not rows:
+                return PendingStep(self, list(slots), steps, None, None, None)
+            ref = self.ref_lat[torch.tensor([slots[i] for i in rows], device=self.device)]
+            sims = F.cosine_similarity(clean.float().flatten(2), ref.float().flatten(1)[:, None], dim=-1).mean(1)
+            if not self.cuda:
+                frames = to_pixels(self.vae.decode(clean)).contiguous()
+                return PendingStep(self, list(slots), steps, rows, frames, sims)
+            m = len(rows)
+            assert ring is not None
+            ring.clean[:m].copy_(clean)
+            ring.sims[:m].copy_(sims)
+            ring.clean_ready.record()
+        assert self._decode_stream is not None
+        with torch.cuda.stream(self._decode_stream):
+            self._decode_stream.wait_event(ring.clean_ready)
+            frames = to_pixels(self.vae.decode(ring.clean[:m]))
+            ring.host_frames[:m].copy_(frames, non_blocking=True)
+            ring.host_sims[:m].copy_(ring.sims[:m], non_blocking=True)
+            ring.done.record()
+        pending = PendingStep(self, list(slots), steps, rows, ring.host_frames, ring.host_sims, ring.done)
+        ring.pending = pending
+        return pending
+
+    @torch.inference_mode()
+    def denoise_step(self, slots: Sequence[int], pcm: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The denoising part of a step alone (no decoding): advances the slots one step and returns
+        the emitted clean latents [m, B, C, h, w] of the slots past their warm-up, on the device and
+        not waited for. For benchmarks and tests; ``submit`` is this plus decoding.
+        """
+        pcm_t = torch.as_tensor(pcm, dtype=torch.float32)
+        with self._on_compute():
+            return self._advance(list(slots), pcm_t)
+
+    def _advance(self, slots: Sequence[int], pcm: torch.Tensor) -> torch.Tensor:
+        """Enqueues the denoising of one step (on the current stream) and counts the step."""
+        steps = [self._steps[s] for s in slots]
+        emit = [k >= self.L - 1 for k in steps]
+        rows = [i for i in range(len(slots)) if emit[i]]
+        pcm = pcm.pin_memory().to(self.device, non_blocking=True) if self.cuda else pcm.to(self.device)
+        steady = self._steady(slots)
+        if steady and self.use_graphs:
+            clean = self._graph_denoise(slots, pcm)
+        else:
+            idx = torch.tensor(list(slots), device=self.device)
+            clean = self._denoise(idx, pcm, self._noise(slots), None if all(emit) else rows,
+                                  None if steady else self._key_masks(slots))
+        for s in slots:
+            self._steps[s] += 1
+        return clean
+
+    def _claim_ring(self) -> _RingSlot:
+        """The next of the two output rings, once the step that used it last has been collected."""
+        ring = self._ring[self._ring_next]
+        self._ring_next = (self._ring_next + 1) % len(self._ring)
+        if ring.pending is not None:
+            ring.pending.result()  # its frames are copied out of the pinned buffer; decode is done
+            ring.pending = None
+        return ring
+
+    def _denoise(self, idx: torch.Tensor, pcm: torch.Tensor, noise: torch.Tensor, rows: list[int] | None,
+                 masks: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The device part of a step: one pass over the windows of ``idx``, the temporal anchor for the
+        emitting ``rows`` (None: all), the slide. Returns the emitted clean latents [m, B, C, h, w].
+
+        ``masks``: the key masks of a warm-up batch, or None (every key holds data: no mask).
+        """
+        n = idx.shape[0]
+        B, L = self.B, self.L
         # Audio: the new block's tokens, from its samples plus the stored left context.
-        full = torch.cat([self.audio_tail[idx], pcm_t], dim=1)
+        full = torch.cat([self.audio_tail[idx], pcm], dim=1)
         tok = self.model.audio_tokens(full.to(self.dtype))
         self.audio_tail[idx] = full[:, -self.context_samples:]
         aud = self.win_audio[idx]
         aud[:, -B:] = tok
-        valid = self.win_valid[idx]
-        valid[:, -1] = True
-        noise = self._noise(slots)
         lat = self.win_lat[idx]
         lat[:, -B:] = noise[:, -B:]  # the fresh block enters at the newest slot as pure noise
         sigma = self.sigma_window.expand(n, -1)
-        prefix = [self._prefix(idx, i) for i in range(self.cfg.layers)]
-        pmask = self._prefix_mask(idx)
-        key_mask = torch.cat([pmask, valid.repeat_interleave(B * P, dim=1)], dim=1)
+        pk, pv = self.prefix_k[idx], self.prefix_v[idx]
+        prefix = [Prefix(pk[:, i], pv[:, i]) for i in range(self.cfg.layers)]
+        key_mask = None if masks is None else torch.cat(masks, dim=1)
         flow, _ = self.model(lat, sigma, self.ref_lat[idx], aud, self.rope_window, prefix=prefix,
-                             prefix_rope=self.rope_prefix, key_mask=key_mask, context=self._context)
+                             prefix_rope=self.rope_prefix, key_mask=key_mask, cross_kv=self._cross, kv_keep=0,
+                             compiled=self.compiled)
         x0 = lat - sigma[:, :, None, None, None].to(self.dtype) * flow
-        emit = valid[:, 0].clone()
-        rows = emit.nonzero().flatten()
-        clean = x0[rows, :B]
-        if rows.numel() > 0 and self.H > 0:
-            self._temporal_anchor(idx[rows], clean, aud[rows, :B], pmask[rows])
+        if rows is None:
+            clean, e_idx, e_aud, e_prefix = x0[:, :B], idx, aud[:, :B], prefix
+            e_mask = None if masks is None else masks[0]
+        else:
+            r = torch.tensor(rows, device=self.device, dtype=torch.long)
+            clean, e_idx, e_aud = x0[r, :B], idx[r], aud[r, :B]
+            e_prefix = [Prefix(p.k[r], p.v[r]) for p in prefix]
+            e_mask = None if masks is None else masks[0][r]
+        if clean.shape[0] > 0 and self.H > 0:
+            self._temporal_anchor(e_idx, clean, e_aud, e_prefix, e_mask)
         # Slide: block i's x0 is re-noised (fresh noise) to level i-1 and kept for the next step.
         new_lat = torch.zeros_like(lat)
         new_lat[:, : (L - 1) * B] = (1 - self.sigma_renoise) * x0[:, B:] + self.sigma_renoise * noise[:, : (L - 1) * B]
         self.win_lat[idx] = new_lat
-        self.win_valid[idx] = torch.cat([valid[:, 1:], torch.zeros_like(valid[:, :1])], dim=1)
         self.win_audio[idx] = torch.cat([aud[:, B:], torch.zeros_like(aud[:, :B])], dim=1)
-        frames_np: np.ndarray | None = None
-        sims: list[float] = []
-        if rows.numel() > 0:
-            frames = self.vae.decode(clean)  # [m, 4B, 3, H, W]
-            frames_np = to_pixels(frames).contiguous().cpu().numpy()
-            ref = self.ref_lat[idx[rows]].float().flatten(1)[:, None]
-            sims = F.cosine_similarity(clean.float().flatten(2), ref, dim=-1).mean(1).tolist()
-        out: list[SlotResult] = []
-        e = 0
-        for i, s in enumerate(slots):
-            step = self._steps[s]
-            self._steps[s] = step + 1
-            if bool(emit[i]):
-                assert frames_np is not None
-                out.append(SlotResult(s, step, step - (L - 1), frames_np[e], sims[e]))
-                e += 1
-            else:
-                out.append(SlotResult(s, step, None, None, None))
-        return out
+        return clean
 
-    def _temporal_anchor(self, idx: torch.Tensor, clean: torch.Tensor, audio: torch.Tensor,
-                         pmask: torch.Tensor) -> None:
+    def _temporal_anchor(self, idx: torch.Tensor, clean: torch.Tensor, audio: torch.Tensor, prefix: list[Prefix],
+                         pmask: torch.Tensor | None) -> None:
         """Run the emitted clean block at t = 0 and keep its last H frames' keys/values as history."""
         m = idx.shape[0]
-        prefix = [self._prefix(idx, i) for i in range(self.cfg.layers)]
-        key_mask = torch.cat([pmask, torch.ones(m, self.B * self.P, dtype=torch.bool, device=self.device)], 1)
+        key_mask = None
+        if pmask is not None:
+            key_mask = torch.cat([pmask, torch.ones(m, self.B * self.P, dtype=torch.bool, device=self.device)], 1)
         sigma = torch.zeros(m, self.B, device=self.device)
-        _, kvs = self.model(clean, sigma, self.ref_lat[idx], audio, self.rope_clean, prefix=prefix,
-                            prefix_rope=self.rope_prefix, key_mask=key_mask, context=self._context)
         keep = self.H * self.P
-        hk = torch.stack([kv[0] for kv in kvs], dim=1)  # [m, layers, B*P, heads, hd]
+        _, kvs = self.model(clean, sigma, self.ref_lat[idx], audio, self.rope_clean, prefix=prefix,
+                            prefix_rope=self.rope_prefix, key_mask=key_mask, cross_kv=self._cross,
+                            kv_keep=min(self.B * self.P, keep), compiled=self.compiled)
+        hk = torch.stack([kv[0] for kv in kvs], dim=1)  # [m, layers, min(B, H)*P, heads, hd]
         hv = torch.stack([kv[1] for kv in kvs], dim=1)
-        self.hist_k[idx] = torch.cat([self.hist_k[idx], hk], dim=2)[:, :, -keep:]
-        self.hist_v[idx] = torch.cat([self.hist_v[idx], hv], dim=2)[:, :, -keep:]
-        ones = torch.ones(m, self.B, dtype=torch.bool, device=self.device)
-        self.hist_valid[idx] = torch.cat([self.hist_valid[idx], ones], dim=1)[:, -self.H:]
+        if hk.shape[2] < keep:  # a block shorter than the history: keep the older frames' tail too
+            hk = torch.cat([self.hist_k[idx], hk], dim=2)[:, :, -keep:]
+            hv = torch.cat([self.hist_v[idx], hv], dim=2)[:, :, -keep:]
+        self.hist_k[idx] = hk
+        self.hist_v[idx] = hv
+
+    # ---- CUDA graphs ------------------------------------------------------------------------------
+    def _graph_denoise(self, slots: Sequence[int], pcm: torch.Tensor) -> torch.Tensor:
+        """The steady-state denoising of a batch of this size: replayed from its CUDA graph.
+
+        A size seen the first time runs eagerly (which also warms up the kernels), then is captured;
+        capture only records, so no slot's state changes during it.
+        """
+        n = len(slots)
+        g = self._graphs.get(n)
+        if g is None:
+            idx = torch.tensor(list(slots), device=self.device)
+            clean = self._denoise(idx, pcm, self._noise(slots), None, None)
+            if n not in self.graph_errors:
+                self._capture(n)
+            return clean
+        g.idx.copy_(torch.tensor(list(slots)), non_blocking=False)
+        g.pcm.copy_(pcm)
+        self._noise(slots, out=g.noise)
+        g.graph.replay()
+        return g.clean
+
+    def _capture(self, n: int) -> None:
+        dev = self.device
+        idx = torch.zeros(n, dtype=torch.long, device=dev)
+        pcm = torch.zeros(n, self.block_samples, device=dev)
+        noise = torch.zeros(n, *self.win_lat.shape[1:], device=dev, dtype=self.dtype)
+        graph = torch.cuda.CUDAGraph()
+        pool = next(iter(self._graphs.values())).graph.pool() if self._graphs else None
+        try:
+            with torch.cuda.graph(graph, pool=pool, stream=self._compute, capture_error_mode="thread_local"):
+                clean = self._denoise(idx, pcm, noise, None, None)
+        except Exception as e:  # a kernel that cannot be captured: this size stays eager
+            self.graph_errors[n] = f"{type(e).__name__}: {e}"
+            log.warning("CUDA graph capture failed for batch %d, running it eagerly: %s", n, e)
+            return
+        self._graphs[n] = _Graph(graph, idx, pcm, noise, clean)
+
+
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
+@contextlib.contextmanager
+def attention_backends(name: str) -> Iterator[None]:
+    """Which fused attention kernel ``scaled_dot_product_attention`` tries first ("auto": PyTorch's order).
+
+    The others stay allowed after it, so a masked (warm-up) pass still finds a kernel; "only-<name>"
+    allows that one alone (for measuring it).
+    """
+    if name == "auto":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    if name.startswith("only-"):
+        with sdpa_kernel([order[name.removeprefix("only-")]]):
+            yield
+        return
+    backends = [order[name]] + [b for k, b in order.items() if k != name]
+    with sdpa_kernel(backends, set_priority=True):
+        yield
+
+
+@dataclass
+class _RingSlot:
+    """One of the two in-flight steps' output buffers (CUDA)."""
+
+    clean: torch.Tensor
+    sims: torch.Tensor
+    host_frames: torch.Tensor  # pinned
+    host_sims: torch.Tensor  # pinned
+    clean_ready: torch.cuda.Event
+    done: torch.cuda.Event
+    pending: PendingStep | None = None
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    idx: torch.Tensor
+    pcm: torch.Tensor
+    noise: torch.Tensor
+    clean: torch.Tensor
+
+
+@dataclass
+class PendingStep:
+    """A submitted step; ``result()`` waits for its frames (once; later calls return the same list)."""
+
+    engine: StreamEngine
+    slots: list[int]
+    steps: list[int]
+    rows: list[int] | None  # the slots' positions in ``slots`` that emitted a block
+    frames: torch.Tensor | None  # uint8 [>= m, 4B, H, W, 3] (host; pinned on CUDA)
+    sims: torch.Tensor | None
+    done: torch.cuda.Event | None = None
+    _results: list[SlotResult] | None = field(default=None, repr=False)
+
+    def result(self) -> list[SlotResult]:
+        with self.engine._lock:
+            if self._results is None:
+                self._results = self._collect()
+            return self._results
+
+    def _collect(self) -> list[SlotResult]:
+        if self.done is not None:
+            self.done.synchronize()
+        frames = sims = None
+        if self.rows:
+            assert self.frames is not None and self.sims is not None
+            m = len(self.rows)
+            frames = self.frames[:m].cpu().numpy().copy()
+            sims = self.sims[:m].cpu().tolist()
+        emitted = dict(zip(self.rows or [], range(len(self.rows or [])), strict=True))
+        out: list[SlotResult] = []
+        lag = self.engine.L - 1
+        for i, (s, k) in enumerate(zip(self.slots, self.steps, strict=True)):
+            e = emitted.get(i)
+            if e is None:
+                out.append(SlotResult(s, k, None, None, None))
+            else:
+                assert frames is not None and sims is not None
+                out.append(SlotResult(s, k, k - lag, frames[e], sims[e]))
+        return out

@@ -9,7 +9,9 @@ request each layer's un-rotated keys and values of the query tokens so that they
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,7 @@ from torch import nn
 
 from .audio import AudioFrontEnd
 from .config import ModelConfig
-from .rope import RopeTable, apply_rope
+from .rope import RopeTable, apply_rope, rotate
 
 
 class RMSNorm(nn.Module):
@@ -27,8 +29,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return _rms_norm(x, self.weight, self.eps)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -37,6 +38,64 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[..., None] * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """adaLN: LayerNorm without affine, then x * (1 + scale) + shift."""
+    return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=eps), 1 + scale)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def _norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+               heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """QK RMSNorm over the width, split into heads, rotate: (normed [n, N, h, hd], rotated)."""
+    y = _rms_norm(x, weight, eps).unflatten(-1, (heads, -1))
+    return y, rotate(y, cos, sin)
+
+
+def _ffn(ffn: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    return cast(torch.Tensor, ffn(x))
+
+
+def _ffn_fused_gelu(ffn: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The FFN with its tanh GELU applied inside the first matrix product (cuBLASLt's epilogue on CUDA),
+    so the wide hidden activation is written once instead of written, read and written again.
+
+    Only on CUDA: the CPU's ``_addmm_activation`` applies the exact (erf) GELU, not the model's tanh one.
+    """
+    if not x.is_cuda:
+        return _ffn(ffn, x)
+    up, down = cast(nn.Linear, ffn[0]), cast(nn.Linear, ffn[2])
+    h = torch._addmm_activation(up.bias, x.reshape(-1, x.shape[-1]), up.weight.t(), use_gelu=True)
+    return down(h).reshape(*x.shape[:-1], down.out_features)
+
+
+@dataclass(frozen=True)
+class BlockOps:
+    """The elementwise stages of a block: eager, or fused (``compiled_ops``)."""
+
+    modulated_norm: Callable[..., torch.Tensor]
+    norm_rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    ffn: Callable[[nn.Sequential, torch.Tensor], torch.Tensor]
+
+
+EAGER_OPS = BlockOps(_modulated_norm, _norm_rope, _ffn)
+_compiled_ops: BlockOps | None = None
+
+
+def compiled_ops() -> BlockOps:
+    """The same stages fused: the norms, modulation and RoPE through ``torch.compile`` (one kernel per
+    call, compiled once for every shape with ``dynamic=True``, so batch size and resolution cause no
+    recompilation), and the FFN's GELU inside its first matrix product."""
+    global _compiled_ops
+    if _compiled_ops is None:
+        _compiled_ops = BlockOps(torch.compile(_modulated_norm, dynamic=True, fullgraph=True),
+                                 torch.compile(_norm_rope, dynamic=True, fullgraph=True), _ffn_fused_gelu)
+    return _compiled_ops
 
 
 @dataclass
@@ -72,19 +131,28 @@ class Block(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads, self.head_dim))
 
+    def cross_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This block's cross-attention keys and values of a text context [1, Lc, text width]."""
+        return self._heads(self.norm_ck(self.ck(context))), self._heads(self.cv(context))
+
     def forward(self, x: torch.Tensor, e: torch.Tensor, rope: RopeTable, prefix: Prefix | None,
                 prefix_rope: RopeTable | None, key_mask: torch.Tensor | None, audio: torch.Tensor | None,
-                context: torch.Tensor | None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x [n, F, P, d]; e [n, F, 6, d]; key_mask [n, M + F*P] bool or None."""
+                cross: tuple[torch.Tensor, torch.Tensor] | None, kv_keep: int | None = None,
+                ops: BlockOps = EAGER_OPS) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """x [n, F, P, d]; e [n, F, 6, d]; key_mask [n, M + F*P] bool or None (every key takes part).
+
+        ``cross``: this block's cross-attention keys/values (``cross_kv``), computed once per context.
+        ``kv_keep``: which un-rotated query keys/values to return: all (None), none (0) or the last k tokens.
+        ``ops``: the elementwise stages (``EAGER_OPS`` or ``compiled_ops()``).
+        """
         n, f, p, d = x.shape
         mod = (self.modulation + e).unsqueeze(3)  # [n, F, 6, 1, d]
         sh_a, sc_a, g_a, sh_f, sc_f, g_f = mod.unbind(2)
-        h = (self.norm1(x) * (1 + sc_a) + sh_a).reshape(n, f * p, d)
-        q = self._heads(self.norm_q(self.q(h)))
-        k = self._heads(self.norm_k(self.k(h)))
+        h = ops.modulated_norm(x, sh_a, sc_a, self.norm1.eps).reshape(n, f * p, d)
+        _, qr = ops.norm_rope(self.q(h), self.norm_q.weight, self.norm_q.eps, rope.cos, rope.sin, self.heads)
+        k, kr = ops.norm_rope(self.k(h), self.norm_k.weight, self.norm_k.eps, rope.cos, rope.sin, self.heads)
         v = self._heads(self.v(h))
-        kv_out = (k, v)
-        qr, kr = apply_rope(q, rope), apply_rope(k, rope)
+        kv_out = None if kv_keep == 0 else (k, v) if kv_keep is None else (k[:, -kv_keep:], v[:, -kv_keep:])
         if prefix is not None:
             assert prefix_rope is not None
             kr = torch.cat([apply_rope(prefix.k, prefix_rope), kr], dim=1)
@@ -93,15 +161,15 @@ class Block(nn.Module):
         a = F.scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=mask)
         a = self.o(a.transpose(1, 2).reshape(n, f * p, d)).reshape(n, f, p, d)
-        x = x + g_a * a
+        x = torch.addcmul(x, g_a, a)
         if self.cross:
-            assert context is not None
+            assert cross is not None
+            ck, cv = cross
             hq = self._heads(self.norm_cq(self.cq(self.norm3(x).reshape(n, f * p, d))))
-            ck = self._heads(self.norm_ck(self.ck(context))).expand(n, -1, -1, -1)
-            cv = self._heads(self.cv(context)).expand(n, -1, -1, -1)
-            c = F.scaled_dot_product_attention(hq.transpose(1, 2), ck.transpose(1, 2), cv.transpose(1, 2))
+            c = F.scaled_dot_product_attention(hq.transpose(1, 2), ck.expand(n, -1, -1, -1).transpose(1, 2),
+                                               cv.expand(n, -1, -1, -1).transpose(1, 2))
             x = x + self.co(c.transpose(1, 2).reshape(n, f * p, d)).reshape(n, f, p, d)
-        x = x + g_f * self.ffn(self.norm2(x) * (1 + sc_f) + sh_f)
+        x = torch.addcmul(x, g_f, ops.ffn(self.ffn, ops.modulated_norm(x, sh_f, sc_f, self.norm2.eps)))
         if self.audio_proj is not None and audio is not None:
             x = x + self.audio_proj(audio)[:, :, None, :]
         return x, kv_out
@@ -145,6 +213,17 @@ class AvatarDiT(nn.Module):
             return None
         return self.text_embedding(self.null_context)
 
+    def cross_kv(self, context: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Every block's cross-attention keys/values of ``context`` (default: the null prompt).
+
+        The context is constant for a model, so a server computes these once instead of per pass.
+        """
+        if self.cfg.text_len == 0:
+            return None
+        ctx = self.context() if context is None else context
+        assert ctx is not None
+        return [cast(Block, blk).cross_kv(ctx) for blk in self.blocks]
+
     def patchify(self, lat: torch.Tensor, ref: torch.Tensor, mask_value: float) -> torch.Tensor:
         """lat [n, F, C, h, w], ref [n, C, h, w] -> tokens [n, F, P, dim]."""
         n, f, c, h, w = lat.shape
@@ -170,27 +249,35 @@ class AvatarDiT(nn.Module):
                 rope: RopeTable, *, prefix: list[Prefix] | None = None, prefix_rope: RopeTable | None = None,
                 key_mask: torch.Tensor | None = None, mask_value: float = 1.0,
                 context: torch.Tensor | None = None,
+                cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                kv_keep: int | None = None, compiled: bool = False,
                 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Flow prediction (noise - x0) for the query frames.
 
         lat [n, F, C, h, w] noisy latents; sigma [n, F] noise level per frame in [0, 1];
         ref [n, C, h, w] reference latent; audio [n, F, audio_token_dim] or None (zero);
         prefix: per-layer keys/values of the anchor and history (or None);
-        key_mask [n, M + F*P] True where a key takes part (or None: all).
+        key_mask [n, M + F*P] True where a key takes part (or None: all);
+        context / cross_kv: the text context, or its per-block keys/values (``cross_kv``), default
+        the null prompt; kv_keep: which query keys/values to return per layer: all (None), none
+        (0: an empty list) or those of the last k tokens; compiled: run the ``compile_blocks`` blocks.
         Returns (flow [n, F, C, h, w], per-layer un-rotated (k, v) of the query tokens).
         """
         x = self.patchify(lat, ref, mask_value)
         e0 = self.time_embedding(timestep_embedding(sigma * 1000.0, self.cfg.freq_dim).to(x.dtype))
         n, f = sigma.shape
         e = self.time_projection(e0).reshape(n, f, 6, self.cfg.dim)
-        if context is None:
-            context = self.context()
+        if cross_kv is None:
+            cross_kv = self.cross_kv(context)
+        ops = compiled_ops() if compiled else EAGER_OPS
         kvs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, blk in enumerate(self.blocks):
-            x, kv = blk(x, e, rope, None if prefix is None else prefix[i], prefix_rope, key_mask, audio, context)
-            kvs.append(kv)
+            x, kv = blk(x, e, rope, None if prefix is None else prefix[i], prefix_rope, key_mask, audio,
+                        None if cross_kv is None else cross_kv[i], kv_keep, ops)
+            if kv is not None:
+                kvs.append(kv)
         sh, sc = (self.head_modulation + e0[:, :, None, :]).unsqueeze(3).unbind(2)
-        out = self.head(self.head_norm(x) * (1 + sc) + sh)
+        out = self.head(torch.addcmul(sh, self.head_norm(x), 1 + sc))
         return self.unpatchify(out), kvs
 
 

@@ -52,10 +52,15 @@ class RopeTable:
 
 def apply_rope(x: torch.Tensor, table: RopeTable) -> torch.Tensor:
     """Rotate x [n, N, heads, head_dim] (pairs interleaved) by the table's N positions."""
+    return rotate(x, table.cos, table.sin)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rope`` with the table's cos/sin [N, head_dim / 2] given as tensors."""
     dtype = x.dtype
-    xf = x.to(table.cos.dtype)
+    xf = x.to(cos.dtype)
     x0, x1 = xf[..., 0::2], xf[..., 1::2]
-    cos = table.cos[None, :, None, :]
-    sin = table.sin[None, :, None, :]
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+    c = cos[None, :, None, :]
+    s = sin[None, :, None, :]
+    out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
     return out.to(dtype)

@@ -1,0 +1,475 @@
+"""`avatarforcing bench --gpu`: the engine at the reference size on a CUDA GPU.
+
+Measures, on whatever card it finds: the card's own ceilings (a large bf16 matrix product, a
+device-to-device copy); the fused attention kernels at the 1.3B window's shape; the denoising
+step of the ``wan-1.3b`` configuration at 480x832 (eager, CUDA graphs, compiled elementwise
+stages), as milliseconds per frame and achieved TFLOP/s against the measured matrix peak; end to
+end (denoising, decoding, copies to the host and the service's video encoder) at 480x832 and at
+512x512 for batches of 1 to 8 sessions, with real-time sessions per GPU and device memory per
+session slot; and that the optimised path computes what the plain float32 path computes.
+
+Weights are random (the timing does not depend on them). ``--smoke`` runs every section at a tiny
+size, on a CPU too, to check the script itself. Prints tables; writes JSON after every section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import datetime as dt
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ModelConfig, StreamConfig, model_preset
+from .engine import ATTENTION_BACKENDS, StreamEngine, attention_backends
+from .flops import step_flops
+from .model import AvatarDiT
+from .vae import TinyAutoencoder
+
+REFERENCE_STREAM = StreamConfig(block_frames=4, window_blocks=4, level_steps=(200, 400, 800, 1000))
+SMOKE_STREAM = StreamConfig(block_frames=2, window_blocks=2, level_steps=(500, 1000))
+
+
+def _table(title: str, header: list[str], rows: list[list[Any]]) -> None:
+    print(f"\n{title}")
+    cols = [header] + [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
+    w = [max(len(c[i]) for c in cols) for i in range(len(header))]
+    for i, c in enumerate(cols):
+        print("  " + "  ".join(s.rjust(w[j]) for j, s in enumerate(c)))
+        if i == 0:
+            print("  " + "  ".join("-" * x for x in w))
+    sys.stdout.flush()
+
+
+class Clock:
+    """Wall time of a device region: synchronises before and after, median over repeats."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def median(self, fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+
+# ---- the card -------------------------------------------------------------------------------------
+def env_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
+                            "host": platform.node(), "device": str(device)}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, capability=f"{p.major}.{p.minor}", multiprocessors=p.multi_processor_count,
+                    memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+    else:
+        info.update(gpu=None, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    return info
+
+
+def ceilings(device: torch.device, smoke: bool) -> dict[str, Any]:
+    clock = Clock(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = 512 if smoke else 8192
+    rates = []
+    for _ in range(3):  # fresh random operands each time (zeros run faster than real data)
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        t = clock.median(lambda: a @ b, repeats=3 if smoke else 10, warmup=3)  # noqa: B023
+        rates.append(2 * n**3 / t / 1e12)
+    nbytes = (64 if smoke else 2048) * 2**20
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    t = clock.median(lambda: dst.copy_(src), repeats=3 if smoke else 20, warmup=2)
+    out = {"matmul_n": n, "matmul_dtype": str(dtype).removeprefix("torch."),
+           "matmul_tflops": float(np.median(rates)), "copy_gb_s": 2 * nbytes / t / 1e9}
+    _table("Ceilings measured on this device", ["what", "value"],
+           [[f"{out['matmul_dtype']} matmul {n}^3, TFLOP/s", out["matmul_tflops"]],
+            ["device copy (read + write), GB/s", out["copy_gb_s"]]])
+    return out
+
+
+def attention_kernels(device: torch.device, cfg: ModelConfig, stream: StreamConfig, smoke: bool) -> dict[str, Any]:
+    """Each fused attention kernel on the window pass's shape (one session), no mask."""
+    import torch.nn.functional as F
+
+    clock = Clock(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    p = cfg.tokens_per_frame
+    nq = stream.window_frames * p
+    nk = (1 + stream.history_frames + stream.window_frames) * p
+    q = torch.randn(1, cfg.heads, nq, cfg.head_dim, device=device, dtype=dtype)
+    k = torch.randn(1, cfg.heads, nk, cfg.head_dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    flops = 4 * nq * nk * cfg.dim
+    rows: list[list[Any]] = []
+    res: dict[str, dict[str, Any]] = {}
+    backends = [b for b in ATTENTION_BACKENDS if b != "auto"] if device.type == "cuda" else ["auto"]
+    for name in backends:
+        if name == "math" and not smoke:
+            continue  # materialises the whole score matrix: not a contender
+        try:
+            with attention_backends(name if name == "auto" else f"only-{name}"):
+                t = clock.median(lambda: F.scaled_dot_product_attention(q, k, v), repeats=3 if smoke else 10,
+                                 warmup=2)
+        except RuntimeError as e:
+            res[name] = {"error": str(e).splitlines()[0][:200]}
+            rows.append([name, "-", "-"])
+            continue
+        res[name] = {"ms": t * 1000, "tflops": flops / t / 1e12}
+        rows.append([name, t * 1000, flops / t / 1e12])
+    timed = {k: r for k, r in res.items() if "ms" in r}
+    best = min(timed, key=lambda k: timed[k]["ms"]) if timed else "auto"
+    _table(f"Attention kernels, {cfg.heads} heads x {cfg.head_dim}, {nq} queries x {nk} keys",
+           ["kernel", "ms", "TFLOP/s"], rows)
+    print(f"  fastest: {best}")
+    return {"queries": nq, "keys": nk, "kernels": res, "best": best}
+
+
+# ---- the engine -----------------------------------------------------------------------------------
+def build(cfg: ModelConfig, device: torch.device) -> tuple[AvatarDiT, TinyAutoencoder]:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AvatarDiT(cfg)
+        vae = TinyAutoencoder(cfg)
+    return model, vae
+
+
+def make_engine(model: AvatarDiT, vae: TinyAutoencoder, stream: StreamConfig, n: int, device: torch.device,
+                **opts: Any) -> tuple[StreamEngine, list[int]]:
+    eng = StreamEngine(model, vae, stream, max_sessions=n, device=device, **opts)
+    face = (np.random.default_rng(0).random((model.cfg.height, model.cfg.width, 3)) * 255).astype(np.uint8)
+    anchor = eng.prepare_anchor(face)
+    return eng, [eng.allocate(anchor, seed=i + 1) for i in range(n)]
+
+
+def _pcm(eng: StreamEngine, n: int, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((n, eng.block_samples)) * 0.1).astype(np.float32)
+
+
+def denoise_variants(model: AvatarDiT, vae: TinyAutoencoder, stream: StreamConfig, device: torch.device,
+                     attention: str, peak: float, repeats: int) -> dict[str, Any]:
+    """Denoising alone (window pass + temporal-anchor pass + slide), one session, per variant."""
+    cfg = model.cfg
+    clock = Clock(device)
+    fl = step_flops(cfg, stream)
+    cuda = device.type == "cuda"
+    dtype = "bfloat16" if cuda else "float32"
+    variants: list[tuple[str, dict[str, Any]]] = [
+        ("eager, PyTorch's attention choice", dict(dtype=dtype)),
+        (f"eager, {attention} attention", dict(dtype=dtype, attention=attention)),
+    ]
+    if cuda:
+        variants.append((f"CUDA graphs, {attention}", dict(dtype=dtype, attention=attention, cuda_graphs=True)))
+    variants.append((f"compiled{', CUDA graphs' if cuda else ''}, {attention}",
+                     dict(dtype=dtype, attention=attention, cuda_graphs=cuda, compile=True)))
+    rows: list[list[Any]] = []
+    out: list[dict[str, Any]] = []
+    for name, opts in variants:
+        try:
+            t, setup, errors = _time_denoise(model, vae, stream, device, opts, clock, repeats)
+        except Exception as e:  # one variant failing must not cost the others' numbers
+            out.append({"variant": name, "options": opts, "error": _err(e)})
+            rows.append([name, "failed", "-", "-", "-", "-"])
+            _free(device)
+            continue
+        ms_frame = t * 1000 / fl.frames
+        tflops = fl.denoise / t / 1e12
+        rec = {"variant": name, "options": opts, "step_ms": t * 1000, "ms_per_frame": ms_frame,
+               "tflops": tflops, "share_of_matmul_peak": tflops / peak, "setup_s": setup, "graph_errors": errors}
+        out.append(rec)
+        rows.append([name, t * 1000, ms_frame, tflops, f"{100 * tflops / peak:.0f}%", setup])
+        _free(device)
+    _table(f"Denoising, {cfg.name} {cfg.height}x{cfg.width}, one session "
+           f"({fl.denoise / 1e12:.1f} TFLOP per step of {fl.frames} frames)",
+           ["variant", "step ms", "ms/frame", "TFLOP/s", "of peak", "setup s"], rows)
+    return {"model": cfg.name, "height": cfg.height, "width": cfg.width, "step_tflop": fl.denoise / 1e12,
+            "frames_per_step": fl.frames, "variants": out}
+
+
+def _time_denoise(model: AvatarDiT, vae: TinyAutoencoder, stream: StreamConfig, device: torch.device,
+                  opts: dict[str, Any], clock: Clock, repeats: int) -> tuple[float, float, dict[int, str]]:
+    t0 = time.perf_counter()
+    eng, slots = make_engine(model, vae, stream, 1, device, **opts)
+    pcm = _pcm(eng, 1)
+    for _ in range(eng.warmup_steps + 2):  # warm-up steps, then the first steady ones (graph capture)
+        eng.step(slots, pcm)
+    setup = time.perf_counter() - t0
+    t = clock.median(lambda: eng.denoise_step(slots, pcm), repeats=repeats)
+    return t, setup, dict(eng.graph_errors)
+
+
+def _err(e: BaseException) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(e))[-3000:]
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def _encode_after(prev: concurrent.futures.Future[Any] | None, encoder: Any, frames: np.ndarray) -> None:
+    """Encodes a session's block once its previous block is encoded (a session's frames stay in order)."""
+    if prev is not None:
+        prev.result()
+    encoder.encode(frames)
+
+
+def _encoder_factory(encoding: str, cfg: ModelConfig) -> tuple[Callable[[], Any] | None, str | None]:
+    """The service's own video encoder, if this machine has what it needs."""
+    if encoding == "none":
+        return None, None
+    try:
+        from avatarforcing_client import pb
+        from service.codecs import make_encoder
+    except Exception as e:  # no PyAV / protobuf here: end to end without encoding, and say so
+        return None, f"encoder unavailable: {type(e).__name__}: {e}"
+    code = {"h264": pb.VIDEO_ENCODING_H264, "jpeg": pb.VIDEO_ENCODING_JPEG}[encoding]
+    return (lambda: make_encoder(code, cfg.width, cfg.height, cfg.fps)), None
+
+
+def end_to_end(model: AvatarDiT, vae: TinyAutoencoder, stream: StreamConfig, device: torch.device,
+               opts: dict[str, Any], batches: list[int], steps: int, encoding: str) -> dict[str, Any]:
+    """Steps through ``submit``/``result`` (denoising of step k+1 overlapping decode and copies of step
+    k), each session's frames encoded by its own encoder on a thread pool, as the server does."""
+    cfg = model.cfg
+    clock = Clock(device)
+    fl = step_flops(cfg, stream)
+    block_s = fl.frames / cfg.fps
+    factory, enc_note = _encoder_factory(encoding, cfg)
+    rows: list[list[Any]] = []
+    out: list[dict[str, Any]] = []
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, min(16, max(batches))))
+    for n in batches:
+        eng, slots = make_engine(model, vae, stream, n, device, **opts)
+        pcm = _pcm(eng, n)
+        encoders = [factory() for _ in slots] if factory else []
+        chains: list[concurrent.futures.Future[Any] | None] = [None] * n
+
+        def deliver(results: list[Any], encoders: list[Any] = encoders, chains: list[Any] = chains) -> None:
+            for i, r in enumerate(results):
+                if r.frames is not None and encoders:
+                    chains[i] = pool.submit(_encode_after, chains[i], encoders[i], r.frames)
+
+        for _ in range(eng.warmup_steps + 2):
+            deliver(eng.step(slots, pcm))
+        for f in chains:
+            if f is not None:
+                f.result()
+        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        denoise = clock.median(partial(eng.denoise_step, slots, pcm), repeats=max(2, steps // 2))
+        clock.sync()
+        t = time.perf_counter()
+        prev = None
+        for _ in range(steps):
+            h = eng.submit(slots, pcm)
+            if prev is not None:
+                deliver(prev.result())
+            prev = h
+        assert prev is not None
+        deliver(prev.result())
+        for f in chains:
+            if f is not None:
+                f.result()
+        step_t = (time.perf_counter() - t) / steps
+        peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else 0
+        fps_total = n * fl.frames / step_t
+        frames = n * fl.frames
+        rec = {"batch": n, "step_ms": step_t * 1000, "denoise_step_ms": denoise * 1000,
+               "ms_per_frame": step_t * 1000 / frames, "denoise_ms_per_frame": denoise * 1000 / frames,
+               "frames_per_s": fps_total, "realtime": step_t <= block_s, "capacity_sessions_25fps": fps_total / cfg.fps,
+               "tflops": n * fl.total / step_t / 1e12, "slot_bytes": eng.slot_bytes(),
+               "workspace_bytes_per_session": peak / n, "graph_errors": dict(eng.graph_errors)}
+        out.append(rec)
+        rows.append([n, step_t * 1000, rec["ms_per_frame"], rec["denoise_ms_per_frame"], fps_total,
+                     "yes" if rec["realtime"] else "no", (eng.slot_bytes() + peak / n) / 2**30])
+        for e in encoders:
+            e.close()
+        del eng
+        _free(device)
+    pool.shutdown()
+    rt = [r["batch"] for r in out if r["realtime"]]
+    best = max(out, key=lambda r: r["frames_per_s"])
+    summary = {"realtime_sessions": max(rt) if rt else 0,
+               "capacity_sessions_25fps": math.floor(best["capacity_sessions_25fps"]),
+               "block_seconds": block_s}
+    _table(f"End to end, {cfg.name} {cfg.height}x{cfg.width}: denoise + decode + copies + "
+           f"{encoding if factory else 'no'} encoding ({enc_note or 'the service encoder'}); "
+           f"a step is real time under {block_s * 1000:.0f} ms",
+           ["sessions", "step ms", "ms/frame", "denoise ms/frame", "frames/s", "real time", "GiB/session"], rows)
+    print(f"  real-time {cfg.fps:.0f}-fps sessions: {summary['realtime_sessions']} (largest batch measured that "
+          f"keeps up); throughput capacity: {best['capacity_sessions_25fps']:.2f} sessions")
+    return {"model": cfg.name, "height": cfg.height, "width": cfg.width, "options": opts, "encoding": encoding,
+            "encoder_note": enc_note, "by_batch": out, **summary}
+
+
+# ---- correctness ------------------------------------------------------------------------------------
+def equivalence(device: torch.device, attention: str, steps: int = 8) -> dict[str, Any]:
+    """The optimised path against the plain float32 path on a reduced model, same seeds: relative error
+    of the frames and of the window state after ``steps`` steps (warm-up and steady state)."""
+    cfg = model_preset("wan-1.3b", height=128, width=128, dim=256, layers=4, heads=2, ffn_dim=512,
+                       text_dim=64, text_len=16, audio_layers=(1, 3), vae_channels=(32, 32, 32),
+                       audio_feature_dim=64, n_mels=40)
+    stream = StreamConfig(block_frames=2, window_blocks=3, level_steps=(300, 700, 1000))
+    cuda = device.type == "cuda"
+    ref_model, ref_vae = build(cfg, torch.device("cpu"))
+    dtype = "bfloat16" if cuda else "float32"
+    paths: dict[str, dict[str, Any]] = {"plain float32": dict(device="cpu"),
+             f"{dtype}, {attention}{', CUDA graphs' if cuda else ''}, compiled":
+                 dict(device=device, dtype=dtype, attention=attention, cuda_graphs=cuda, compile=True)}
+    if cuda:
+        paths["float32, CUDA graphs, compiled"] = dict(device=device, dtype="float32", attention=attention,
+                                                       cuda_graphs=True, compile=True)
+    runs: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
+    for name, opts in paths.items():
+        model = AvatarDiT(cfg)
+        model.load_state_dict(ref_model.state_dict())
+        vae = TinyAutoencoder(cfg)
+        vae.load_state_dict(ref_vae.state_dict())
+        dev = torch.device(opts.pop("device"))
+        eng, slots = make_engine(model, vae, stream, 2, dev, **opts)
+        frames = []
+        for k in range(steps):
+            for r in eng.step(slots, _pcm(eng, 2, seed=k)):
+                if r.frames is not None:
+                    frames.append(r.frames)
+        runs[name] = (np.stack(frames).astype(np.float64), eng.win_lat.float().cpu())
+    (_, (f0, w0)), *others = runs.items()
+    out: dict[str, Any] = {}
+    rows: list[list[Any]] = []
+    if cuda:  # which GELU the fused FFN epilogue computes here (the model's is the tanh one)
+        import torch.nn.functional as F
+
+        x = torch.randn(4096, 256, device=device, dtype=torch.bfloat16)
+        w = torch.randn(1024, 256, device=device, dtype=torch.bfloat16) / 16
+        b = torch.randn(1024, device=device, dtype=torch.bfloat16)
+        fused = torch._addmm_activation(b, x, w.t(), use_gelu=True).float()
+        lin = F.linear(x, w, b).float()
+        out["gelu_epilogue_max_abs_diff"] = {
+            "vs_tanh": float((fused - F.gelu(lin, approximate="tanh")).abs().max()),
+            "vs_erf": float((fused - F.gelu(lin)).abs().max())}
+        print(f"  GELU epilogue vs tanh / erf GELU: {out['gelu_epilogue_max_abs_diff']}")
+    for name, (f, w) in others:
+        fr = float(np.linalg.norm(f - f0) / np.linalg.norm(f0))
+        wr = float((w - w0).norm() / w0.norm())
+        out[name] = {"frames_rel_err": fr, "window_rel_err": wr, "max_pixel_diff": float(np.abs(f - f0).max())}
+        rows.append([name, f"{fr:.2e}", f"{wr:.2e}", out[name]["max_pixel_diff"]])
+    _table(f"Optimised vs plain float32 (reduced model, {steps} steps, random weights)",
+           ["path", "frames rel err", "window rel err", "max pixel diff"], rows)
+    return out
+
+
+# ---- the command ------------------------------------------------------------------------------------
+def run(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="avatarforcing bench --gpu", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/gpu-<card>-<date>.json)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script (runs on a CPU)")
+    ap.add_argument("--sections", default="ceilings,attention,equivalence,denoise,e2e-full,e2e-512",
+                    help="comma-separated subset to run")
+    ap.add_argument("--batches", default="1,2,4,8", help="batch sizes of the 512x512 end-to-end table")
+    ap.add_argument("--encoding", default="h264", choices=["h264", "jpeg", "none"])
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device here: run with --device cpu --smoke to check the script", file=sys.stderr)
+        return 2
+    sections = set(a.sections.split(","))
+    if a.smoke:
+        full = model_preset("tiny", text_dim=32, text_len=8)
+        square = full
+        stream = SMOKE_STREAM
+    else:
+        full = model_preset("wan-1.3b")
+        square = model_preset("wan-1.3b", height=512, width=512)
+        stream = REFERENCE_STREAM
+    info = env_info(device)
+    card = (info.get("gpu") or "cpu").lower().replace("nvidia ", "").replace(" ", "-")
+    out_path = a.out or Path("bench/results") / f"gpu-{card}{'-smoke' if a.smoke else ''}-{dt.date.today()}.json"
+    res: dict[str, Any] = {"when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "env": info,
+                           "smoke": a.smoke, "stream": dataclasses.asdict(stream), "sections": {}}
+
+    def save() -> None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(res, indent=2))
+
+    def section(name: str, fn: Callable[[], Any]) -> Any:
+        """Runs one section; a failure is recorded (and printed) and the others still run."""
+        if name not in sections:
+            return None
+        try:
+            res["sections"][name] = fn()
+        except Exception as e:
+            res["sections"][name] = {"error": _err(e)}
+            print(f"\nsection {name} failed:\n{_err(e)}", file=sys.stderr)
+            _free(device)
+        save()
+        r = res["sections"][name]
+        return None if "error" in r else r
+
+    t_all = time.perf_counter()
+    print(f"{info.get('gpu') or 'CPU'} | torch {info['torch']} | cuda {info.get('cuda')} | cudnn {info.get('cudnn')}")
+    ceil = section("ceilings", lambda: ceilings(device, a.smoke))
+    peak = ceil["matmul_tflops"] if ceil else float("nan")
+    att = section("attention", lambda: attention_kernels(device, full, stream, a.smoke))
+    attention = res["attention"] = att["best"] if att else "auto"
+    section("equivalence", lambda: equivalence(device, attention))
+    cuda = device.type == "cuda"
+    fast: dict[str, Any] = dict(dtype="bfloat16" if cuda else "float32", attention=attention, cuda_graphs=cuda,
+                                compile=True)
+    if sections & {"denoise", "e2e-full"}:
+        model, vae = build(full, device)
+        den = section("denoise", lambda: denoise_variants(model, vae, stream, device, attention, peak,
+                                                          repeats=max(3, a.steps)))
+        timed = [v for v in (den or {}).get("variants", []) if "step_ms" in v and not v["graph_errors"]]
+        if timed:
+            fast = {**min(timed, key=lambda v: v["step_ms"])["options"]}
+        res["engine_options"] = fast
+        section("e2e-full", lambda: end_to_end(model, vae, stream, device, fast, [1], a.steps, a.encoding))
+        del model, vae
+        _free(device)
+    res["engine_options"] = fast
+    if "e2e-512" in sections:
+        batches = [int(b) for b in a.batches.split(",")]
+
+        def square_e2e() -> dict[str, Any]:
+            m, v = build(square, device)
+            return end_to_end(m, v, stream, device, fast, batches, a.steps, a.encoding)
+
+        section("e2e-512", square_e2e)
+    res["seconds"] = time.perf_counter() - t_all
+    save()
+    print(f"\nwrote {out_path} ({res['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())
