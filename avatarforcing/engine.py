@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import attention as attention_kernels
 from .config import ModelConfig, StreamConfig
 from .model import AvatarDiT, Prefix
 from .rope import RopeTable
@@ -85,8 +86,9 @@ class StreamEngine:
                  cuda_graphs: bool = False, attention: str = "auto") -> None:
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
-        if attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {attention!r}; choose one of {sorted(ATTENTION_BACKENDS)}")
+        if attention not in attention_kernels.BACKENDS:
+            raise ValueError(f"unknown attention kernel {attention!r}; "
+                             f"choose one of {list(attention_kernels.BACKENDS)}")
         self.cfg: ModelConfig = model.cfg
         self.stream = stream
         self.device = torch.device(device)
@@ -168,7 +170,7 @@ class StreamEngine:
         with contextlib.ExitStack() as st:
             if self._compute is not None:
                 st.enter_context(torch.cuda.stream(self._compute))
-            st.enter_context(attention_backends(self.attention))
+            st.enter_context(attention_kernels.prefer(self.attention))
             yield
 
     def synchronize(self) -> None:
@@ -466,32 +468,6 @@ class StreamEngine:
             log.warning("CUDA graph capture failed for batch %d, running it eagerly: %s", n, e)
             return
         self._graphs[n] = _Graph(graph, idx, pcm, noise, clean)
-
-
-ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
-
-
-@contextlib.contextmanager
-def attention_backends(name: str) -> Iterator[None]:
-    """Which fused attention kernel ``scaled_dot_product_attention`` tries first ("auto": PyTorch's order).
-
-    The others stay allowed after it, so a masked (warm-up) pass still finds a kernel; "only-<name>"
-    allows that one alone (for measuring it).
-    """
-    if name == "auto":
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-    if name.startswith("only-"):
-        with sdpa_kernel([order[name.removeprefix("only-")]]):
-            yield
-        return
-    backends = [order[name]] + [b for k, b in order.items() if k != name]
-    with sdpa_kernel(backends, set_priority=True):
-        yield
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attend
 from .audio import AudioFrontEnd
 from .config import ModelConfig
 from .rope import RopeTable, apply_rope, rotate
@@ -158,16 +159,15 @@ class Block(nn.Module):
             kr = torch.cat([apply_rope(prefix.k, prefix_rope), kr], dim=1)
             v = torch.cat([prefix.v, v], dim=1)
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        a = F.scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask)
+        a = attend(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), mask)
         a = self.o(a.transpose(1, 2).reshape(n, f * p, d)).reshape(n, f, p, d)
         x = torch.addcmul(x, g_a, a)
         if self.cross:
             assert cross is not None
             ck, cv = cross
             hq = self._heads(self.norm_cq(self.cq(self.norm3(x).reshape(n, f * p, d))))
-            c = F.scaled_dot_product_attention(hq.transpose(1, 2), ck.expand(n, -1, -1, -1).transpose(1, 2),
-                                               cv.expand(n, -1, -1, -1).transpose(1, 2))
+            c = attend(hq.transpose(1, 2), ck.expand(n, -1, -1, -1).transpose(1, 2),
+                       cv.expand(n, -1, -1, -1).transpose(1, 2))
             x = x + self.co(c.transpose(1, 2).reshape(n, f * p, d)).reshape(n, f, p, d)
         x = torch.addcmul(x, g_f, ops.ffn(self.ffn, ops.modulated_norm(x, sh_f, sc_f, self.norm2.eps)))
         if self.audio_proj is not None and audio is not None:
