@@ -298,14 +298,7 @@ class StreamEngine:
         n = len(slots)
         if n == 0:
             return PendingStep(self, [], [], None, None, None)
-        if len(set(slots)) != n:
-            raise ValueError("a slot appears twice in one step")
-        for s in slots:
-            if not self.is_allocated(s):
-                raise SlotError(f"slot {s} is not allocated")
-        pcm_t = torch.as_tensor(pcm, dtype=torch.float32)
-        if pcm_t.shape != (n, self.block_samples):
-            raise ValueError(f"pcm must be [{n}, {self.block_samples}], got {list(pcm_t.shape)}")
+        pcm_t = self._check(slots, pcm)
         steps = [self._steps[s] for s in slots]
         rows = [i for i in range(n) if steps[i] >= self.L - 1]
         with self._on_compute():
@@ -340,9 +333,21 @@ class StreamEngine:
         the emitted clean latents [m, B, C, h, w] of the slots past their warm-up, on the device and
         not waited for. For benchmarks and tests; ``submit`` is this plus decoding.
         """
-        pcm_t = torch.as_tensor(pcm, dtype=torch.float32)
+        pcm_t = self._check(slots, pcm)
         with self._on_compute():
             return self._advance(list(slots), pcm_t)
+
+    def _check(self, slots: Sequence[int], pcm: np.ndarray | torch.Tensor) -> torch.Tensor:
+        n = len(slots)
+        if len(set(slots)) != n:
+            raise ValueError("a slot appears twice in one step")
+        for s in slots:
+            if not self.is_allocated(s):
+                raise SlotError(f"slot {s} is not allocated")
+        pcm_t = torch.as_tensor(pcm, dtype=torch.float32)
+        if pcm_t.shape != (n, self.block_samples):
+            raise ValueError(f"pcm must be [{n}, {self.block_samples}], got {list(pcm_t.shape)}")
+        return pcm_t
 
     def _advance(self, slots: Sequence[int], pcm: torch.Tensor) -> torch.Tensor:
         """Enqueues the denoising of one step (on the current stream) and counts the step."""

@@ -158,6 +158,7 @@ def attention_kernels(device: torch.device, cfg: ModelConfig, stream: StreamConf
             row.append(f"{t * 1000:.2f} ms {flops / t / 1e12:.0f}")
         res[name] = rec
         rows.append(row)
+    impls = _flash_impls()
     timed = {k: r["window/model"]["ms"] for k, r in res.items() if "ms" in r.get("window/model", {})}
     best = min(timed, key=lambda k: timed[k]) if timed else "auto"
     _table(f"Attention kernels alone, {h} heads x {d} (ms, TFLOP/s); window {shapes['window']}, "
@@ -166,8 +167,18 @@ def attention_kernels(device: torch.device, cfg: ModelConfig, stream: StreamConf
         for key, r in rec.items():
             if "error" in r:
                 print(f"  {name} refused {key}: {r['error'][:300]}")
-    print(f"  fastest on the window pass: {best}")
-    return {"shapes": shapes, "kernels": res, "best": best}
+    print(f"  fastest on the window pass: {best}; flash attention implementations this PyTorch offers: {impls}")
+    return {"shapes": shapes, "kernels": res, "best": best, "flash_impls": impls}
+
+
+def _flash_impls() -> list[str] | str:
+    """Other flash attention implementations PyTorch can switch to (FlashAttention-3 on Hopper, where installed)."""
+    try:
+        from torch.nn.attention import list_flash_attention_impls  # type: ignore[attr-defined]
+
+        return list(list_flash_attention_impls())
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
 
 
 # ---- the engine -----------------------------------------------------------------------------------
@@ -256,6 +267,11 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _weights_bytes(model: AvatarDiT, vae: TinyAutoencoder, opts: dict[str, Any]) -> int:
+    size = torch.tensor([], dtype=getattr(torch, opts.get("dtype", "float32"))).element_size()
+    return sum(p.numel() for p in [*model.parameters(), *vae.parameters()]) * size
+
+
 def _encode_after(prev: concurrent.futures.Future[Any] | None, encoder: Any, frames: np.ndarray) -> None:
     """Encodes a session's block once its previous block is encoded (a session's frames stay in order)."""
     if prev is not None:
@@ -288,7 +304,12 @@ def end_to_end(model: AvatarDiT, vae: TinyAutoencoder, stream: StreamConfig, dev
     rows: list[list[Any]] = []
     out: list[dict[str, Any]] = []
     pool = concurrent.futures.ThreadPoolExecutor(max(1, min(16, max(batches))))
+    cuda = device.type == "cuda"
     for n in batches:
+        _free(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        reserved0 = torch.cuda.memory_reserved(device) if cuda else 0
         eng, slots = make_engine(model, vae, stream, n, device, **opts)
         pcm = _pcm(eng, n)
         encoders = [factory() for _ in slots] if factory else []
@@ -304,9 +325,6 @@ def end_to_end(model: AvatarDiT, vae: TinyAutoencoder, stream: StreamConfig, dev
         for f in chains:
             if f is not None:
                 f.result()
-        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         denoise = clock.median(partial(eng.denoise_step, slots, pcm), repeats=max(2, steps // 2))
         clock.sync()
         t = time.perf_counter()
@@ -322,17 +340,18 @@ def end_to_end(model: AvatarDiT, vae: TinyAutoencoder, stream: StreamConfig, dev
             if f is not None:
                 f.result()
         step_t = (time.perf_counter() - t) / steps
-        peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else 0
+        # Device memory the engine took for n sessions: slots, output rings, graph pools, workspace.
+        engine_bytes = torch.cuda.max_memory_reserved(device) - reserved0 if cuda else 0
         fps_total = n * fl.frames / step_t
         frames = n * fl.frames
         rec = {"batch": n, "step_ms": step_t * 1000, "denoise_step_ms": denoise * 1000,
                "ms_per_frame": step_t * 1000 / frames, "denoise_ms_per_frame": denoise * 1000 / frames,
                "frames_per_s": fps_total, "realtime": step_t <= block_s, "capacity_sessions_25fps": fps_total / cfg.fps,
                "tflops": n * fl.total / step_t / 1e12, "slot_bytes": eng.slot_bytes(),
-               "workspace_bytes_per_session": peak / n, "graph_errors": dict(eng.graph_errors)}
+               "engine_bytes": engine_bytes, "graph_errors": dict(eng.graph_errors)}
         out.append(rec)
         rows.append([n, step_t * 1000, rec["ms_per_frame"], rec["denoise_ms_per_frame"], fps_total,
-                     "yes" if rec["realtime"] else "no", (eng.slot_bytes() + peak / n) / 2**30])
+                     "yes" if rec["realtime"] else "no", eng.slot_bytes() / 2**30, engine_bytes / 2**30])
         for e in encoders:
             e.close()
         del eng
@@ -340,17 +359,74 @@ def end_to_end(model: AvatarDiT, vae: TinyAutoencoder, stream: StreamConfig, dev
     pool.shutdown()
     rt = [r["batch"] for r in out if r["realtime"]]
     best = max(out, key=lambda r: r["frames_per_s"])
-    summary = {"realtime_sessions": max(rt) if rt else 0,
-               "capacity_sessions_25fps": math.floor(best["capacity_sessions_25fps"]),
-               "block_seconds": block_s}
+    summary: dict[str, Any] = {"realtime_sessions": max(rt) if rt else 0,
+                               "capacity_sessions_25fps": math.floor(best["capacity_sessions_25fps"]),
+                               "block_seconds": block_s, "weights_bytes": _weights_bytes(model, vae, opts)}
+    if len(out) > 1:  # what one more session costs: slot state plus its share of the batch's workspace
+        a0, a1 = out[0], out[-1]
+        summary["marginal_bytes_per_session"] = (a1["engine_bytes"] - a0["engine_bytes"]) / (a1["batch"] - a0["batch"])
     _table(f"End to end, {cfg.name} {cfg.height}x{cfg.width}: denoise + decode + copies + "
            f"{encoding if factory else 'no'} encoding ({enc_note or 'the service encoder'}); "
            f"a step is real time under {block_s * 1000:.0f} ms",
-           ["sessions", "step ms", "ms/frame", "denoise ms/frame", "frames/s", "real time", "GiB/session"], rows)
+           ["sessions", "step ms", "ms/frame", "denoise ms/frame", "frames/s", "real time", "slot GiB",
+            "engine GiB"], rows)
     print(f"  real-time {cfg.fps:.0f}-fps sessions: {summary['realtime_sessions']} (largest batch measured that "
           f"keeps up); throughput capacity: {best['capacity_sessions_25fps']:.2f} sessions")
+    if "marginal_bytes_per_session" in summary:
+        print(f"  device memory: weights {summary['weights_bytes'] / 2**30:.2f} GiB; each more session "
+              f"{summary['marginal_bytes_per_session'] / 2**30:.2f} GiB (its slot and its share of the workspace)")
     return {"model": cfg.name, "height": cfg.height, "width": cfg.width, "options": opts, "encoding": encoding,
             "encoder_note": enc_note, "by_batch": out, **summary}
+
+
+def profile_step(model: AvatarDiT, vae: TinyAutoencoder, stream: StreamConfig, device: torch.device,
+                 opts: dict[str, Any]) -> dict[str, Any]:
+    """Where a denoising step's device time goes, by kernel kind (torch.profiler, one step, no graphs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng, slots = make_engine(model, vae, stream, 1, device, **{**opts, "cuda_graphs": False})
+    pcm = _pcm(eng, 1)
+    for _ in range(eng.warmup_steps + 1):
+        eng.step(slots, pcm)
+    eng.synchronize()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        eng.denoise_step(slots, pcm)
+        eng.synchronize()
+    kinds: dict[str, float] = {}
+    kernels: list[tuple[str, float, int]] = []
+    for ev in prof.key_averages():
+        t = float(getattr(ev, "device_time_total", 0.0) or getattr(ev, "cuda_time_total", 0.0) or 0.0)
+        if device.type != "cuda":
+            t = float(ev.self_cpu_time_total)
+        if t <= 0 or (device.type == "cuda" and getattr(ev, "device_type", None) is not None
+                      and "CUDA" not in str(ev.device_type)):
+            continue
+        kernels.append((ev.key, t / 1000, ev.count))
+        kinds[_kernel_kind(ev.key)] = kinds.get(_kernel_kind(ev.key), 0.0) + t / 1000
+    kernels.sort(key=lambda r: -r[1])
+    total = sum(kinds.values())
+    _table("Where one denoising step's device time goes (compiled, no graphs; ms)", ["kind", "ms", "share"],
+           [[k, v, f"{100 * v / total:.0f}%"] for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])])
+    _table("Top kernels", ["kernel", "ms", "calls"], [[k[:90], t, c] for k, t, c in kernels[:15]])
+    return {"by_kind_ms": kinds, "total_ms": total, "top_kernels": [
+        {"name": k, "ms": t, "calls": c} for k, t, c in kernels[:40]]}
+
+
+def _kernel_kind(name: str) -> str:
+    n = name.lower()
+    if any(s in n for s in ("fmha", "flash", "cudnn", "sdpa", "attention", "fprop")):
+        return "attention"
+    if any(s in n for s in ("gemm", "xmma", "cutlass", "matmul", "nvjet", "sm90_", "gemv", "addmm", "aten::mm",
+                            "aten::bmm", "aten::linear")):
+        return "matrix products"
+    if n.startswith("triton") or "triton" in n:
+        return "fused elementwise (compiled)"
+    if any(s in n for s in ("conv", "implicit", "winograd", "cudnn")):
+        return "convolutions"
+    if any(s in n for s in ("memcpy", "memset", "copy", "cat", "index", "gather", "scatter")):
+        return "copies, gathers, concatenation"
+    return "other elementwise"
 
 
 # ---- correctness ------------------------------------------------------------------------------------
@@ -416,7 +492,7 @@ def run(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/gpu-<card>-<date>.json)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script (runs on a CPU)")
-    ap.add_argument("--sections", default="ceilings,attention,equivalence,denoise,e2e-full,e2e-512",
+    ap.add_argument("--sections", default="ceilings,attention,equivalence,denoise,profile,e2e-full,e2e-512",
                     help="comma-separated subset to run")
     ap.add_argument("--batches", default="1,2,3,4,8", help="batch sizes of the 512x512 end-to-end table")
     ap.add_argument("--encoding", default="h264", choices=["h264", "jpeg", "none"])
@@ -469,7 +545,7 @@ def run(argv: list[str] | None = None) -> int:
     cuda = device.type == "cuda"
     fast: dict[str, Any] = dict(dtype="bfloat16" if cuda else "float32", attention=attention, cuda_graphs=cuda,
                                 compile=True)
-    if sections & {"denoise", "e2e-full"}:
+    if sections & {"denoise", "profile", "e2e-full"}:
         model, vae = build(full, device)
         den = section("denoise", lambda: denoise_variants(model, vae, stream, device, attention, peak,
                                                           repeats=max(3, a.steps)))
@@ -477,6 +553,7 @@ def run(argv: list[str] | None = None) -> int:
         if timed:
             fast = {**min(timed, key=lambda v: v["step_ms"])["options"]}
         res["engine_options"] = fast
+        section("profile", lambda: profile_step(model, vae, stream, device, fast))
         section("e2e-full", lambda: end_to_end(model, vae, stream, device, fast, [1], a.steps, a.encoding))
         del model, vae
         _free(device)

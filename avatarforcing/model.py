@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from functools import partial
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from torch import nn
 from .attention import attend
 from .audio import AudioFrontEnd
 from .config import ModelConfig
-from .rope import RopeTable, apply_rope, rotate
+from .rope import RopeTable, rotate
 
 
 class RMSNorm(nn.Module):
@@ -51,11 +52,28 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
+def _heads_first(x: torch.Tensor, contiguous: bool) -> torch.Tensor:
+    """[n, N, heads, hd] -> [n, heads, N, hd], the attention kernels' layout (contiguous: also in memory)."""
+    x = x.transpose(1, 2)
+    return x.contiguous() if contiguous else x
+
+
+def _rms_heads(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int, contiguous: bool) -> torch.Tensor:
+    """RMSNorm over the width, split into heads: [n, N, d] -> [n, heads, N, hd]."""
+    return _heads_first(_rms_norm(x, weight, eps).unflatten(-1, (heads, -1)), contiguous)
+
+
 def _norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-               heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """QK RMSNorm over the width, split into heads, rotate: (normed [n, N, h, hd], rotated)."""
+               heads: int, keep_normed: bool, contiguous: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """QK RMSNorm over the width, split into heads, rotate: (normed [n, N, h, hd] if asked for, rotated
+    [n, h, N, hd])."""
     y = _rms_norm(x, weight, eps).unflatten(-1, (heads, -1))
-    return y, rotate(y, cos, sin)
+    return (y if keep_normed else None), _heads_first(rotate(y, cos, sin), contiguous)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, contiguous: bool) -> torch.Tensor:
+    """Rotate stored un-rotated keys [n, M, h, hd] -> [n, h, M, hd]."""
+    return _heads_first(rotate(x, cos, sin), contiguous)
 
 
 def _ffn(ffn: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -80,22 +98,30 @@ class BlockOps:
     """The elementwise stages of a block: eager, or fused (``compiled_ops``)."""
 
     modulated_norm: Callable[..., torch.Tensor]
-    norm_rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rms_heads: Callable[..., torch.Tensor]
+    norm_rope: Callable[..., tuple[torch.Tensor | None, torch.Tensor]]
+    rope: Callable[..., torch.Tensor]
     ffn: Callable[[nn.Sequential, torch.Tensor], torch.Tensor]
 
 
-EAGER_OPS = BlockOps(_modulated_norm, _norm_rope, _ffn)
+EAGER_OPS = BlockOps(_modulated_norm, partial(_rms_heads, contiguous=False), partial(_norm_rope, contiguous=False),
+                     partial(_rope, contiguous=False), _ffn)
 _compiled_ops: BlockOps | None = None
 
 
 def compiled_ops() -> BlockOps:
     """The same stages fused: the norms, modulation and RoPE through ``torch.compile`` (one kernel per
-    call, compiled once for every shape with ``dynamic=True``, so batch size and resolution cause no
+    call, which also writes the attention inputs in the heads-first layout the cuDNN kernel runs fastest
+    on; compiled once for every shape with ``dynamic=True``, so batch size and resolution cause no
     recompilation), and the FFN's GELU inside its first matrix product."""
     global _compiled_ops
     if _compiled_ops is None:
-        _compiled_ops = BlockOps(torch.compile(_modulated_norm, dynamic=True, fullgraph=True),
-                                 torch.compile(_norm_rope, dynamic=True, fullgraph=True), _ffn_fused_gelu)
+        def fuse(fn: Callable[..., Any]) -> Callable[..., Any]:
+            return torch.compile(fn, dynamic=True, fullgraph=True)
+
+        _compiled_ops = BlockOps(fuse(_modulated_norm), partial(fuse(_rms_heads), contiguous=True),
+                                 partial(fuse(_norm_rope), contiguous=True), partial(fuse(_rope), contiguous=True),
+                                 _ffn_fused_gelu)
     return _compiled_ops
 
 
@@ -150,24 +176,30 @@ class Block(nn.Module):
         mod = (self.modulation + e).unsqueeze(3)  # [n, F, 6, 1, d]
         sh_a, sc_a, g_a, sh_f, sc_f, g_f = mod.unbind(2)
         h = ops.modulated_norm(x, sh_a, sc_a, self.norm1.eps).reshape(n, f * p, d)
-        _, qr = ops.norm_rope(self.q(h), self.norm_q.weight, self.norm_q.eps, rope.cos, rope.sin, self.heads)
-        k, kr = ops.norm_rope(self.k(h), self.norm_k.weight, self.norm_k.eps, rope.cos, rope.sin, self.heads)
+        # Attention inputs are [n, heads, tokens, hd]; keys/values kept for the cache are [n, tokens, heads, hd].
+        _, q = ops.norm_rope(self.q(h), self.norm_q.weight, self.norm_q.eps, rope.cos, rope.sin, self.heads, False)
+        k, kr = ops.norm_rope(self.k(h), self.norm_k.weight, self.norm_k.eps, rope.cos, rope.sin, self.heads,
+                              kv_keep != 0)
         v = self._heads(self.v(h))
-        kv_out = None if kv_keep == 0 else (k, v) if kv_keep is None else (k[:, -kv_keep:], v[:, -kv_keep:])
+        kv_out = None
+        if kv_keep != 0:
+            assert k is not None
+            kv_out = (k, v) if kv_keep is None else (k[:, -kv_keep:], v[:, -kv_keep:])
+        vt = v.transpose(1, 2)
         if prefix is not None:
             assert prefix_rope is not None
-            kr = torch.cat([apply_rope(prefix.k, prefix_rope), kr], dim=1)
-            v = torch.cat([prefix.v, v], dim=1)
+            kr = torch.cat([ops.rope(prefix.k, prefix_rope.cos, prefix_rope.sin), kr], dim=2)
+            vt = torch.cat([prefix.v.transpose(1, 2), vt], dim=2)
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        a = attend(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), mask)
+        a = attend(q, kr, vt, mask)
         a = self.o(a.transpose(1, 2).reshape(n, f * p, d)).reshape(n, f, p, d)
         x = torch.addcmul(x, g_a, a)
         if self.cross:
             assert cross is not None
             ck, cv = cross
-            hq = self._heads(self.norm_cq(self.cq(self.norm3(x).reshape(n, f * p, d))))
-            c = attend(hq.transpose(1, 2), ck.expand(n, -1, -1, -1).transpose(1, 2),
-                       cv.expand(n, -1, -1, -1).transpose(1, 2))
+            hq = ops.rms_heads(self.cq(self.norm3(x).reshape(n, f * p, d)), self.norm_cq.weight, self.norm_cq.eps,
+                               self.heads)
+            c = attend(hq, ck.expand(n, -1, -1, -1).transpose(1, 2), cv.expand(n, -1, -1, -1).transpose(1, 2))
             x = x + self.co(c.transpose(1, 2).reshape(n, f * p, d)).reshape(n, f, p, d)
         x = torch.addcmul(x, g_f, ops.ffn(self.ffn, ops.modulated_norm(x, sh_f, sc_f, self.norm2.eps)))
         if self.audio_proj is not None and audio is not None:

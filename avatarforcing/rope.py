@@ -50,13 +50,8 @@ class RopeTable:
         return self.cos.shape[0]
 
 
-def apply_rope(x: torch.Tensor, table: RopeTable) -> torch.Tensor:
-    """Rotate x [n, N, heads, head_dim] (pairs interleaved) by the table's N positions."""
-    return rotate(x, table.cos, table.sin)
-
-
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``apply_rope`` with the table's cos/sin [N, head_dim / 2] given as tensors."""
+    """Rotate x [n, N, heads, head_dim] (pairs interleaved) by a table's cos/sin [N, head_dim / 2]."""
     dtype = x.dtype
     xf = x.to(cos.dtype)
     x0, x1 = xf[..., 0::2], xf[..., 1::2]

@@ -146,6 +146,11 @@ def cmd_drain(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:2] == ["bench", "--gpu"]:  # the GPU benchmark has its own options (`avatarforcing bench --gpu -h`)
+        from avatarforcing.gpubench import run as run_gpu_bench
+
+        return run_gpu_bench(args[2:])
     ap = argparse.ArgumentParser(prog="avatarforcing", description="AvatarForcing Serve: real-time talking avatars")
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="run the gRPC service (embedded defaults: no Redis, no GPU needed)")
@@ -168,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--long-frames", type=int, default=3000, help="latent frames for the long-stream run")
     b.add_argument("--max-sessions", type=int, default=12, help="most sessions tried in the server run")
     b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--gpu", action="store_true",
+                   help="instead (as the first option): the 1.3B configuration on a CUDA GPU; see bench --gpu -h")
     b.add_argument("--failover", action="store_true",
                    help="instead: kill -9 replicas under live sessions (Redis routing) and time the SDK's resume")
     b.add_argument("--kills", type=int, default=20, help="--failover: replicas killed (default 20)")
@@ -212,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     dr.add_argument("--token", default=None, help="bearer token (default $AVATARFORCING_TOKEN)")
     dr.add_argument("--tls-ca", default=None, help="CA certificate (PEM) when the replica serves TLS")
     dr.set_defaults(fn=cmd_drain)
-    a = ap.parse_args(argv)
+    a = ap.parse_args(args)
     try:
         return int(a.fn(a) or 0)
     except ValueError as e:  # configuration errors: one clear line, no traceback
