@@ -22,6 +22,12 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--compile", default=None, choices=["auto", "on", "off"],
+                   help="fuse the elementwise stages with torch.compile (default auto: on CUDA)")
+    p.add_argument("--cuda-graphs", action="store_true", default=None,
+                   help="replay steady-state steps from CUDA graphs (CUDA only)")
+    p.add_argument("--attention", default=None, choices=["auto", "cudnn", "flash", "efficient", "math"],
+                   help="preferred fused attention kernel (default auto: PyTorch's choice)")
     p.add_argument("--max-sessions", type=int, default=None, help=f"session slots (default {d.max_sessions})")
     p.add_argument("--max-batch", type=int, default=None, help=f"sessions per step at most (default {d.max_batch})")
     p.add_argument("--idle-timeout", type=float, default=None, dest="idle_timeout_s",

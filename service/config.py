@@ -21,6 +21,11 @@ class ServerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
     threads: int = 0  # torch intra-op threads on CPU (0: torch's default)
+    # The engine's fast path (docs/gpu.md). compile: fuse the elementwise stages with torch.compile
+    # (auto: on CUDA, where it saves 15% of a step; on a CPU it only adds start-up time).
+    compile: str = "auto"  # auto | on | off
+    cuda_graphs: bool = False  # replay steady-state steps from CUDA graphs (about 1% at 1.3B; memory per batch size)
+    attention: str = "auto"  # auto (PyTorch's choice) | cudnn | flash | efficient | math
     # Capacity and scheduling.
     max_sessions: int = 8
     max_batch: int = 16
@@ -86,6 +91,9 @@ class ServerConfig:
             (-1 <= self.health_port < 65536, "health_port must be -1 (off) or in 0..65535"),
             (self.tenant_max_sessions >= 0, "tenant_max_sessions must be >= 0"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}"),
+            (self.compile in ("auto", "on", "off"), f"compile must be auto, on or off, not {self.compile!r}"),
+            (self.attention in ("auto", "cudnn", "flash", "efficient", "math"),
+             f"unknown attention kernel {self.attention!r} (auto, cudnn, flash, efficient, math)"),
             (self.log_level in ("debug", "info", "warning", "error"), f"unknown log level {self.log_level!r}"),
         ]
         for ok, msg in checks:
@@ -103,6 +111,11 @@ class ServerConfig:
         if self.dtype != "auto":
             return self.dtype
         return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
+
+    def resolved_compile(self) -> bool:
+        if self.compile != "auto":
+            return self.compile == "on"
+        return self.resolved_device().startswith("cuda")
 
     def replace(self, **kw: Any) -> ServerConfig:
         return dataclasses.replace(self, **kw)

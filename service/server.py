@@ -286,7 +286,9 @@ class App:
         self.loaded = loaded or load_default(cfg.checkpoint or None, cfg.preset)
         device, dtype = cfg.resolved_device(), cfg.resolved_dtype()
         self.engine = StreamEngine(self.loaded.model, self.loaded.vae, self.loaded.stream_cfg,
-                                   max_sessions=cfg.max_sessions, device=device, dtype=dtype)
+                                   max_sessions=cfg.max_sessions, device=device, dtype=dtype,
+                                   compile=cfg.resolved_compile(), cuda_graphs=cfg.cuda_graphs,
+                                   attention=cfg.attention)
         self.metrics = Metrics()
         self.metrics.sessions_capacity.set(cfg.max_sessions)
         self.metrics.slot_bytes.set(self.engine.slot_bytes())

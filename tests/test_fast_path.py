@@ -160,3 +160,20 @@ def test_gpu_bench_runs_at_smoke_size(tmp_path) -> None:  # type: ignore[no-unty
     e2e = res["sections"]["e2e-512"]
     assert [r["batch"] for r in e2e["by_batch"]] == [1, 2] and all(r["frames_per_s"] > 0 for r in e2e["by_batch"])
     assert e2e["encoder_note"] is None  # the service's own encoder ran
+
+
+def test_server_config_selects_the_fast_path(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from service.config import ServerConfig
+
+    assert not ServerConfig(device="cpu").resolved_compile()  # auto: compile only on CUDA
+    assert ServerConfig(device="cpu", compile="on").resolved_compile()
+    monkeypatch.setenv("AVATARFORCING_CUDA_GRAPHS", "true")
+    monkeypatch.setenv("AVATARFORCING_ATTENTION", "cudnn")
+    cfg = ServerConfig.from_env()
+    assert cfg.cuda_graphs and cfg.attention == "cudnn"
+    with pytest.raises(ValueError, match="unknown attention kernel"):
+        ServerConfig(attention="fa9")
+    with pytest.raises(ValueError, match="compile must be"):
+        ServerConfig(compile="yes")
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        StreamEngine(AvatarDiT(CFG), TinyAutoencoder(CFG), StreamConfig(), max_sessions=1, cuda_graphs=True)
