@@ -37,21 +37,11 @@ from .config import ModelConfig, StreamConfig, model_preset
 from .engine import StreamEngine
 from .flops import step_flops
 from .model import AvatarDiT
+from .report import print_table as _table
 from .vae import TinyAutoencoder
 
 REFERENCE_STREAM = StreamConfig(block_frames=4, window_blocks=4, level_steps=(200, 400, 800, 1000))
 SMOKE_STREAM = StreamConfig(block_frames=2, window_blocks=2, level_steps=(500, 1000))
-
-
-def _table(title: str, header: list[str], rows: list[list[Any]]) -> None:
-    print(f"\n{title}")
-    cols = [header] + [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
-    w = [max(len(c[i]) for c in cols) for i in range(len(header))]
-    for i, c in enumerate(cols):
-        print("  " + "  ".join(s.rjust(w[j]) for j, s in enumerate(c)))
-        if i == 0:
-            print("  " + "  ".join("-" * x for x in w))
-    sys.stdout.flush()
 
 
 class Clock:

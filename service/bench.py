@@ -19,15 +19,7 @@ from typing import Any
 
 import numpy as np
 
-
-def _table(title: str, header: list[str], rows: list[list[Any]]) -> None:
-    print(f"\n{title}")
-    cols = [header] + [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
-    w = [max(len(c[i]) for c in cols) for i in range(len(header))]
-    for i, c in enumerate(cols):
-        print("  " + "  ".join(s.rjust(w[j]) for j, s in enumerate(c)))
-        if i == 0:
-            print("  " + "  ".join("-" * x for x in w))
+from avatarforcing.report import print_table as _table
 
 
 def _pct(xs: list[float] | np.ndarray, q: float) -> float:
