@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
-_preferred = "auto"
+_local = threading.local()  # .preferred: this thread's preferred kernel (engines may run on several threads)
 # (preferred kernel, input signature) -> True when that kernel runs these inputs.
 _runs: dict[tuple[object, ...], bool] = {}
 # Why a preferred kernel refused some inputs (signature -> reason), for reports.
@@ -51,19 +52,19 @@ def only(name: str) -> Iterator[None]:
 @contextlib.contextmanager
 def prefer(name: str) -> Iterator[None]:
     """``attend`` calls inside use the kernel ``name`` wherever it accepts the inputs."""
-    global _preferred
     if name not in BACKENDS:
         raise ValueError(f"unknown attention kernel {name!r}; choose one of {list(BACKENDS)}")
-    before, _preferred = _preferred, name
+    before = getattr(_local, "preferred", "auto")
+    _local.preferred = name
     try:
         yield
     finally:
-        _preferred = before
+        _local.preferred = before
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for q [n, heads, Nq, d], k/v [n, heads, Nk, d]; mask True where a key counts."""
-    pref = _preferred
+    pref = getattr(_local, "preferred", "auto")
     if pref == "auto" or not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     sig = (pref, tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), v.stride(), q.dtype,

@@ -177,3 +177,16 @@ def test_server_config_selects_the_fast_path(monkeypatch) -> None:  # type: igno
         ServerConfig(compile="yes")
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         StreamEngine(AvatarDiT(CFG), TinyAutoencoder(CFG), StreamConfig(), max_sessions=1, cuda_graphs=True)
+
+
+def test_attend_is_attention_under_any_preference() -> None:
+    from avatarforcing import attention
+
+    q, k, v = (torch.randn(2, 4, n, 32) for n in (16, 24, 24))
+    mask = torch.rand(2, 1, 1, 24) > 0.3
+    ref = torch.softmax(q @ k.transpose(-1, -2) / 32**0.5 + torch.where(mask, 0.0, float("-inf")), -1) @ v
+    for name in attention.BACKENDS:
+        with attention.prefer(name):
+            assert torch.allclose(attention.attend(q, k, v, mask), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown attention kernel"), attention.prefer("fa9"):
+        pass
