@@ -299,11 +299,9 @@ class StreamEngine:
         if n == 0:
             return PendingStep(self, [], [], None, None, None)
         pcm_t = self._check(slots, pcm)
-        steps = [self._steps[s] for s in slots]
-        rows = [i for i in range(n) if steps[i] >= self.L - 1]
         with self._on_compute():
             ring = self._claim_ring() if self.cuda else None
-            clean = self._advance(slots, pcm_t)
+            steps, rows, clean = self._advance(slots, pcm_t)
             if not rows:
                 return PendingStep(self, list(slots), steps, None, None, None)
             ref = self.ref_lat[torch.tensor([slots[i] for i in rows], device=self.device)]
@@ -335,7 +333,7 @@ class StreamEngine:
         """
         pcm_t = self._check(slots, pcm)
         with self._on_compute():
-            return self._advance(list(slots), pcm_t)
+            return self._advance(list(slots), pcm_t)[2]
 
     def _check(self, slots: Sequence[int], pcm: np.ndarray | torch.Tensor) -> torch.Tensor:
         n = len(slots)
@@ -349,22 +347,35 @@ class StreamEngine:
             raise ValueError(f"pcm must be [{n}, {self.block_samples}], got {list(pcm_t.shape)}")
         return pcm_t
 
-    def _advance(self, slots: Sequence[int], pcm: torch.Tensor) -> torch.Tensor:
-        """Enqueues the denoising of one step (on the current stream) and counts the step."""
+    def _advance(self, slots: Sequence[int], pcm: torch.Tensor) -> tuple[list[int], list[int], torch.Tensor]:
+        """Enqueues the denoising of one step (on the current stream) and counts the step.
+
+        Returns the slots' step numbers before it, the positions in ``slots`` that emit a block, and
+        their clean latents. A steady-state batch replays its size's CUDA graph (with ``cuda_graphs``);
+        a size seen the first time runs eagerly, which warms its kernels up, and is then captured
+        (capture only records: no slot's state moves).
+        """
+        n = len(slots)
         steps = [self._steps[s] for s in slots]
-        emit = [k >= self.L - 1 for k in steps]
-        rows = [i for i in range(len(slots)) if emit[i]]
+        rows = [i for i in range(n) if steps[i] >= self.L - 1]
         pcm = pcm.pin_memory().to(self.device, non_blocking=True) if self.cuda else pcm.to(self.device)
         steady = self._steady(slots)
-        if steady and self.use_graphs:
-            clean = self._graph_denoise(slots, pcm)
+        g = self._graphs.get(n) if steady and self.use_graphs else None
+        if g is not None:
+            g.idx.copy_(torch.tensor(list(slots)))
+            g.pcm.copy_(pcm)
+            self._noise(slots, out=g.noise)
+            g.graph.replay()
+            clean = g.clean
         else:
             idx = torch.tensor(list(slots), device=self.device)
-            clean = self._denoise(idx, pcm, self._noise(slots), None if all(emit) else rows,
+            clean = self._denoise(idx, pcm, self._noise(slots), None if len(rows) == n else rows,
                                   None if steady else self._key_masks(slots))
+            if steady and self.use_graphs and n not in self.graph_errors:
+                self._capture(n)
         for s in slots:
             self._steps[s] += 1
-        return clean
+        return steps, rows, clean
 
     def _claim_ring(self) -> _RingSlot:
         """The next of the two output rings, once the step that used it last has been collected."""
@@ -438,27 +449,9 @@ class StreamEngine:
         self.hist_v[idx] = hv
 
     # ---- CUDA graphs ------------------------------------------------------------------------------
-    def _graph_denoise(self, slots: Sequence[int], pcm: torch.Tensor) -> torch.Tensor:
-        """The steady-state denoising of a batch of this size: replayed from its CUDA graph.
-
-        A size seen the first time runs eagerly (which also warms up the kernels), then is captured;
-        capture only records, so no slot's state changes during it.
-        """
-        n = len(slots)
-        g = self._graphs.get(n)
-        if g is None:
-            idx = torch.tensor(list(slots), device=self.device)
-            clean = self._denoise(idx, pcm, self._noise(slots), None, None)
-            if n not in self.graph_errors:
-                self._capture(n)
-            return clean
-        g.idx.copy_(torch.tensor(list(slots)), non_blocking=False)
-        g.pcm.copy_(pcm)
-        self._noise(slots, out=g.noise)
-        g.graph.replay()
-        return g.clean
-
     def _capture(self, n: int) -> None:
+        """Captures the steady-state denoising of a batch of n slots, whose indices, audio and noise are
+        copied into the graph's static inputs before each replay; a failure leaves that size eager."""
         dev = self.device
         idx = torch.zeros(n, dtype=torch.long, device=dev)
         pcm = torch.zeros(n, self.block_samples, device=dev)
