@@ -560,7 +560,6 @@ def run(argv: list[str] | None = None) -> int:
         timed = [v for v in (den or {}).get("variants", []) if "step_ms" in v and not v["graph_errors"]]
         if timed:
             fast = {**min(timed, key=lambda v: v["step_ms"])["options"]}
-        res["engine_options"] = fast
         section("profile", lambda: profile_step(model, vae, stream, device, fast))
         section("e2e-full", lambda: end_to_end(model, vae, stream, device, fast, [1], a.steps, a.encoding))
         del model, vae
