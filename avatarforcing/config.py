@@ -49,6 +49,19 @@ class ModelConfig:
     audio_layers: tuple[int, int] = (1, 3)  # [start, end): blocks whose residual gets audio
     # Tiny autoencoder (the wan-1.3b preset uses the same class at its sizes for timing).
     vae_channels: tuple[int, ...] = (24, 48, 64)
+    # Where the per-video-frame audio features come from: "logmel" (the learned log-mel front end inside
+    # the transformer, the project's own models) or "wav2vec2" (the published model: transformers'
+    # wav2vec2, 14 hidden states per frame, computed by ``avatarforcing.wav2vec`` beside the transformer).
+    audio_source: str = "logmel"
+    # The style anchor's audio token: "zero" (a zero token: what the project's models are trained with)
+    # or "zero_features" (the token of all-zero features, LayerNorm(proj(0)): what the reference computes).
+    anchor_audio: str = "zero"
+    # The text context: "learned" (a learned constant stands in for a prompt; no text encoder) or
+    # "external" (a umT5 context [text_len, text_dim] from ``avatarforcing encode-prompt``, carried by the
+    # checkpoint as its default and attachable per avatar).
+    text_context: str = "learned"
+    # The autoencoder: "tiny" (``vae.TinyAutoencoder``) or "wan" (``wan_vae.WanVAE``, Wan2.1's causal VAE).
+    vae: str = "tiny"
 
     def __post_init__(self) -> None:
         _check(self.dim % self.heads == 0, f"dim {self.dim} must be divisible by heads {self.heads}")
@@ -64,6 +77,11 @@ class ModelConfig:
         _check(self.audio_sample_rate % int(self.fps) == 0 and float(int(self.fps)) == self.fps,
                "audio_sample_rate must be a whole multiple of an integral fps")
         _check((self.text_dim == 0) == (self.text_len == 0), "text_dim and text_len are both 0 or both > 0")
+        _check(self.audio_source in ("logmel", "wav2vec2"), f"audio_source {self.audio_source!r}: logmel | wav2vec2")
+        _check(self.anchor_audio in ("zero", "zero_features"), f"anchor_audio {self.anchor_audio!r}: zero | zero_features")
+        _check(self.text_context in ("learned", "external"), f"text_context {self.text_context!r}: learned | external")
+        _check(self.text_context == "learned" or self.text_len > 0, "an external text context needs text_len > 0")
+        _check(self.vae in ("tiny", "wan"), f"vae {self.vae!r}: tiny | wan")
 
     @property
     def head_dim(self) -> int:
@@ -180,6 +198,16 @@ PRESETS: dict[str, ModelConfig] = {
         name="wan-1.3b", height=480, width=832, latent_channels=16, dim=1536, layers=30, heads=12,
         ffn_dim=8960, text_dim=4096, text_len=512, n_mels=80, audio_feature_dim=768,
         audio_token_dim=32, audio_layers=(2, 16), vae_channels=(128, 256, 512),
+    ),
+    # The published AvatarForcing student (Wan2.1-T2V-1.3B + LoRA) exactly: wav2vec2-base features
+    # (14 x 768 per video frame) packed 4 frames -> 32 per latent frame, added before blocks 2..15
+    # (= after blocks 1..14), the anchor's token from zero features, umT5 text context, Wan's VAE.
+    # `avatarforcing convert` writes checkpoints of it from the published files (avatarforcing/published.py).
+    "avatarforcing-1.3b": ModelConfig(
+        name="avatarforcing-1.3b", height=480, width=832, latent_channels=16, dim=1536, layers=30, heads=12,
+        ffn_dim=8960, text_dim=4096, text_len=512, audio_feature_dim=14 * 768, audio_token_dim=32,
+        audio_layers=(1, 15), audio_source="wav2vec2", anchor_audio="zero_features", text_context="external",
+        vae="wan",
     ),
 }
 

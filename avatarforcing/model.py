@@ -219,9 +219,11 @@ class AvatarDiT(nn.Module):
         if cfg.text_len > 0:
             self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"),
                                                 nn.Linear(d, d))
-            # No text encoder ships: a learned constant prompt embedding stands in for umT5's.
-            self.null_context = nn.Parameter(torch.randn(1, cfg.text_len, cfg.text_dim) * 0.02)
-        self.audio_frontend = AudioFrontEnd(cfg)
+            if cfg.text_context == "learned":
+                # No text encoder ships with the project's models: a learned constant stands in for umT5's.
+                self.null_context = nn.Parameter(torch.randn(1, cfg.text_len, cfg.text_dim) * 0.02)
+        # The published model's features come from wav2vec2 beside the transformer (avatarforcing.wav2vec).
+        self.audio_frontend = AudioFrontEnd(cfg) if cfg.audio_source == "logmel" else None
         self.audio_token = nn.Sequential(
             nn.Linear(cfg.frames_per_latent * cfg.audio_feature_dim, cfg.audio_token_dim),
             nn.LayerNorm(cfg.audio_token_dim),
@@ -234,16 +236,41 @@ class AvatarDiT(nn.Module):
 
     # ---- inputs -------------------------------------------------------------------------
     def audio_tokens(self, pcm: torch.Tensor) -> torch.Tensor:
-        """pcm [n, context + T*spf] (T a multiple of frames_per_latent) -> [n, T/4, audio_token_dim]."""
-        feats = self.audio_frontend(pcm)  # [n, T, Da]
+        """pcm [n, context + T*spf] (T a multiple of frames_per_latent) -> [n, T/4, audio_token_dim]
+        (the log-mel front end; a wav2vec2 model packs features computed outside with ``pack_audio``)."""
+        if self.audio_frontend is None:
+            raise RuntimeError("this model takes wav2vec2 features (pack_audio), not raw audio")
+        return self.pack_audio(self.audio_frontend(pcm))
+
+    def pack_audio(self, feats: torch.Tensor) -> torch.Tensor:
+        """Per-video-frame features [n, T, Da] -> one token per latent frame [n, T/4, audio_token_dim]: the
+        frames_per_latent rows concatenated (frame-major, feature fastest), Linear, LayerNorm."""
         n, t, da = feats.shape
         k = self.cfg.frames_per_latent
         return self.audio_token(feats.reshape(n, t // k, k * da))
 
-    def context(self) -> torch.Tensor | None:
+    def anchor_audio_token(self) -> torch.Tensor:
+        """The style anchor's audio token [1, 1, audio_token_dim]: zero, or the token of zero features
+        (LayerNorm of the projection's bias, as the reference computes it), per ``cfg.anchor_audio``."""
+        p = next(self.audio_token.parameters())
+        if self.cfg.anchor_audio == "zero":
+            return torch.zeros(1, 1, self.cfg.audio_token_dim, device=p.device, dtype=p.dtype)
+        return self.pack_audio(torch.zeros(1, self.cfg.frames_per_latent, self.cfg.audio_feature_dim,
+                                           device=p.device, dtype=p.dtype))
+
+    def context(self, raw: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The embedded text context [1, text_len, dim]: of ``raw`` (a umT5 context [text_len, text_dim] or
+        [1, text_len, text_dim], zero past the prompt), else the learned constant."""
         if self.cfg.text_len == 0:
             return None
-        return self.text_embedding(self.null_context)
+        if raw is None:
+            if self.cfg.text_context != "learned":
+                raise ValueError("this model needs a text context (avatarforcing encode-prompt)")
+            raw = self.null_context
+        if raw.dim() == 2:
+            raw = raw[None]
+        p = self.text_embedding[0].weight
+        return self.text_embedding(raw.to(p.device, p.dtype))
 
     def cross_kv(self, context: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Every block's cross-attention keys/values of ``context`` (default: the null prompt).
@@ -255,6 +282,10 @@ class AvatarDiT(nn.Module):
         ctx = self.context() if context is None else context
         assert ctx is not None
         return [cast(Block, blk).cross_kv(ctx) for blk in self.blocks]
+
+    def cross_kv_of(self, raw: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """``cross_kv`` of a raw umT5 context (None: the model's learned constant)."""
+        return self.cross_kv(self.context(raw))
 
     def patchify(self, lat: torch.Tensor, ref: torch.Tensor, mask_value: float) -> torch.Tensor:
         """lat [n, F, C, h, w], ref [n, C, h, w] -> tokens [n, F, P, dim]."""
