@@ -151,6 +151,38 @@ def cmd_drain(a: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def cmd_encode_prompt(a: argparse.Namespace) -> int:
+    """umT5 over a prompt, once, offline: writes the text context file the published model cross-attends to."""
+    try:
+        import torch
+
+        from avatarforcing.text_context import PromptEncoder, save_context
+
+        if a.prompt_file is not None:
+            try:
+                prompt = Path(a.prompt_file).read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"{a.prompt_file}: cannot read the prompt file ({e})") from None
+        else:
+            prompt = a.prompt
+        device = a.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device here (use --device cpu)")
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
+        enc = PromptEncoder(a.umt5, a.tokenizer, text_len=a.text_len, device=device, dtype=dtype)
+        tc = enc.encode(prompt)
+        out = save_context(a.out, tc.context, prompt, tc.tokens)
+    except (ValueError, OSError) as e:  # one actionable line, no traceback
+        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"avatarforcing encode-prompt: error: {line}", file=sys.stderr)
+        return 2
+    note = f" (prompt truncated to {a.text_len} tokens)" if tc.truncated else ""
+    print(f"{out}: {tc.tokens} tokens of {a.text_len}, context {list(tc.context.shape)} {a.dtype}{note}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:2] == ["bench", "--gpu"]:  # the GPU benchmark has its own options (`avatarforcing bench --gpu -h`)
@@ -225,6 +257,22 @@ def main(argv: list[str] | None = None) -> int:
     dr.add_argument("--token", default=None, help="bearer token (default $AVATARFORCING_TOKEN)")
     dr.add_argument("--tls-ca", default=None, help="CA certificate (PEM) when the replica serves TLS")
     dr.set_defaults(fn=cmd_drain)
+    ep = sub.add_parser("encode-prompt",
+                        help="umT5 text context of a prompt for the published model (offline, once per prompt)")
+    ep.add_argument("--umt5", required=True, type=Path,
+                    help="umT5 encoder: a transformers folder (google/umt5-xxl) or Wan's "
+                         "models_t5_umt5-xxl-enc-bf16.pth (or its folder)")
+    ep.add_argument("--tokenizer", default=None, type=Path,
+                    help="google/umt5-xxl tokenizer folder (default: the --umt5 folder)")
+    src = ep.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", default=None, help="the prompt: a description of the person")
+    src.add_argument("--prompt-file", default=None, type=Path, help="read the prompt from this UTF-8 file")
+    ep.add_argument("--out", required=True, type=Path, help="context file to write (safetensors)")
+    ep.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    ep.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="encoder and stored context dtype (default float32, as the reference)")
+    ep.add_argument("--text-len", type=int, default=512, help="context rows (default 512, Wan's text_len)")
+    ep.set_defaults(fn=cmd_encode_prompt)
     a = ap.parse_args(args)
     try:
         return int(a.fn(a) or 0)
