@@ -6,15 +6,20 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .config import ModelConfig, StreamConfig, model_preset
 from .model import AvatarDiT
 from .vae import TinyAutoencoder
+from .wan_vae import WanVAE, WanVAEConfig
+
+if TYPE_CHECKING:  # transformers is imported only where wav2vec2 runs
+    from .wav2vec import Wav2VecFeatures
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +30,14 @@ DEFAULT_CHECKPOINT = PACKAGE_CHECKPOINTS / "default.safetensors"
 @dataclass
 class LoadedModel:
     model: AvatarDiT
-    vae: TinyAutoencoder
+    vae: TinyAutoencoder | WanVAE
     model_cfg: ModelConfig
     stream_cfg: StreamConfig
     trained: bool
     source: str  # checkpoint path, or "random-init"
     meta: dict[str, Any] = field(default_factory=dict)
+    audio: Wav2VecFeatures | None = None  # the published model's wav2vec2
+    context: torch.Tensor | None = None  # its default umT5 text context [text_len, text_dim]
 
 
 # How far below its calibrated mean (in standard deviations) a stream's anchor similarity may fall
@@ -60,17 +67,101 @@ def save_checkpoint(path: str | Path, model: AvatarDiT, vae: TinyAutoencoder, st
     save_file(tensors, str(path), metadata=md)
 
 
+PUBLISHED_FORMAT = "avatarforcing-published-v1"
+
+
+def save_published(path: str | Path, dit: dict[str, torch.Tensor], cfg: ModelConfig, stream_cfg: StreamConfig,
+                   vae: WanVAE, audio: Wav2VecFeatures, context: torch.Tensor, meta: dict[str, Any],
+                   dtype: torch.dtype = torch.bfloat16) -> int:
+    """One file with everything the published model needs: the transformer (LoRA merged), Wan's VAE,
+    wav2vec2 and the default text context, the configurations in the metadata. Returns its size in bytes."""
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous()
+
+    tensors = {f"dit.{k}": cast(v) for k, v in dit.items()}
+    tensors.update({f"vae.{k}": cast(v) for k, v in vae.state_dict().items()})
+    tensors.update({f"wav2vec.{k}": cast(v) for k, v in audio.state_dict().items()})
+    tensors["text.context"] = cast(context)
+    md = {"format": PUBLISHED_FORMAT, "model_config": json.dumps(cfg.to_dict()),
+          "stream_config": json.dumps(stream_cfg.to_dict()), "vae_config": json.dumps(vae.config.to_dict()),
+          "wav2vec_config": json.dumps(audio.config_dict()), "meta": json.dumps(meta)}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=md)
+    return Path(path).stat().st_size
+
+
+def check_state(module: nn.Module, sd: dict[str, torch.Tensor], file: str, prefix: str) -> None:
+    """Every key of ``module`` present in ``sd`` with its shape, and nothing else; else ONE line naming the
+    file, the first bad key and the shapes (and how many more there are)."""
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    problems = [f"missing key {prefix}{k} (expected shape {list(s)})" for k, s in want.items() if k not in sd]
+    problems += [f"{prefix}{k} has shape {list(sd[k].shape)}, expected {list(s)}"
+                 for k, s in want.items() if k in sd and tuple(sd[k].shape) != s]
+    problems += [f"unexpected key {prefix}{k} with shape {list(v.shape)}" for k, v in sd.items() if k not in want]
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise ValueError(f"{file}: {problems[0]}{more}")
+
+
+def _load_published(path: Path, md: dict[str, str], mcfg: ModelConfig, scfg: StreamConfig,
+                    sd: dict[str, torch.Tensor]) -> LoadedModel:
+    from .wav2vec import Wav2VecFeatures
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+    for key in ("vae_config", "wav2vec_config"):
+        if key not in md:
+            raise ValueError(f"{path}: no {key} in its metadata (convert it again with `avatarforcing convert`)")
+    if "text.context" not in sd:
+        raise ValueError(f"{path}: missing key text.context (the default umT5 context)")
+    with torch.device("meta"):  # 1.6 B parameters: no random init to throw away
+        model, vae = AvatarDiT(mcfg), WanVAE(WanVAEConfig.from_dict(json.loads(md["vae_config"])))
+    for prefix, module in (("dit.", model), ("vae.", vae)):
+        part_sd = part(prefix)
+        check_state(module, part_sd, str(path), prefix)
+        module.load_state_dict(part_sd, strict=True, assign=True)
+    vae._reset_latent_stats()
+    if vae.config.z_dim != mcfg.latent_channels:
+        raise ValueError(f"{path}: the VAE has {vae.config.z_dim} latent channels, the model {mcfg.latent_channels}")
+    try:
+        audio = Wav2VecFeatures.from_config_and_state(json.loads(md["wav2vec_config"]), part("wav2vec."))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if audio.feature_dim != mcfg.audio_feature_dim:
+        raise ValueError(f"{path}: wav2vec2 gives {audio.feature_dim} features per frame, the model takes "
+                         f"{mcfg.audio_feature_dim}")
+    context = sd["text.context"]
+    if tuple(context.shape) != (mcfg.text_len, mcfg.text_dim):
+        raise ValueError(f"{path}: text.context has shape {list(context.shape)}, expected "
+                         f"{[mcfg.text_len, mcfg.text_dim]}")
+    return LoadedModel(model, vae.eval(), mcfg, scfg, trained=True, source=str(path),
+                       meta=json.loads(md.get("meta", "{}")), audio=audio, context=context.float())
+
+
 def load_checkpoint(path: str | Path) -> LoadedModel:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        md = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); a converted or trained checkpoint "
+                         "of this project is") from None
     if "model_config" not in md:
         raise ValueError(f"{path} is not an AvatarForcing checkpoint (no model_config in its metadata)")
-    mcfg = ModelConfig.from_dict(json.loads(md["model_config"]))
-    scfg = StreamConfig.from_dict(json.loads(md["stream_config"]))
-    sd = load_file(str(path))
+    try:
+        mcfg = ModelConfig.from_dict(json.loads(md["model_config"]))
+        scfg = StreamConfig.from_dict(json.loads(md["stream_config"]))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: its configuration is not valid ({e})") from None
+    try:
+        sd = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: cannot be read ({e}); is it truncated?") from None
+    if md.get("format") == PUBLISHED_FORMAT:
+        return _load_published(path, md, mcfg, scfg, sd)
     model, vae = AvatarDiT(mcfg), TinyAutoencoder(mcfg)
     model.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("dit.")})
     vae.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("vae.")})

@@ -78,7 +78,8 @@ class ModelConfig:
                "audio_sample_rate must be a whole multiple of an integral fps")
         _check((self.text_dim == 0) == (self.text_len == 0), "text_dim and text_len are both 0 or both > 0")
         _check(self.audio_source in ("logmel", "wav2vec2"), f"audio_source {self.audio_source!r}: logmel | wav2vec2")
-        _check(self.anchor_audio in ("zero", "zero_features"), f"anchor_audio {self.anchor_audio!r}: zero | zero_features")
+        _check(self.anchor_audio in ("zero", "zero_features"),
+               f"anchor_audio {self.anchor_audio!r}: zero | zero_features")
         _check(self.text_context in ("learned", "external"), f"text_context {self.text_context!r}: learned | external")
         _check(self.text_context == "learned" or self.text_len > 0, "an external text context needs text_len > 0")
         _check(self.vae in ("tiny", "wan"), f"vae {self.vae!r}: tiny | wan")

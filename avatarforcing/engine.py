@@ -31,6 +31,7 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -41,6 +42,12 @@ from .config import ModelConfig, StreamConfig
 from .model import AvatarDiT, Prefix
 from .rope import RopeTable
 from .vae import TinyAutoencoder, to_pixels, to_unit
+from .wan_vae import WanVAE
+
+if TYPE_CHECKING:  # transformers is imported only where wav2vec2 runs
+    from .wav2vec import Wav2VecFeatures
+
+Autoencoder = TinyAutoencoder | WanVAE
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +69,14 @@ class AnchorState:
     ref_latent: torch.Tensor  # [C, h, w]
     k: torch.Tensor  # [layers, P, heads, head_dim], un-rotated
     v: torch.Tensor
+    # The avatar's own text context (a model with an external context): its cross-attention keys and
+    # values [layers, text_len, heads, head_dim]; None: the checkpoint's default context.
+    cross_k: torch.Tensor | None = None
+    cross_v: torch.Tensor | None = None
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.ref_latent, self.k, self.v))
+        ts = [self.ref_latent, self.k, self.v] + [t for t in (self.cross_k, self.cross_v) if t is not None]
+        return sum(t.numel() * t.element_size() for t in ts)
 
 
 @dataclass
@@ -81,9 +93,13 @@ def _mix_seed(seed: int, step: int) -> int:
 
 
 class StreamEngine:
-    def __init__(self, model: AvatarDiT, vae: TinyAutoencoder, stream: StreamConfig, *, max_sessions: int,
+    def __init__(self, model: AvatarDiT, vae: Autoencoder, stream: StreamConfig, *, max_sessions: int,
                  device: str | torch.device = "cpu", dtype: str = "float32", compile: bool = False,
-                 cuda_graphs: bool = False, attention: str = "auto") -> None:
+                 cuda_graphs: bool = False, attention: str = "auto", audio: Wav2VecFeatures | None = None,
+                 context: torch.Tensor | None = None, audio_context_s: float | None = None) -> None:
+        """``audio``: the wav2vec2 features of a model whose ``audio_source`` is wav2vec2, run on a sliding
+        window of ``audio_context_s`` seconds before each block (default ``wav2vec.DEFAULT_CONTEXT_S``);
+        ``context``: the default umT5 text context [text_len, text_dim] of a model with an external one."""
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         if attention not in attention_kernels.BACKENDS:
@@ -98,6 +114,11 @@ class StreamEngine:
             raise ValueError("cuda_graphs needs a CUDA device")
         self.model = model.to(self.device, self.dtype).eval()
         self.vae = vae.to(self.device, self.dtype).eval()
+        if (model.cfg.audio_source == "wav2vec2") != (audio is not None):
+            raise ValueError(f"a model with audio_source {model.cfg.audio_source!r} "
+                             + ("needs" if audio is None else "takes no") + " wav2vec2 features")
+        self.w2v = audio.to(self.device, self.dtype).eval() if audio is not None else None
+        self.streamed_decode = isinstance(vae, WanVAE)
         if self.cuda:
             self.vae.to(memory_format=torch.channels_last)
         self.compiled = compile
@@ -111,7 +132,15 @@ class StreamEngine:
         self.B, self.L, self.H, self.P = B, L, H, P
         self.frames_per_block = B * c.frames_per_latent
         self.block_samples = self.frames_per_block * c.samples_per_frame
-        self.context_samples = self.model.audio_frontend.context
+        if self.w2v is None:
+            assert self.model.audio_frontend is not None
+            self.context_samples = self.model.audio_frontend.context
+        else:
+            from .wav2vec import DEFAULT_CONTEXT_S
+            ctx_s = DEFAULT_CONTEXT_S if audio_context_s is None else audio_context_s
+            if ctx_s < 0:
+                raise ValueError("audio_context_s must be >= 0")
+            self.context_samples = round(ctx_s * c.fps) * c.samples_per_frame  # whole video frames
         # Steps after which every window block and history frame of a slot holds data.
         self.warmup_steps = (L - 1) + -(-H // B)
         dev, dt = self.device, self.dtype
@@ -128,6 +157,16 @@ class StreamEngine:
         self.anchor_k, self.anchor_v = self.prefix_k[:, :, :P], self.prefix_v[:, :, :P]
         self.hist_k, self.hist_v = self.prefix_k[:, :, P:], self.prefix_v[:, :, P:]
         self.audio_tail = torch.zeros(S, self.context_samples, device=dev, dtype=torch.float32)
+        # A model with an external text context keeps each slot's cross-attention keys/values (its avatar's
+        # prompt, or the default) next to its state.
+        self.per_slot_text = c.text_context == "external"
+        cross_shape = (S, nl, c.text_len, c.heads, c.head_dim) if self.per_slot_text else (0,)
+        self.cross_k = torch.zeros(cross_shape, device=dev, dtype=dt)
+        self.cross_v = torch.zeros(cross_shape, device=dev, dtype=dt)
+        # Wan's causal decoder carries the last two frames of each causal convolution's input per stream.
+        self.dec_cache: list[torch.Tensor] = []
+        if isinstance(vae, WanVAE):
+            self.dec_cache = vae.init_decoder_cache(S, lh, lw, dev, dt)
         self._allocated = [False] * S
         self._steps = [0] * S
         self._seeds = [0] * S
@@ -149,10 +188,14 @@ class StreamEngine:
         self._graphs: dict[int, _Graph] = {}
         self.graph_errors: dict[int, str] = {}
         with self._on_compute(), torch.inference_mode():
-            self._context = self.model.context()
-            self._cross = self.model.cross_kv(self._context)
-            silence = torch.zeros(1, self.context_samples + self.block_samples, device=dev, dtype=dt)
-            self.silence_tokens = self.model.audio_tokens(silence)[0]  # [B, a]
+            if c.text_context == "external" and context is None:
+                raise ValueError("this model needs a default text context (the checkpoint's, or encode-prompt's)")
+            self._cross = self.model.cross_kv_of(context)
+            if self.per_slot_text:
+                self._default_cross_k, self._default_cross_v = self._stack_cross(self._cross)
+            silence = torch.zeros(1, self.context_samples + self.block_samples, device=dev, dtype=torch.float32)
+            self.silence_tokens = self._audio_tokens(silence)[0]  # [B, a]
+            self.anchor_token = self.model.anchor_audio_token()
         if self.cuda:
             hw = (self.frames_per_block, c.height, c.width, 3)
             for _ in range(2):
@@ -186,9 +229,16 @@ class StreamEngine:
     def slot_bytes(self) -> int:
         """Device memory one slot's state takes."""
         per = 0
-        for t in (self.win_lat, self.win_audio, self.ref_lat, self.prefix_k, self.prefix_v, self.audio_tail):
+        for t in (self.win_lat, self.win_audio, self.ref_lat, self.prefix_k, self.prefix_v, self.audio_tail,
+                  *self.dec_cache):
             per += t[0].numel() * t.element_size()
+        if self.per_slot_text:
+            per += 2 * self.cross_k[0].numel() * self.cross_k.element_size()
         return per
+
+    def decoder_cache_bytes(self) -> int:
+        """Device memory of one slot's decoder cache (Wan's VAE; 0 for the tiny autoencoder)."""
+        return sum(t[0].numel() * t.element_size() for t in self.dec_cache)
 
     def allocate(self, anchor: AnchorState, seed: int) -> int:
         try:
@@ -207,7 +257,26 @@ class StreamEngine:
             self.hist_k[s].zero_()
             self.hist_v[s].zero_()
             self.audio_tail[s].zero_()
+            if self.per_slot_text:
+                self.cross_k[s] = anchor.cross_k if anchor.cross_k is not None else self._default_cross_k
+                self.cross_v[s] = anchor.cross_v if anchor.cross_v is not None else self._default_cross_v
+        if self.streamed_decode:
+            self._prime_decoder(s, self.ref_lat[s])
         return s
+
+    def _prime_decoder(self, slot: int, ref: torch.Tensor) -> None:
+        """Starts a slot's decoder stream with the reference latent (the reference's output frame 0, not
+        emitted), so that every emitted latent decodes to 4 frames that continue it."""
+        assert isinstance(self.vae, WanVAE)
+        stream = self._decode_stream if self._decode_stream is not None else self._compute
+        with contextlib.ExitStack() as st, torch.inference_mode():
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                st.enter_context(torch.cuda.stream(stream))
+            zeros = [torch.zeros_like(t[:1]) for t in self.dec_cache]
+            _, cache = self.vae.decode_step(ref[None, :, None], zeros, first=True)
+            for buf, new in zip(self.dec_cache, cache, strict=True):
+                buf[slot] = new[0]
 
     def free(self, slot: int) -> None:
         if not (0 <= slot < self.capacity) or not self._allocated[slot]:
@@ -229,24 +298,38 @@ class StreamEngine:
             self.audio_tail[slot].zero_()
 
     # ---- the anchor ---------------------------------------------------------------------------
+    @staticmethod
+    def _stack_cross(cross: list[tuple[torch.Tensor, torch.Tensor]] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-layer cross-attention keys/values [1, Lc, h, hd] -> [layers, Lc, h, hd] each."""
+        assert cross is not None
+        return torch.stack([k[0] for k, _ in cross]), torch.stack([v[0] for _, v in cross])
+
     @torch.inference_mode()
-    def prepare_anchor(self, image: np.ndarray) -> AnchorState:
-        """uint8 [H, W, 3] at the model's resolution -> the style anchor (computed once per avatar)."""
+    def prepare_anchor(self, image: np.ndarray, context: torch.Tensor | None = None) -> AnchorState:
+        """uint8 [H, W, 3] at the model's resolution -> the style anchor (computed once per avatar).
+
+        ``context``: the avatar's own umT5 context [text_len, text_dim] (a model with an external text
+        context; None: the default), which both the anchor and every window of its sessions attend to.
+        """
         c = self.cfg
         if image.shape != (c.height, c.width, 3) or image.dtype != np.uint8:
             raise ValueError(f"reference image must be uint8 [{c.height}, {c.width}, 3], got "
                              f"{image.dtype} {list(image.shape)}")
+        if context is not None and not self.per_slot_text:
+            raise ValueError("this model has no external text context: it takes no prompt")
         with self._on_compute():
             img = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
             img = to_unit(img)[None].to(self.dtype)
             ref = self.vae.encode_image(img)  # [1, C, h, w]
-            zeros_audio = torch.zeros(1, 1, c.audio_token_dim, device=self.device, dtype=self.dtype)
+            cross = self._cross if context is None else self.model.cross_kv_of(context)
             sigma = torch.zeros(1, 1, device=self.device)
-            _, kvs = self.model(ref[:, None], sigma, ref, zeros_audio, self.rope_anchor, mask_value=0.0,
-                                cross_kv=self._cross)
+            _, kvs = self.model(ref[:, None], sigma, ref, self.anchor_token, self.rope_anchor, mask_value=0.0,
+                                cross_kv=cross)
             k = torch.stack([kv[0][0] for kv in kvs])
             v = torch.stack([kv[1][0] for kv in kvs])
             out = AnchorState(ref_latent=ref[0].clone(), k=k.clone(), v=v.clone())
+            if context is not None:
+                out.cross_k, out.cross_v = (t.clone() for t in self._stack_cross(cross))
         if self._compute is not None:
             self._compute.synchronize()  # the anchor may be used from any stream from now on
         return out
@@ -304,10 +387,11 @@ class StreamEngine:
             steps, rows, clean = self._advance(slots, pcm_t)
             if not rows:
                 return PendingStep(self, list(slots), steps, None, None, None)
-            ref = self.ref_lat[torch.tensor([slots[i] for i in rows], device=self.device)]
+            emit_idx = torch.tensor([slots[i] for i in rows], device=self.device)
+            ref = self.ref_lat[emit_idx]
             sims = F.cosine_similarity(clean.float().flatten(2), ref.float().flatten(1)[:, None], dim=-1).mean(1)
             if not self.cuda:
-                frames = to_pixels(self.vae.decode(clean)).contiguous()
+                frames = to_pixels(self._decode(emit_idx, clean)).contiguous()
                 return PendingStep(self, list(slots), steps, rows, frames, sims)
             m = len(rows)
             assert ring is not None
@@ -317,7 +401,7 @@ class StreamEngine:
         assert self._decode_stream is not None
         with torch.cuda.stream(self._decode_stream):
             self._decode_stream.wait_event(ring.clean_ready)
-            frames = to_pixels(self.vae.decode(ring.clean[:m]))
+            frames = to_pixels(self._decode(emit_idx, ring.clean[:m]))
             ring.host_frames[:m].copy_(frames, non_blocking=True)
             ring.host_sims[:m].copy_(ring.sims[:m], non_blocking=True)
             ring.done.record()
@@ -397,8 +481,9 @@ class StreamEngine:
         B, L = self.B, self.L
         # Audio: the new block's tokens, from its samples plus the stored left context.
         full = torch.cat([self.audio_tail[idx], pcm], dim=1)
-        tok = self.model.audio_tokens(full.to(self.dtype))
-        self.audio_tail[idx] = full[:, -self.context_samples:]
+        tok = self._audio_tokens(full)
+        if self.context_samples:
+            self.audio_tail[idx] = full[:, -self.context_samples:]
         aud = self.win_audio[idx]
         aud[:, -B:] = tok
         lat = self.win_lat[idx]
@@ -407,20 +492,22 @@ class StreamEngine:
         pk, pv = self.prefix_k[idx], self.prefix_v[idx]
         prefix = [Prefix(pk[:, i], pv[:, i]) for i in range(self.cfg.layers)]
         key_mask = None if masks is None else torch.cat(masks, dim=1)
+        cross = self._cross_of(idx)
         flow, _ = self.model(lat, sigma, self.ref_lat[idx], aud, self.rope_window, prefix=prefix,
-                             prefix_rope=self.rope_prefix, key_mask=key_mask, cross_kv=self._cross, kv_keep=0,
+                             prefix_rope=self.rope_prefix, key_mask=key_mask, cross_kv=cross, kv_keep=0,
                              compiled=self.compiled)
         x0 = lat - sigma[:, :, None, None, None].to(self.dtype) * flow
         if rows is None:
-            clean, e_idx, e_aud, e_prefix = x0[:, :B], idx, aud[:, :B], prefix
+            clean, e_idx, e_aud, e_prefix, e_cross = x0[:, :B], idx, aud[:, :B], prefix, cross
             e_mask = None if masks is None else masks[0]
         else:
             r = torch.tensor(rows, device=self.device, dtype=torch.long)
             clean, e_idx, e_aud = x0[r, :B], idx[r], aud[r, :B]
             e_prefix = [Prefix(p.k[r], p.v[r]) for p in prefix]
+            e_cross = self._cross_of(e_idx)
             e_mask = None if masks is None else masks[0][r]
         if clean.shape[0] > 0 and self.H > 0:
-            self._temporal_anchor(e_idx, clean, e_aud, e_prefix, e_mask)
+            self._temporal_anchor(e_idx, clean, e_aud, e_prefix, e_mask, e_cross)
         # Slide: block i's x0 is re-noised (fresh noise) to level i-1 and kept for the next step.
         new_lat = torch.zeros_like(lat)
         new_lat[:, : (L - 1) * B] = (1 - self.sigma_renoise) * x0[:, B:] + self.sigma_renoise * noise[:, : (L - 1) * B]
@@ -428,8 +515,32 @@ class StreamEngine:
         self.win_audio[idx] = torch.cat([aud[:, B:], torch.zeros_like(aud[:, :B])], dim=1)
         return clean
 
+    def _decode(self, idx: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        """Emitted latents [m, B, C, h, w] of slots ``idx`` -> frames [m, 4B, 3, H, W]; Wan's causal decoder
+        continues each slot's own stream (its cache gathered, advanced and written back)."""
+        if not isinstance(self.vae, WanVAE):
+            return self.vae.decode(clean)
+        cache = [t[idx] for t in self.dec_cache]
+        frames, cache = self.vae.decode_step(clean.transpose(1, 2), cache, first=False)
+        for buf, new in zip(self.dec_cache, cache, strict=True):
+            buf[idx] = new
+        return frames.transpose(1, 2)
+
+    def _audio_tokens(self, pcm: torch.Tensor) -> torch.Tensor:
+        """Audio tokens [n, B, a] of the newest block, from its samples with the left context before them."""
+        if self.w2v is None:
+            return self.model.audio_tokens(pcm.to(self.dtype))
+        return self.model.pack_audio(self.w2v.block_features(pcm, self.frames_per_block))
+
+    def _cross_of(self, idx: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The cross-attention keys/values of these slots: their own (external context), else the shared ones."""
+        if not self.per_slot_text:
+            return self._cross
+        ck, cv = self.cross_k[idx], self.cross_v[idx]
+        return [(ck[:, i], cv[:, i]) for i in range(self.cfg.layers)]
+
     def _temporal_anchor(self, idx: torch.Tensor, clean: torch.Tensor, audio: torch.Tensor, prefix: list[Prefix],
-                         pmask: torch.Tensor | None) -> None:
+                         pmask: torch.Tensor | None, cross: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
         """Run the emitted clean block at t = 0 and keep its last H frames' keys/values as history."""
         m = idx.shape[0]
         key_mask = None
@@ -438,7 +549,7 @@ class StreamEngine:
         sigma = torch.zeros(m, self.B, device=self.device)
         keep = self.H * self.P
         _, kvs = self.model(clean, sigma, self.ref_lat[idx], audio, self.rope_clean, prefix=prefix,
-                            prefix_rope=self.rope_prefix, key_mask=key_mask, cross_kv=self._cross,
+                            prefix_rope=self.rope_prefix, key_mask=key_mask, cross_kv=cross,
                             kv_keep=min(self.B * self.P, keep), compiled=self.compiled)
         hk = torch.stack([kv[0] for kv in kvs], dim=1)  # [m, layers, min(B, H)*P, heads, hd]
         hv = torch.stack([kv[1] for kv in kvs], dim=1)

@@ -269,7 +269,7 @@ class AvatarDiT(nn.Module):
             raw = self.null_context
         if raw.dim() == 2:
             raw = raw[None]
-        p = self.text_embedding[0].weight
+        p = cast(nn.Linear, self.text_embedding[0]).weight
         return self.text_embedding(raw.to(p.device, p.dtype))
 
     def cross_kv(self, context: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:

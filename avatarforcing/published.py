@@ -24,9 +24,6 @@ What changes between the layouts:
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,7 +32,8 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig, model_preset
+from .config import ModelConfig, StreamConfig, model_preset
+from .model import AvatarDiT
 
 # The LoRA of the published student: rank 128, alpha 64 (scale 0.5), on these linears of every block.
 LORA_ALPHA = 64.0
@@ -255,26 +253,21 @@ def read_student(path: str | Path, *, ema: bool | None = None) -> tuple[dict[str
 class ConvertReport:
     out: Path
     model_cfg: ModelConfig
+    generator_key: str
     source_keys: int
     parameters: int
-    generator_key: str
     bytes: int
 
 
-def model_meta(cfg: ModelConfig) -> dict[str, Any]:
-    return {"layers": cfg.layers, "dim": cfg.dim, "heads": cfg.heads, "resolution": [cfg.height, cfg.width]}
-
-
-def default_stream_config() -> Any:
-    """The published stream: 4 latent frames a block, a window of 4 blocks at t = [555.6, 769.2, 952.4, 1000]
-    (steps 200..1000, shift 5), 2 clean history frames."""
-    from .config import StreamConfig
+def published_stream() -> StreamConfig:
+    """The published stream: blocks of 4 latent frames (16 video frames), a window of 4 blocks at
+    t = [555.6, 769.2, 952.4, 1000] (steps 200..1000 with shift 5), 2 clean history frames."""
     return StreamConfig(block_frames=4, window_blocks=4, level_steps=(200, 400, 800, 1000), shift=5.0,
                         history_frames=2)
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
-    """'480x832' -> (480, 832): height x width."""
+    """'480x832' -> (480, 832), height x width (the published model: 480x832 or 832x480)."""
     try:
         h, w = (int(x) for x in text.lower().split("x"))
     except ValueError:
@@ -282,17 +275,39 @@ def parse_resolution(text: str) -> tuple[int, int]:
     return h, w
 
 
-def with_resolution(cfg: ModelConfig, height: int, width: int) -> ModelConfig:
-    return dataclasses.replace(cfg, height=height, width=width)
+def convert(student: str | Path, vae: str | Path, wav2vec: str | Path, context: str | Path, out: str | Path, *,
+            ema: bool | None = None, heads: int | None = None, lora_alpha: float = LORA_ALPHA,
+            resolution: tuple[int, int] = (480, 832), dtype: torch.dtype = torch.bfloat16) -> ConvertReport:
+    """The published files -> one checkpoint of this project (see the module's docstring).
 
+    ``ema``: take ``generator_ema`` (True), ``generator`` (False) or whichever exists, preferring the EMA
+    (None). Raises ``ConversionError`` / ``ValueError`` with one line naming the file and key.
+    """
+    from .checkpoint import save_published
+    from .text_context import load_context
+    from .wan_vae import load_wan_vae
+    from .wav2vec import Wav2VecFeatures
 
-def dtype_of(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def count(sd: Mapping[str, torch.Tensor]) -> int:
-    return sum(math.prod(v.shape) for v in sd.values())
-
-
-def dumps(d: Mapping[str, Any]) -> str:
-    return json.dumps(dict(d), sort_keys=True)
+    sd, which = read_student(student, ema=ema)
+    name = Path(student).name
+    h, w = resolution
+    cfg = infer_config(sd, heads=heads, file=name, height=h, width=w)
+    dit = convert_dit(sd, cfg, file=name, lora_alpha=lora_alpha)
+    n_src = len(sd)
+    del sd
+    with torch.device("meta"):  # the layout is checked against the model itself, not only the table
+        AvatarDiT(cfg).load_state_dict(dit, strict=True, assign=True)
+    wan = load_wan_vae(vae)
+    if wan.config.z_dim != cfg.latent_channels:
+        raise ConversionError(f"{Path(vae).name}: the VAE has {wan.config.z_dim} latent channels, {name} "
+                              f"takes {cfg.latent_channels}")
+    w2v = Wav2VecFeatures.from_folder(wav2vec)
+    if w2v.feature_dim != cfg.audio_feature_dim:
+        raise ConversionError(f"{wav2vec}: wav2vec2 gives {w2v.feature_dim} features per video frame, {name}'s "
+                              f"audio_proj.proj takes {cfg.frames_per_latent} x {cfg.audio_feature_dim}")
+    ctx = load_context(context, text_len=cfg.text_len, text_dim=cfg.text_dim)
+    meta = {"source": {"student": str(Path(student).resolve()), "generator_key": which, "vae": str(Path(vae).resolve()),
+                       "wav2vec": str(Path(wav2vec).resolve()), "context": str(Path(context).resolve())},
+            "lora_alpha": lora_alpha}
+    size = save_published(out, dit, cfg, published_stream(), wan, w2v, ctx, meta, dtype)
+    return ConvertReport(Path(out), cfg, which, n_src, sum(v.numel() for v in dit.values()), size)

@@ -1,4 +1,4 @@
-"""The `avatarforcing` command: serve, demo, bench, drain, train, eval."""
+"""The `avatarforcing` command: serve, demo, bench, drain, train, eval, convert, encode-prompt."""
 
 from __future__ import annotations
 
@@ -183,6 +183,28 @@ def cmd_encode_prompt(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(a: argparse.Namespace) -> int:
+    """The published AvatarForcing files -> one checkpoint of this project (`serve --checkpoint` loads it)."""
+    import torch
+
+    from avatarforcing.published import convert, parse_resolution
+
+    try:
+        ema = {"auto": None, "ema": True, "raw": False}[a.weights]
+        rep = convert(a.student, a.vae, a.wav2vec, a.context, a.out, ema=ema, heads=a.heads, lora_alpha=a.lora_alpha,
+                      resolution=parse_resolution(a.resolution),
+                      dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype])
+    except (ValueError, OSError) as e:  # one actionable line naming the file and key, no traceback
+        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"avatarforcing convert: error: {line}", file=sys.stderr)
+        return 2
+    c = rep.model_cfg
+    print(f"{rep.out}: {c.name} {c.layers} layers x {c.dim} ({rep.parameters / 1e9:.2f} B parameters, LoRA merged) "
+          f"from {rep.source_keys} keys of {rep.generator_key}, {c.height}x{c.width}, {a.dtype}, "
+          f"{rep.bytes / 2**30:.2f} GiB; serve it with `avatarforcing serve --checkpoint {rep.out}`")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:2] == ["bench", "--gpu"]:  # the GPU benchmark has its own options (`avatarforcing bench --gpu -h`)
@@ -249,6 +271,21 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--out", default=None, type=Path, help="also write the report as JSON")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(fn=cmd_eval)
+    cv = sub.add_parser("convert", help="the published AvatarForcing files -> one checkpoint `serve` loads")
+    cv.add_argument("--student", required=True, type=Path, help="lycui/AvatarForcing model.pt (the DMD student)")
+    cv.add_argument("--vae", required=True, type=Path, help="Wan2.1-T2V-1.3B/Wan2.1_VAE.pth")
+    cv.add_argument("--wav2vec", required=True, type=Path, help="facebook/wav2vec2-base-960h folder (transformers)")
+    cv.add_argument("--context", required=True, type=Path,
+                    help="default text context (a file from `avatarforcing encode-prompt`)")
+    cv.add_argument("--out", required=True, type=Path, help="the checkpoint to write (.safetensors)")
+    cv.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],
+                    help="generator_ema (ema), generator (raw), or auto: the EMA where present")
+    cv.add_argument("--resolution", default="480x832", help="HEIGHTxWIDTH: 480x832 (default) or 832x480")
+    cv.add_argument("--heads", type=int, default=None, help="attention heads (default: width / 128, as Wan's)")
+    cv.add_argument("--lora-alpha", type=float, default=64.0, help="LoRA alpha (published: 64 with rank 128)")
+    cv.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="stored precision (default bfloat16, what a GPU serves)")
+    cv.set_defaults(fn=cmd_convert)
     dr = sub.add_parser("drain", help="drain a replica: health NOT_SERVING, no new sessions, live ones move on")
     dr.add_argument("--target", default="127.0.0.1:50051", help="the replica (default 127.0.0.1:50051)")
     dr.add_argument("--deadline", type=float, default=None,

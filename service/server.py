@@ -288,7 +288,7 @@ class App:
         self.engine = StreamEngine(self.loaded.model, self.loaded.vae, self.loaded.stream_cfg,
                                    max_sessions=cfg.max_sessions, device=device, dtype=dtype,
                                    compile=cfg.resolved_compile(), cuda_graphs=cfg.cuda_graphs,
-                                   attention=cfg.attention)
+                                   attention=cfg.attention, audio=self.loaded.audio, context=self.loaded.context)
         self.metrics = Metrics()
         self.metrics.sessions_capacity.set(cfg.max_sessions)
         self.metrics.slot_bytes.set(self.engine.slot_bytes())

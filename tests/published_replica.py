@@ -109,3 +109,50 @@ def student_state(m: nn.Module) -> dict[str, torch.Tensor]:
 def write_student(path: Path, m: nn.Module, key: str = "generator", dtype: torch.dtype = torch.float32) -> Path:
     torch.save({key: {k: v.to(dtype) for k, v in student_state(m).items()}}, path)
     return path
+
+
+# ---- the other published files, tiny -------------------------------------------------------------------
+TINY_W2V = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)  # 32*(2+2) = 128
+
+
+def write_vae(path: Path, seed: int = 0, dim: int = 8) -> Path:
+    """A Wan2.1_VAE.pth of Wan's keys (avatarforcing.wan_vae's module has exactly them: tests/test_wan_vae.py
+    proves that against diffusers' conversion), random weights, smaller width."""
+    from avatarforcing.wan_vae import WanVAE, WanVAEConfig
+
+    torch.manual_seed(seed)
+    vae = WanVAE(WanVAEConfig(dim=dim))
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    torch.save(vae.state_dict(), path)
+    return path
+
+
+def write_wav2vec(folder: Path, seed: int = 0) -> Path:
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    torch.manual_seed(seed)
+    Wav2Vec2Model(Wav2Vec2Config(**TINY_W2V)).save_pretrained(folder)  # type: ignore[arg-type]
+    return folder
+
+
+def write_context(path: Path, text_dim: int = TINY["text_dim"], tokens: int = 9, seed: int = 0) -> Path:
+    from avatarforcing.text_context import save_context
+
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.zeros(512, text_dim)
+    ctx[:tokens] = torch.randn(tokens, text_dim, generator=g)
+    save_context(path, ctx, "a person talking", tokens)
+    return path
+
+
+def write_published(folder: Path, seed: int = 0, key: str = "generator_ema") -> dict[str, Path]:
+    """The four inputs of `avatarforcing convert`, tiny, in the published layouts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"student": write_student(folder / "model.pt", tiny_student(seed), key=key),
+            "vae": write_vae(folder / "Wan2.1_VAE.pth", seed),
+            "wav2vec": write_wav2vec(folder / "wav2vec2-base-960h", seed),
+            "context": write_context(folder / "prompt.safetensors", seed=seed)}

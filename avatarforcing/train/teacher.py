@@ -68,6 +68,7 @@ def clip_audio_tokens(model: AvatarDiT, audio: torch.Tensor, clip_idx: Sequence[
     """Audio tokens [n, n_latent, a] of clips ``clip_idx`` from latent frame ``starts``."""
     cfg = model.cfg
     k, spf = cfg.frames_per_latent, cfg.samples_per_frame
+    assert model.audio_frontend is not None, "the trainer trains log-mel models"
     ctx = model.audio_frontend.context
     pcm = torch.cat([segment_pcm(audio[i:i + 1], s * k, n_latent * k, spf, ctx) for i, s in zip(clip_idx, starts,
                                                                                                 strict=True)])
