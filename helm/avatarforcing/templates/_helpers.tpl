@@ -96,6 +96,25 @@ app.kubernetes.io/part-of: avatarforcing
 {{- add (int .Values.shutdown.preStopSleepSeconds) (int (ceil .Values.server.graceS)) (int .Values.shutdown.marginSeconds) }}
 {{- end }}
 
+{{/* The checkpoint passed as AVATARFORCING_CHECKPOINT ("" when none: the embedded default). */}}
+{{- define "avatarforcing.checkpoint" -}}
+{{- .Values.model.checkpoint | default .Values.server.checkpoint }}
+{{- end }}
+
+{{/* The preset passed as AVATARFORCING_PRESET. */}}
+{{- define "avatarforcing.preset" -}}
+{{- .Values.model.preset | default .Values.server.preset }}
+{{- end }}
+
+{{/* The volume source of model.volume (the Pod volume "model"); a claim is attached read-only. */}}
+{{- define "avatarforcing.modelVolumeSource" -}}
+{{- $source := deepCopy .Values.model.volume }}
+{{- if hasKey $source "persistentVolumeClaim" }}
+{{- $_ := set $source.persistentVolumeClaim "readOnly" true }}
+{{- end }}
+{{- toYaml $source }}
+{{- end }}
+
 {{/* Cross-field checks that JSON Schema cannot express clearly; each fails with a message. */}}
 {{- define "avatarforcing.validate" -}}
 {{- if and (not .Values.gpu.enabled) (hasPrefix "cuda" .Values.server.device) }}
@@ -112,5 +131,19 @@ app.kubernetes.io/part-of: avatarforcing
 {{- end }}
 {{- if and .Values.auth.enabled (not .Values.auth.existingSecret) (not .Values.auth.tokens) }}
 {{- fail "auth.enabled needs auth.existingSecret or at least one entry in auth.tokens" }}
+{{- end }}
+{{- if and .Values.model.checkpoint .Values.server.checkpoint (ne .Values.model.checkpoint .Values.server.checkpoint) }}
+{{- fail (printf "model.checkpoint=%s and server.checkpoint=%s disagree: set model.checkpoint only" .Values.model.checkpoint .Values.server.checkpoint) }}
+{{- end }}
+{{- if hasKey .Values.model.volume "name" }}
+{{- fail "model.volume is a volume source (e.g. persistentVolumeClaim: {claimName: ...}) without a name: the chart names the volume \"model\"" }}
+{{- end }}
+{{- $mount := trimSuffix "/" .Values.model.mountPath }}
+{{- if or (eq $mount "/tmp") (hasPrefix "/tmp/" $mount) (eq $mount "/etc/avatarforcing") (hasPrefix "/etc/avatarforcing/" $mount) }}
+{{- fail (printf "model.mountPath=%s collides with the chart's own mounts (/tmp, /etc/avatarforcing): use e.g. /models" .Values.model.mountPath) }}
+{{- end }}
+{{- $checkpoint := include "avatarforcing.checkpoint" . }}
+{{- if and .Values.model.volume $checkpoint (not (hasPrefix (printf "%s/" (trimSuffix "/" .Values.model.mountPath)) $checkpoint)) }}
+{{- fail (printf "the checkpoint %s is not under model.mountPath=%s, where model.volume is mounted: set model.checkpoint to %s/<file>" $checkpoint .Values.model.mountPath (trimSuffix "/" .Values.model.mountPath)) }}
 {{- end }}
 {{- end }}
