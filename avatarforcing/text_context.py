@@ -19,8 +19,8 @@ The encoder is read with transformers' ``UMT5EncoderModel``, from either
   - Wan's own encoder file ``models_t5_umt5-xxl-enc-bf16.pth`` (in Wan2.1-T2V-1.3B), given as the file
     or as a folder that holds it; its keys are mapped onto ``UMT5EncoderModel`` and the sizes read from
     the weights (``wan_umt5_to_transformers``).
-The tokenizer (google/umt5-xxl's) is read with ``AutoTokenizer`` from the encoder's folder or from
-``tokenizer_dir`` (in Wan2.1-T2V-1.3B: ``google/umt5-xxl/``).
+The tokenizer (google/umt5-xxl's) is read with ``AutoTokenizer`` from ``tokenizer_dir``, else from the
+encoder's folder, else from ``google/umt5-xxl/`` beside Wan's encoder file (Wan2.1-T2V-1.3B's layout).
 """
 
 from __future__ import annotations
@@ -222,6 +222,17 @@ def load_umt5_encoder(umt5: str | os.PathLike[str], *, device: str | torch.devic
     return model.eval().requires_grad_(False)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
+
+
+def _find_tokenizer(folder: Path) -> Path:
+    """The encoder's folder, or Wan2.1-T2V-1.3B's google/umt5-xxl beside its encoder file."""
+    for cand in (folder, folder / "google" / "umt5-xxl"):
+        if any((cand / f).is_file() for f in _TOKENIZER_FILES):
+            return cand
+    return folder
+
+
 def load_umt5_tokenizer(folder: str | os.PathLike[str]) -> Any:
     """``AutoTokenizer`` of google/umt5-xxl (or any tokenizer with a pad token) from a local folder."""
     from transformers import AutoTokenizer
@@ -255,7 +266,7 @@ class PromptEncoder:
             raise ContextError(f"{path}: no such file or folder (the umT5 encoder: a transformers folder of "
                                f"google/umt5-xxl, or Wan's {WAN_UMT5_FILE})")
         if tokenizer_dir is None:
-            tokenizer_dir = path if path.is_dir() else path.parent
+            tokenizer_dir = _find_tokenizer(path if path.is_dir() else path.parent)
         self.tokenizer = load_umt5_tokenizer(tokenizer_dir)
         self.model = load_umt5_encoder(path, device=device, dtype=dtype)
         self.text_len = text_len

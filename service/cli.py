@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="umT5 encoder: a transformers folder (google/umt5-xxl) or Wan's "
                          "models_t5_umt5-xxl-enc-bf16.pth (or its folder)")
     ep.add_argument("--tokenizer", default=None, type=Path,
-                    help="google/umt5-xxl tokenizer folder (default: the --umt5 folder)")
+                    help="google/umt5-xxl tokenizer folder (default: the --umt5 folder, or google/umt5-xxl beside "
+                         "Wan's encoder file)")
     src = ep.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", default=None, help="the prompt: a description of the person")
     src.add_argument("--prompt-file", default=None, type=Path, help="read the prompt from this UTF-8 file")

@@ -145,6 +145,10 @@ def test_wan_encoder_file_maps_onto_the_same_model(umt5_dir: Path, tmp_path: Pat
     for source in (wan_dir, wan_dir / "models_t5_umt5-xxl-enc-bf16.pth"):
         got = encode_prompt(source, PROMPT, text_len=TEXT_LEN, tokenizer_dir=umt5_dir)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # Wan2.1-T2V-1.3B's layout: the tokenizer in google/umt5-xxl beside the encoder file is found
+    _tokenizer(wan_dir / "google" / "umt5-xxl")
+    got = encode_prompt(wan_dir / "models_t5_umt5-xxl-enc-bf16.pth", PROMPT, text_len=TEXT_LEN)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     del wan["blocks.1.ffn.fc2.weight"]
     torch.save(wan, wan_dir / "models_t5_umt5-xxl-enc-bf16.pth")
     with pytest.raises(ValueError) as e:
