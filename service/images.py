@@ -6,7 +6,10 @@ import io
 import warnings
 
 import numpy as np
+import structlog
 from PIL import Image
+
+log = structlog.get_logger("avatarforcing.images")
 
 ALLOWED_FORMATS = ("PNG", "JPEG")
 
@@ -46,5 +49,9 @@ def load_reference_image(data: bytes, width: int, height: int, *, max_bytes: int
     else:
         ch = round(w / target)
         box = (0, (h - ch) // 2, w, (h - ch) // 2 + ch)
+    if (box[2] - box[0], box[3] - box[1]) != (w, h) or (w, h) != (width, height):
+        log.info("reference image fitted to the model", source=f"{w}x{h}",
+                 cropped_to=f"{box[2] - box[0]}x{box[3] - box[1]} (centre, the model's aspect)",
+                 resized_to=f"{width}x{height}")
     img = img.crop(box).resize((width, height), Image.Resampling.LANCZOS)
     return np.asarray(img, dtype=np.uint8).copy()

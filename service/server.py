@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from avatarforcing import AnchorState, NoFreeSlotError, StreamEngine
 from avatarforcing.checkpoint import LoadedModel, drift_floor, load_default
 from avatarforcing.model import count_parameters
+from avatarforcing.text_context import load_context
 from avatarforcing_client.v1 import avatarforcing_pb2 as pb
 from avatarforcing_client.v1 import avatarforcing_pb2_grpc as pb_grpc
 
@@ -118,11 +119,12 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
                              context: grpc.aio.ServicerContext) -> pb.RegisterAvatarResponse:
         tenant = self._tenant(context)
         try:
-            avatar = await self.app.avatar_from_image(request.image, request.name, tenant.name)
+            avatar = await self.app.avatar_from_image(request.image, request.name, tenant.name,
+                                                      text_context=request.text_context)
         except (ImageError, ValueError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         # Other replicas load the avatar from the routing store when a session names it (resume).
-        await self.app.router.put_avatar(avatar.id, tenant.name, request.image)
+        await self.app.router.put_avatar(avatar.id, tenant.name, request.image, request.text_context)
         c = self.app.engine.cfg
         return pb.RegisterAvatarResponse(avatar_id=avatar.id, width=c.width, height=c.height)
 
@@ -328,7 +330,8 @@ class App:
         self.scheduler = Scheduler(self.engine, self.metrics, max_batch=self.cfg.max_batch, drift_floor=floor)
         self.scheduler.start()
         self.server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", self.cfg.max_image_bytes + 1024 * 1024),
+            # An image and (RegisterAvatar) a float32 text context file of up to 16 MiB.
+            ("grpc.max_receive_message_length", self.cfg.max_image_bytes + 17 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ], interceptors=[AuthInterceptor(self.tokens)] if self.tokens.enabled else None)
         pb_grpc.add_AvatarForcingServicer_to_server(AvatarForcingServicer(self), self.server)
@@ -467,15 +470,22 @@ class App:
         return e.frames_per_block * (e.L - 1) / e.cfg.fps * 1000
 
     async def avatar_from_image(self, data: bytes, name: str = "", tenant: str = DEFAULT_TENANT,
-                                avatar_id: str | None = None) -> Avatar:
-        digest = hashlib.sha256(data).hexdigest()
+                                avatar_id: str | None = None, text_context: bytes = b"") -> Avatar:
+        """The avatar of a face (and, for a model with a text context, of a prompt's context file)."""
+        digest = hashlib.sha256(data + b"\0" + hashlib.sha256(text_context).digest()).hexdigest()
         known = self.avatars.by_digest(digest, tenant)
         if known is not None and avatar_id in (None, known.id):
             return known
         c = self.engine.cfg
+        ctx = None
+        if text_context:
+            if not self.engine.per_slot_text:
+                raise ValueError(f"this server's model ({c.name}) has no text prompt: register the avatar "
+                                 "without text_context")
+            ctx = load_context(text_context, text_len=c.text_len, text_dim=c.text_dim, name="the uploaded context")
         img = load_reference_image(data, c.width, c.height, max_bytes=self.cfg.max_image_bytes,
                                    max_pixels=self.cfg.max_image_pixels)
-        anchor = await self.scheduler.in_engine(self.engine.prepare_anchor, img)
+        anchor = await self.scheduler.in_engine(self.engine.prepare_anchor, img, ctx)
         avatar = self.avatars.add(name, anchor, digest, tenant, avatar_id)
         log.info("avatar registered", avatar_id=avatar.id, name=name, tenant=tenant)
         return avatar
@@ -511,11 +521,12 @@ class App:
         if ref == "avatar_id":
             avatar = self.avatars.get(sc.avatar_id, tenant.name)
             if avatar is None:  # registered on another replica: its image is in the routing store
-                image = await self.router.get_avatar(sc.avatar_id, tenant.name)
-                if image is not None:
+                stored = await self.router.get_avatar(sc.avatar_id, tenant.name)
+                if stored is not None:
                     try:
-                        avatar = await self.avatar_from_image(image, "", tenant.name, sc.avatar_id)
-                    except ImageError as e:
+                        avatar = await self.avatar_from_image(stored[0], "", tenant.name, sc.avatar_id,
+                                                              text_context=stored[1])
+                    except ValueError as e:  # ImageError, or a context this model cannot take
                         raise SessionFailure(grpc.StatusCode.INTERNAL, f"stored avatar is unusable: {e}") from None
             if avatar is None:
                 raise SessionFailure(grpc.StatusCode.NOT_FOUND,

@@ -180,7 +180,9 @@ class Session:
                 return False  # backpressure
             if self.audio.has_full_block():
                 return True
-            return self._flushing() and self._drain_needed() and self.last_real_block >= 0
+            # Flushing: a partial block (an utterance shorter than a block included), then the window.
+            return self._flushing() and (self.audio.buffered > 0 or
+                                         (self._drain_needed() and self.last_real_block >= 0))
         d = self.deadline()
         if now >= d - horizon:
             return True

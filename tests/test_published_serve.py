@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -154,3 +156,51 @@ async def test_converted_checkpoint_serves_a_session_over_grpc(published: tuple[
     finally:
         await app.stop(grace=0.2)
     await asyncio.sleep(0)
+
+
+async def test_register_avatar_with_its_own_text_context(published: tuple[dict[str, Path], Path],
+                                                         tmp_path: Path) -> None:
+    from avatarforcing_client import AvatarForcingClient
+    from tests.published_replica import write_context
+
+    _, out = published
+    app = App(ServerConfig(checkpoint=str(out), port=0, metrics_port=-1, max_sessions=2, grace_s=0.5))
+    await app.start()
+    try:
+        face = png_bytes(300, 160)
+        own = write_context(tmp_path / "own.safetensors", seed=7).read_bytes()
+        async with AvatarForcingClient(f"127.0.0.1:{app.port}") as client:
+            plain = await client.register_avatar(face, "default prompt")
+            prompted = await client.register_avatar(face, "own prompt", text_context=own)
+            assert prompted != plain  # the same face with another prompt is another avatar
+            a, b = app.avatars.get(plain), app.avatars.get(prompted)
+            assert a is not None and b is not None
+            assert a.anchor.cross_k is None and b.anchor.cross_k is not None
+            assert not torch.allclose(a.anchor.k, b.anchor.k)  # the prompt reaches the anchor
+            resps = await collect(app, gen([pb.StreamRequest(config=pb.SessionConfig(
+                avatar_id=prompted, pacing=pb.PACING_ASAP, video_encoding=pb.VIDEO_ENCODING_RAW_RGB24,
+                audio_format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_PCM16LE, sample_rate_hz=16000, channels=1))),
+                *audio_reqs(speechlike_pcm(0.5), 16000), EOA]))
+            assert kinds(resps)[-1] == "end" and sum(r.HasField("frame") for r in resps) == 16, resps[-1]
+            wrong = write_context(tmp_path / "wrong.safetensors", text_dim=32).read_bytes()
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await client.register_avatar(face, text_context=wrong)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "the uploaded context" in (e.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await client.register_avatar(face, text_context=b"not a context file")
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await app.stop(grace=0.2)
+
+
+async def test_text_context_refused_by_a_model_without_text(make_app: Callable[..., Any], tmp_path: Path) -> None:
+    from avatarforcing_client import AvatarForcingClient
+    from tests.published_replica import write_context
+
+    app = await make_app()
+    async with AvatarForcingClient(f"127.0.0.1:{app.port}") as client:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await client.register_avatar(png_bytes(), text_context=write_context(tmp_path / "c.st").read_bytes())
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "has no text prompt" in (e.value.details() or "")

@@ -110,6 +110,18 @@ async def test_every_encoding_end_to_end(make_app: AppFactory, png: bytes, enc: 
     await wait_free(app)
 
 
+async def test_asap_utterance_shorter_than_a_block_is_rendered(make_app: AppFactory, png: bytes) -> None:
+    """Regression: 60 ms of speech (under one 160-ms block) with EndOfAudio renders one block and ends,
+    instead of waiting for a full block until the idle timeout."""
+    app = await make_app()
+    pcm = speechlike_pcm(0.06)
+    resps = await asyncio.wait_for(collect(app, gen([cfg(png), *audio_reqs(pcm, 16000), EOA])), 30)
+    assert kinds(resps)[-1] == "end" and resps[-1].end.reason == pb.END_REASON_END_OF_AUDIO
+    assert sum(r.HasField("frame") for r in resps) == FPB
+    outs = [r.audio for r in resps if r.HasField("audio")]
+    assert sum(a.real_samples for a in outs) == len(pcm)
+
+
 @pytest.mark.parametrize("rate", [8000, 24000, 48000])
 async def test_sample_rates_are_resampled_and_audio_returned_at_input_rate(make_app: AppFactory, png: bytes,
                                                                            rate: int) -> None:

@@ -183,10 +183,12 @@ class Router(abc.ABC):
         """The session's stream ended on this node: deleted, or kept ``detached`` for resuming."""
 
     # ---- avatars ---------------------------------------------------------------------------------
-    async def put_avatar(self, avatar_id: str, tenant: str, image: bytes) -> None:  # noqa: B027
-        """Makes a registered avatar's image reachable from other replicas (no-op on one node)."""
+    async def put_avatar(self, avatar_id: str, tenant: str, image: bytes,  # noqa: B027
+                         text_context: bytes = b"") -> None:
+        """Makes a registered avatar's image (and text context) reachable from other replicas (no-op on one node)."""
 
-    async def get_avatar(self, avatar_id: str, tenant: str) -> bytes | None:
+    async def get_avatar(self, avatar_id: str, tenant: str) -> tuple[bytes, bytes] | None:
+        """(image, text context or b"") of an avatar registered on any replica."""
         return None
 
     # ---- helpers ---------------------------------------------------------------------------------

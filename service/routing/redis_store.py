@@ -437,27 +437,31 @@ class RedisRouter(Router):
             self._down(e)
 
     # ---- avatars ---------------------------------------------------------------------------------
-    async def put_avatar(self, avatar_id: str, tenant: str, image: bytes) -> None:
+    async def put_avatar(self, avatar_id: str, tenant: str, image: bytes, text_context: bytes = b"") -> None:
         key = self._k("avatar", avatar_id)
         try:
             async with self.r.pipeline(transaction=True) as pipe:
-                pipe.hset(key, mapping={"tenant": tenant, "image": image})
+                pipe.hset(key, mapping={"tenant": tenant, "image": image, "context": text_context})
                 pipe.pexpire(key, int(self.avatar_ttl_s * 1000))
                 await pipe.execute()
         except RedisError as e:
             self._down(e)
 
-    async def get_avatar(self, avatar_id: str, tenant: str) -> bytes | None:
+    async def get_avatar(self, avatar_id: str, tenant: str) -> tuple[bytes, bytes] | None:
         key = self._k("avatar", avatar_id)
         try:
-            t, img = await self.r.hmget(key, ["tenant", "image"])
+            t, img, ctx = await self.r.hmget(key, ["tenant", "image", "context"])
             if img is None or _s(t) != tenant:
                 return None
             await self.r.pexpire(key, int(self.avatar_ttl_s * 1000))
-            return img if isinstance(img, bytes) else img.encode()
+            return _b(img), _b(ctx or b"")
         except RedisError as e:
             self._down(e)
             return None
+
+
+def _b(v: bytes | str) -> bytes:
+    return v if isinstance(v, bytes) else v.encode()
 
 
 __all__ = ["RedisRouter", "NotOwner"]

@@ -1421,7 +1421,12 @@ type RegisterAvatarRequest struct {
 	// A PNG or JPEG image of the face.
 	Image []byte `protobuf:"bytes,1,opt,name=image,proto3" json:"image,omitempty"`
 	// Optional display name, kept for GetServerInfo and logs.
-	Name          string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// Optional, for a model that cross-attends to a text prompt (the published AvatarForcing model): a text
+	// context file written by `avatarforcing encode-prompt` (safetensors, umT5 output of a prompt that
+	// describes this person). Sessions on this avatar attend to it instead of the checkpoint's default.
+	// A model without text conditioning answers INVALID_ARGUMENT.
+	TextContext   []byte `protobuf:"bytes,3,opt,name=text_context,json=textContext,proto3" json:"text_context,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1468,6 +1473,13 @@ func (x *RegisterAvatarRequest) GetName() string {
 		return x.Name
 	}
 	return ""
+}
+
+func (x *RegisterAvatarRequest) GetTextContext() []byte {
+	if x != nil {
+		return x.TextContext
+	}
+	return nil
 }
 
 type RegisterAvatarResponse struct {
@@ -2279,10 +2291,11 @@ const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"\x05audio\x18\x03 \x01(\v2\x1a.avatarforcing.v1.AudioOutH\x00R\x05audio\x12/\n" +
 	"\x05stats\x18\x04 \x01(\v2\x17.avatarforcing.v1.StatsH\x00R\x05stats\x12)\n" +
 	"\x03end\x18\x05 \x01(\v2\x15.avatarforcing.v1.EndH\x00R\x03endB\t\n" +
-	"\amessage\"A\n" +
+	"\amessage\"d\n" +
 	"\x15RegisterAvatarRequest\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\fR\x05image\x12\x12\n" +
-	"\x04name\x18\x02 \x01(\tR\x04name\"c\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12!\n" +
+	"\ftext_context\x18\x03 \x01(\fR\vtextContext\"c\n" +
 	"\x16RegisterAvatarResponse\x12\x1b\n" +
 	"\tavatar_id\x18\x01 \x01(\tR\bavatarId\x12\x14\n" +
 	"\x05width\x18\x02 \x01(\rR\x05width\x12\x16\n" +

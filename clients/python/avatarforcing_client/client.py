@@ -239,17 +239,21 @@ class AvatarForcingClient:
         )
         return info
 
-    async def register_avatar(self, image: bytes, name: str = "", *, timeout: float | None = None) -> str:
+    async def register_avatar(self, image: bytes, name: str = "", *, text_context: bytes = b"",
+                              timeout: float | None = None) -> str:
         """Upload a PNG/JPEG reference image once and return its ``avatar_id``.
 
         The id can then be passed to :meth:`session` instead of the image, which saves
         re-uploading it and recomputing the avatar's style anchor for every session.
+        ``text_context``: for a server running the published model, the bytes of a context file
+        from ``avatarforcing encode-prompt`` (a prompt describing this person); sessions on the
+        avatar attend to it instead of the server's default prompt.
         """
         if not isinstance(image, bytes | bytearray | memoryview) or len(image) == 0:
             raise ValueError("image must be non-empty PNG or JPEG bytes")
         stub = self._ensure_stub()
         resp: pb.RegisterAvatarResponse = await stub.RegisterAvatar(
-            pb.RegisterAvatarRequest(image=bytes(image), name=name),
+            pb.RegisterAvatarRequest(image=bytes(image), name=name, text_context=bytes(text_context)),
             metadata=self._metadata,
             timeout=timeout,
         )

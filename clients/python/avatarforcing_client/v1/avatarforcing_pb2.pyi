@@ -232,12 +232,14 @@ class StreamResponse(_message.Message):
     def __init__(self, started: _Optional[_Union[SessionStarted, _Mapping]] = ..., frame: _Optional[_Union[VideoFrame, _Mapping]] = ..., audio: _Optional[_Union[AudioOut, _Mapping]] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ...) -> None: ...
 
 class RegisterAvatarRequest(_message.Message):
-    __slots__ = ("image", "name")
+    __slots__ = ("image", "name", "text_context")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    TEXT_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     name: str
-    def __init__(self, image: _Optional[bytes] = ..., name: _Optional[str] = ...) -> None: ...
+    text_context: bytes
+    def __init__(self, image: _Optional[bytes] = ..., name: _Optional[str] = ..., text_context: _Optional[bytes] = ...) -> None: ...
 
 class RegisterAvatarResponse(_message.Message):
     __slots__ = ("avatar_id", "width", "height")
