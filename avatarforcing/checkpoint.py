@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -166,6 +167,24 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     model.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("dit.")})
     vae.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("vae.")})
     return LoadedModel(model, vae, mcfg, scfg, trained=True, source=str(path), meta=json.loads(md.get("meta", "{}")))
+
+
+def choose_decoder(lm: LoadedModel, choice: str) -> TinyAutoencoder | None:
+    """The decoder to run instead of the checkpoint's own autoencoder (None: its own).
+
+    ``choice``: "auto" or "wan" (the checkpoint's: Wan's VAE for a converted one) or "tiny" (the project's
+    small decoder at the model's sizes: a fraction of Wan's decode time and no per-session cache, but it
+    has to be trained for Wan's latents; without weights in the checkpoint it is random and says so)."""
+    if choice in ("auto", "wan"):
+        if choice == "wan" and not isinstance(lm.vae, WanVAE):
+            raise ValueError(f"{lm.source}: has no Wan VAE (decoder 'wan' needs a converted published checkpoint)")
+        return None
+    if not isinstance(lm.vae, WanVAE):
+        return None  # the project's own models already decode with the small autoencoder
+    dec = TinyAutoencoder(dataclasses.replace(lm.model_cfg, latent_channels=lm.vae.config.z_dim))
+    log.warning("decoder 'tiny' for %s: no trained small decoder for Wan's latents ships with it, so it is "
+                "randomly initialised: frames show noise (use it to measure time and memory only)", lm.source)
+    return dec
 
 
 def random_init(preset: str = "tiny", stream_cfg: StreamConfig | None = None, seed: int = 0) -> LoadedModel:

@@ -156,6 +156,12 @@ class StreamConfig:
     num_train_steps: int = 1000
     shift: float = 5.0
     history_frames: int = 2  # clean latent frames kept as the temporal anchor
+    # RoPE positions. "relative" (ours): the anchor sits just before the history, the history just before
+    # the window, in every pass, so a stream runs for hours at constant cost. "reference": the published
+    # code's positions, for comparison: the anchor just before the first cached frame in a window pass, but
+    # at absolute position 0 in the clean-block pass (its distance grows with the stream, and the
+    # reference's 1,024-entry table ends after about 163 s).
+    positions: Literal["relative", "reference"] = "relative"
 
     def __post_init__(self) -> None:
         _check(self.mode in ("avatarforcing", "ar"), f"unknown stream mode {self.mode!r}")
@@ -166,6 +172,7 @@ class StreamConfig:
         _check(self.level_steps[-1] == self.num_train_steps, "the newest slot must be pure noise")
         _check(self.level_steps[0] > 0, "the oldest slot must still carry noise (it is denoised this step)")
         _check(self.history_frames >= 0, "history_frames >= 0")
+        _check(self.positions in ("relative", "reference"), f"positions {self.positions!r}: relative | reference")
         if self.mode == "ar":
             _check(self.window_blocks == 1, "mode 'ar' uses a window of one block (no local future)")
 
@@ -208,7 +215,7 @@ PRESETS: dict[str, ModelConfig] = {
         name="avatarforcing-1.3b", height=480, width=832, latent_channels=16, dim=1536, layers=30, heads=12,
         ffn_dim=8960, text_dim=4096, text_len=512, audio_feature_dim=14 * 768, audio_token_dim=32,
         audio_layers=(1, 15), audio_source="wav2vec2", anchor_audio="zero_features", text_context="external",
-        vae="wan",
+        vae="wan", vae_channels=(128, 256, 512),  # vae_channels: the small decoder (`serve --decoder tiny`)
     ),
 }
 

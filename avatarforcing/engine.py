@@ -96,10 +96,12 @@ class StreamEngine:
     def __init__(self, model: AvatarDiT, vae: Autoencoder, stream: StreamConfig, *, max_sessions: int,
                  device: str | torch.device = "cpu", dtype: str = "float32", compile: bool = False,
                  cuda_graphs: bool = False, attention: str = "auto", audio: Wav2VecFeatures | None = None,
-                 context: torch.Tensor | None = None, audio_context_s: float | None = None) -> None:
+                 context: torch.Tensor | None = None, audio_context_s: float | None = None,
+                 decoder: TinyAutoencoder | None = None) -> None:
         """``audio``: the wav2vec2 features of a model whose ``audio_source`` is wav2vec2, run on a sliding
         window of ``audio_context_s`` seconds before each block (default ``wav2vec.DEFAULT_CONTEXT_S``);
-        ``context``: the default umT5 text context [text_len, text_dim] of a model with an external one."""
+        ``context``: the default umT5 text context [text_len, text_dim] of a model with an external one;
+        ``decoder``: a small autoencoder that decodes instead of ``vae`` (which then only encodes references)."""
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         if attention not in attention_kernels.BACKENDS:
@@ -118,7 +120,10 @@ class StreamEngine:
             raise ValueError(f"a model with audio_source {model.cfg.audio_source!r} "
                              + ("needs" if audio is None else "takes no") + " wav2vec2 features")
         self.w2v = audio.to(self.device, self.dtype).eval() if audio is not None else None
-        self.streamed_decode = isinstance(vae, WanVAE)
+        self.decoder = decoder.to(self.device, self.dtype).eval() if decoder is not None else None
+        if self.decoder is not None and self.cuda:
+            self.decoder.to(memory_format=torch.channels_last)
+        self.streamed_decode = isinstance(vae, WanVAE) and decoder is None
         if self.cuda:
             self.vae.to(memory_format=torch.channels_last)
         self.compiled = compile
@@ -165,7 +170,8 @@ class StreamEngine:
         self.cross_v = torch.zeros(cross_shape, device=dev, dtype=dt)
         # Wan's causal decoder carries the last two frames of each causal convolution's input per stream.
         self.dec_cache: list[torch.Tensor] = []
-        if isinstance(vae, WanVAE):
+        if self.streamed_decode:
+            assert isinstance(vae, WanVAE)
             self.dec_cache = vae.init_decoder_cache(S, lh, lw, dev, dt)
         self._allocated = [False] * S
         self._steps = [0] * S
@@ -173,6 +179,10 @@ class StreamEngine:
         # ---- fixed tables ------------------------------------------------------------------
         self.rope_anchor = RopeTable(c, [0], dev, dt)
         self.rope_prefix = RopeTable(c, list(range(0, H + 1)), dev, dt)
+        self.rope_history = RopeTable(c, list(range(1, H + 1)), dev, dt)
+        self._anchor_ropes: dict[int, RopeTable] = {}  # positions="reference": the anchor at each offset
+        if stream.positions == "reference" and cuda_graphs:
+            raise ValueError("positions='reference' moves the anchor every step: it runs without CUDA graphs")
         self.rope_window = RopeTable(c, list(range(H + 1, H + 1 + L * B)), dev, dt)
         self.rope_clean = RopeTable(c, list(range(H + 1, H + 1 + B)), dev, dt)
         lv = torch.tensor(stream.levels, dtype=torch.float32, device=dev)
@@ -453,13 +463,33 @@ class StreamEngine:
             clean = g.clean
         else:
             idx = torch.tensor(list(slots), device=self.device)
+            ropes = self._reference_ropes(steps, rows) if self.stream.positions == "reference" else None
             clean = self._denoise(idx, pcm, self._noise(slots), None if len(rows) == n else rows,
-                                  None if steady else self._key_masks(slots))
+                                  None if steady else self._key_masks(slots), ropes)
             if steady and self.use_graphs and n not in self.graph_errors:
                 self._capture(n)
         for s in slots:
             self._steps[s] += 1
         return steps, rows, clean
+
+    def _reference_ropes(self, steps: list[int], rows: list[int]) -> tuple[RopeTable, RopeTable]:
+        """Per-row prefix tables of the reference's positions (``StreamConfig.positions``): (window pass, clean
+        pass of the emitting ``rows``). Relative to this engine's layout (history at 1..H, window after it):
+        in the window pass the anchor sits just before the first history frame that holds data (position
+        H - valid frames: 0 in steady state, as ours); in the clean pass it stays at the stream's absolute
+        position 0, which is H - B * (blocks emitted before) here."""
+        B, H = self.B, self.H
+
+        def table(anchor_pos: int) -> RopeTable:
+            if anchor_pos not in self._anchor_ropes:
+                self._anchor_ropes[anchor_pos] = RopeTable.cat([RopeTable(self.cfg, [anchor_pos], self.device,
+                                                                          self.dtype), self.rope_history])
+            return self._anchor_ropes[anchor_pos]
+
+        emitted = [max(k - (self.L - 1), 0) for k in steps]
+        window = RopeTable.rows([table(H - min(H, B * e)) for e in emitted])
+        clean = RopeTable.rows([table(H - B * emitted[i]) for i in rows]) if rows else window  # (unused)
+        return window, clean
 
     def _claim_ring(self) -> _RingSlot:
         """The next of the two output rings, once the step that used it last has been collected."""
@@ -471,12 +501,15 @@ class StreamEngine:
         return ring
 
     def _denoise(self, idx: torch.Tensor, pcm: torch.Tensor, noise: torch.Tensor, rows: list[int] | None,
-                 masks: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                 masks: tuple[torch.Tensor, torch.Tensor] | None,
+                 ropes: tuple[RopeTable, RopeTable] | None = None) -> torch.Tensor:
         """The device part of a step: one pass over the windows of ``idx``, the temporal anchor for the
         emitting ``rows`` (None: all), the slide. Returns the emitted clean latents [m, B, C, h, w].
 
         ``masks``: the key masks of a warm-up batch, or None (every key holds data: no mask).
+        ``ropes``: per-row prefix tables (window pass, clean pass), or None: the relative positions.
         """
+        win_rope, clean_rope = ropes if ropes is not None else (self.rope_prefix, self.rope_prefix)
         n = idx.shape[0]
         B, L = self.B, self.L
         # Audio: the new block's tokens, from its samples plus the stored left context.
@@ -494,7 +527,7 @@ class StreamEngine:
         key_mask = None if masks is None else torch.cat(masks, dim=1)
         cross = self._cross_of(idx)
         flow, _ = self.model(lat, sigma, self.ref_lat[idx], aud, self.rope_window, prefix=prefix,
-                             prefix_rope=self.rope_prefix, key_mask=key_mask, cross_kv=cross, kv_keep=0,
+                             prefix_rope=win_rope, key_mask=key_mask, cross_kv=cross, kv_keep=0,
                              compiled=self.compiled)
         x0 = lat - sigma[:, :, None, None, None].to(self.dtype) * flow
         if rows is None:
@@ -507,7 +540,7 @@ class StreamEngine:
             e_cross = self._cross_of(e_idx)
             e_mask = None if masks is None else masks[0][r]
         if clean.shape[0] > 0 and self.H > 0:
-            self._temporal_anchor(e_idx, clean, e_aud, e_prefix, e_mask, e_cross)
+            self._temporal_anchor(e_idx, clean, e_aud, e_prefix, e_mask, e_cross, clean_rope)
         # Slide: block i's x0 is re-noised (fresh noise) to level i-1 and kept for the next step.
         new_lat = torch.zeros_like(lat)
         new_lat[:, : (L - 1) * B] = (1 - self.sigma_renoise) * x0[:, B:] + self.sigma_renoise * noise[:, : (L - 1) * B]
@@ -518,6 +551,8 @@ class StreamEngine:
     def _decode(self, idx: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
         """Emitted latents [m, B, C, h, w] of slots ``idx`` -> frames [m, 4B, 3, H, W]; Wan's causal decoder
         continues each slot's own stream (its cache gathered, advanced and written back)."""
+        if self.decoder is not None:
+            return self.decoder.decode(clean)
         if not isinstance(self.vae, WanVAE):
             return self.vae.decode(clean)
         cache = [t[idx] for t in self.dec_cache]
@@ -540,7 +575,8 @@ class StreamEngine:
         return [(ck[:, i], cv[:, i]) for i in range(self.cfg.layers)]
 
     def _temporal_anchor(self, idx: torch.Tensor, clean: torch.Tensor, audio: torch.Tensor, prefix: list[Prefix],
-                         pmask: torch.Tensor | None, cross: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+                         pmask: torch.Tensor | None, cross: list[tuple[torch.Tensor, torch.Tensor]] | None,
+                         prefix_rope: RopeTable) -> None:
         """Run the emitted clean block at t = 0 and keep its last H frames' keys/values as history."""
         m = idx.shape[0]
         key_mask = None
@@ -549,7 +585,7 @@ class StreamEngine:
         sigma = torch.zeros(m, self.B, device=self.device)
         keep = self.H * self.P
         _, kvs = self.model(clean, sigma, self.ref_lat[idx], audio, self.rope_clean, prefix=prefix,
-                            prefix_rope=self.rope_prefix, key_mask=key_mask, cross_kv=cross,
+                            prefix_rope=prefix_rope, key_mask=key_mask, cross_kv=cross,
                             kv_keep=min(self.B * self.P, keep), compiled=self.compiled)
         hk = torch.stack([kv[0] for kv in kvs], dim=1)  # [m, layers, min(B, H)*P, heads, hd]
         hv = torch.stack([kv[1] for kv in kvs], dim=1)

@@ -47,15 +47,32 @@ class RopeTable:
         self.sin = ang.sin().to(device=device, dtype=tdtype)
 
     def __len__(self) -> int:
-        return self.cos.shape[0]
+        return self.cos.shape[-2]
+
+    @classmethod
+    def rows(cls, tables: list[RopeTable]) -> RopeTable:
+        """One table per batch row ([n, N, head_dim / 2]): rows whose tokens sit at different positions."""
+        t = cls.__new__(cls)
+        t.cos = torch.stack([x.cos for x in tables])
+        t.sin = torch.stack([x.sin for x in tables])
+        return t
+
+    @classmethod
+    def cat(cls, tables: list[RopeTable]) -> RopeTable:
+        """The tokens of several tables one after the other."""
+        t = cls.__new__(cls)
+        t.cos = torch.cat([x.cos for x in tables], dim=-2)
+        t.sin = torch.cat([x.sin for x in tables], dim=-2)
+        return t
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [n, N, heads, head_dim] (pairs interleaved) by a table's cos/sin [N, head_dim / 2]."""
+    """Rotate x [n, N, heads, head_dim] (pairs interleaved) by a table's cos/sin [N, head_dim / 2], or by
+    one table per row [n, N, head_dim / 2]."""
     dtype = x.dtype
     xf = x.to(cos.dtype)
     x0, x1 = xf[..., 0::2], xf[..., 1::2]
-    c = cos[None, :, None, :]
-    s = sin[None, :, None, :]
+    c = cos.unsqueeze(-2) if cos.dim() == 3 else cos[None, :, None, :]
+    s = sin.unsqueeze(-2) if sin.dim() == 3 else sin[None, :, None, :]
     out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
     return out.to(dtype)

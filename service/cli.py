@@ -28,6 +28,12 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="replay steady-state steps from CUDA graphs (CUDA only)")
     p.add_argument("--attention", default=None, choices=["auto", "cudnn", "flash", "efficient", "math"],
                    help="preferred fused attention kernel (default auto: PyTorch's choice)")
+    p.add_argument("--decoder", default=None, choices=["auto", "wan", "tiny"],
+                   help="the published model's decoder: auto (the checkpoint's), wan (Wan's VAE) or tiny (small)")
+    p.add_argument("--positions", default=None, choices=["auto", "relative", "reference"],
+                   help="RoPE positions: auto (the checkpoint's), relative (unbounded streams) or reference")
+    p.add_argument("--audio-context", type=float, default=None, dest="audio_context_s",
+                   help="seconds of past audio wav2vec2 sees before each block (default: avatarforcing.wav2vec's)")
     p.add_argument("--max-sessions", type=int, default=None, help=f"session slots (default {d.max_sessions})")
     p.add_argument("--max-batch", type=int, default=None, help=f"sessions per step at most (default {d.max_batch})")
     p.add_argument("--idle-timeout", type=float, default=None, dest="idle_timeout_s",
@@ -55,9 +61,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .server import App, run_app
     from .telemetry import configure_logging
 
-    cfg = _server_config(a)
-    configure_logging(cfg.log_level, cfg.log_json)
-    asyncio.run(run_app(App(cfg)))
+    try:
+        cfg = _server_config(a)
+        configure_logging(cfg.log_level, cfg.log_json)
+        app = App(cfg)  # loads and checks the checkpoint: a bad one is refused before the port opens
+    except (ValueError, OSError) as e:
+        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"avatarforcing serve: error: {line}", file=sys.stderr)
+        return 2
+    asyncio.run(run_app(app))
     return 0
 
 

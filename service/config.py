@@ -26,6 +26,13 @@ class ServerConfig:
     compile: str = "auto"  # auto | on | off
     cuda_graphs: bool = False  # replay steady-state steps from CUDA graphs (about 1% at 1.3B; memory per batch size)
     attention: str = "auto"  # auto (PyTorch's choice) | cudnn | flash | efficient | math
+    # The published model (docs/published-model.md). decoder: auto (the checkpoint's: Wan's VAE for a
+    # converted one) | wan | tiny (the project's small decoder: much cheaper; untrained for Wan's latents
+    # unless the checkpoint carries one). positions: auto (the checkpoint's stream) | relative | reference.
+    # audio_context_s: seconds of past audio wav2vec2 sees before each block (-1: avatarforcing.wav2vec's default).
+    decoder: str = "auto"
+    positions: str = "auto"
+    audio_context_s: float = -1.0
     # Capacity and scheduling.
     max_sessions: int = 8
     max_batch: int = 16
@@ -95,6 +102,11 @@ class ServerConfig:
             (self.attention in ("auto", "cudnn", "flash", "efficient", "math"),
              f"unknown attention kernel {self.attention!r} (auto, cudnn, flash, efficient, math)"),
             (self.log_level in ("debug", "info", "warning", "error"), f"unknown log level {self.log_level!r}"),
+            (self.decoder in ("auto", "wan", "tiny"), f"decoder must be auto, wan or tiny, not {self.decoder!r}"),
+            (self.positions in ("auto", "relative", "reference"),
+             f"positions must be auto, relative or reference, not {self.positions!r}"),
+            (self.audio_context_s == -1.0 or self.audio_context_s >= 0,
+             "audio_context_s must be >= 0 (or -1: the default)"),
         ]
         for ok, msg in checks:
             if not ok:

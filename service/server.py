@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import secrets
 import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import grpc
 import structlog
@@ -19,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from avatarforcing import AnchorState, NoFreeSlotError, StreamEngine
-from avatarforcing.checkpoint import LoadedModel, drift_floor, load_default
+from avatarforcing.checkpoint import LoadedModel, choose_decoder, drift_floor, load_default
 from avatarforcing.model import count_parameters
 from avatarforcing.text_context import load_context
 from avatarforcing_client.v1 import avatarforcing_pb2 as pb
@@ -287,10 +288,15 @@ class App:
             torch.set_num_threads(cfg.threads)
         self.loaded = loaded or load_default(cfg.checkpoint or None, cfg.preset)
         device, dtype = cfg.resolved_device(), cfg.resolved_dtype()
-        self.engine = StreamEngine(self.loaded.model, self.loaded.vae, self.loaded.stream_cfg,
+        stream = self.loaded.stream_cfg
+        if cfg.positions != "auto":
+            stream = dataclasses.replace(stream, positions=cast(Literal["relative", "reference"], cfg.positions))
+        self.engine = StreamEngine(self.loaded.model, self.loaded.vae, stream,
                                    max_sessions=cfg.max_sessions, device=device, dtype=dtype,
                                    compile=cfg.resolved_compile(), cuda_graphs=cfg.cuda_graphs,
-                                   attention=cfg.attention, audio=self.loaded.audio, context=self.loaded.context)
+                                   attention=cfg.attention, audio=self.loaded.audio, context=self.loaded.context,
+                                   audio_context_s=None if cfg.audio_context_s < 0 else cfg.audio_context_s,
+                                   decoder=choose_decoder(self.loaded, cfg.decoder))
         self.metrics = Metrics()
         self.metrics.sessions_capacity.set(cfg.max_sessions)
         self.metrics.slot_bytes.set(self.engine.slot_bytes())

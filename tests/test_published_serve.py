@@ -204,3 +204,36 @@ async def test_text_context_refused_by_a_model_without_text(make_app: Callable[.
             await client.register_avatar(png_bytes(), text_context=write_context(tmp_path / "c.st").read_bytes())
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "has no text prompt" in (e.value.details() or "")
+
+
+def test_serve_refuses_a_bad_checkpoint_in_one_line(tmp_path: Path) -> None:
+    """Before it opens a port: exit 2, one line naming the file (a process of its own: serve sets up logging)."""
+    import subprocess
+    import sys
+
+    exe = str(Path(sys.executable).parent / "avatarforcing")
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    for path, say in ((bad, "not a readable safetensors file"), (tmp_path / "missing.safetensors", "does not exist")):
+        r = subprocess.run([exe, "serve", "--checkpoint", str(path), "--port", "0", "--metrics-port", "-1"],
+                           capture_output=True, text=True, timeout=120)
+        err = r.stderr.strip()
+        assert r.returncode == 2 and err.startswith("avatarforcing serve: error: "), (r.returncode, err[-500:])
+        assert str(path) in err and say in err and "\n" not in err
+
+
+async def test_small_decoder_and_reference_positions_serve(published: tuple[dict[str, Path], Path]) -> None:
+    """`serve --decoder tiny --positions reference`: the small decoder (random here: timing only) instead of
+    Wan's, and the reference's RoPE positions; the session streams whole blocks at the model's size."""
+    _, out = published
+    app = App(ServerConfig(checkpoint=str(out), port=0, metrics_port=-1, max_sessions=2, grace_s=0.5,
+                           decoder="tiny", positions="reference", audio_context_s=0.64))
+    assert not app.engine.streamed_decode and app.engine.decoder_cache_bytes() == 0
+    assert app.engine.stream.positions == "reference" and app.engine.context_samples == 0.64 * 16000
+    await app.start()
+    try:
+        resps = await collect(app, gen([cfg(png_bytes(96, 64)), *audio_reqs(speechlike_pcm(0.7), 16000), EOA]))
+        frames = [r.frame for r in resps if r.HasField("frame")]
+        assert kinds(resps)[-1] == "end" and len(frames) == 32 and len(frames[0].data) == 64 * 96 * 3
+    finally:
+        await app.stop(grace=0.2)
