@@ -477,8 +477,15 @@ class App:
 
     async def avatar_from_image(self, data: bytes, name: str = "", tenant: str = DEFAULT_TENANT,
                                 avatar_id: str | None = None, text_context: bytes = b"") -> Avatar:
-        """The avatar of a face (and, for a model with a text context, of a prompt's context file)."""
-        digest = hashlib.sha256(data + b"\0" + hashlib.sha256(text_context).digest()).hexdigest()
+        """The avatar of a face (and, for a model with a text context, of a prompt's context file).
+
+        Hashing and decoding run in a worker thread (hashlib and PIL release the GIL), not on the event loop: a
+        large upload would otherwise stall every other session's frames for as long as it takes to decode.
+        """
+        def avatar_digest() -> str:
+            return hashlib.sha256(data + b"\0" + hashlib.sha256(text_context).digest()).hexdigest()
+
+        digest = await asyncio.to_thread(avatar_digest)
         known = self.avatars.by_digest(digest, tenant)
         if known is not None and avatar_id in (None, known.id):
             return known
@@ -489,8 +496,8 @@ class App:
                 raise ValueError(f"this server's model ({c.name}) has no text prompt: register the avatar "
                                  "without text_context")
             ctx = load_context(text_context, text_len=c.text_len, text_dim=c.text_dim, name="the uploaded context")
-        img = load_reference_image(data, c.width, c.height, max_bytes=self.cfg.max_image_bytes,
-                                   max_pixels=self.cfg.max_image_pixels)
+        img = await asyncio.to_thread(load_reference_image, data, c.width, c.height,
+                                      max_bytes=self.cfg.max_image_bytes, max_pixels=self.cfg.max_image_pixels)
         anchor = await self.scheduler.in_engine(self.engine.prepare_anchor, img, ctx)
         avatar = self.avatars.add(name, anchor, digest, tenant, avatar_id)
         log.info("avatar registered", avatar_id=avatar.id, name=name, tenant=tenant)
@@ -510,6 +517,13 @@ class App:
         if af.channels not in (0, 1):
             raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
                                  f"audio has {af.channels} channels; send mono (channels = 1)")
+        # No audio_format at all: PCM16LE mono at the model's rate (as encoding 0 and channels 0 mean the defaults).
+        # An AudioFormat that is sent but names no rate is refused: proto3 cannot tell 0 from unset, and guessing the
+        # model's rate for a client that forgot the field would play its 48 kHz audio as 16 kHz, silently.
+        if sc.HasField("audio_format") and af.sample_rate_hz == 0:
+            raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                                 "audio_format.sample_rate_hz is 0 (unset): set it to the sample rate of the audio "
+                                 f"you will send, one of {list(SUPPORTED_RATES)}")
         rate = af.sample_rate_hz or self.engine.cfg.audio_sample_rate
         if rate not in SUPPORTED_RATES:
             raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
