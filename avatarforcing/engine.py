@@ -278,11 +278,11 @@ class StreamEngine:
         """Starts a slot's decoder stream with the reference latent (the reference's output frame 0, not
         emitted), so that every emitted latent decodes to 4 frames that continue it."""
         assert isinstance(self.vae, WanVAE)
-        stream = self._decode_stream if self._decode_stream is not None else self._compute
         with contextlib.ExitStack() as st, torch.inference_mode():
-            if stream is not None:
-                stream.wait_stream(torch.cuda.current_stream(self.device))
-                st.enter_context(torch.cuda.stream(stream))
+            if self._decode_stream is not None and self._compute is not None:
+                # Decoder caches are only touched on the decode stream, after the slot's writes on compute.
+                self._decode_stream.wait_stream(self._compute)
+                st.enter_context(torch.cuda.stream(self._decode_stream))
             zeros = [torch.zeros_like(t[:1]) for t in self.dec_cache]
             _, cache = self.vae.decode_step(ref[None, :, None], zeros, first=True)
             for buf, new in zip(self.dec_cache, cache, strict=True):
@@ -409,6 +409,7 @@ class StreamEngine:
             ring.sims[:m].copy_(sims)
             ring.clean_ready.record()
         assert self._decode_stream is not None
+        emit_idx.record_stream(self._decode_stream)  # made on the compute stream, read on the decode stream
         with torch.cuda.stream(self._decode_stream):
             self._decode_stream.wait_event(ring.clean_ready)
             frames = to_pixels(self._decode(emit_idx, ring.clean[:m]))

@@ -39,6 +39,7 @@ from .flops import step_flops
 from .model import AvatarDiT
 from .report import print_table as _table
 from .vae import TinyAutoencoder
+from .wan_vae import WanVAE
 
 REFERENCE_STREAM = StreamConfig(block_frames=4, window_blocks=4, level_steps=(200, 400, 800, 1000))
 SMOKE_STREAM = StreamConfig(block_frames=2, window_blocks=2, level_steps=(500, 1000))
@@ -180,7 +181,7 @@ def build(cfg: ModelConfig, device: torch.device) -> tuple[AvatarDiT, TinyAutoen
     return model, vae
 
 
-def make_engine(model: AvatarDiT, vae: TinyAutoencoder, stream: StreamConfig, n: int, device: torch.device,
+def make_engine(model: AvatarDiT, vae: TinyAutoencoder | WanVAE, stream: StreamConfig, n: int, device: torch.device,
                 **opts: Any) -> tuple[StreamEngine, list[int]]:
     eng = StreamEngine(model, vae, stream, max_sessions=n, device=device, **opts)
     face = (np.random.default_rng(0).random((model.cfg.height, model.cfg.width, 3)) * 255).astype(np.uint8)
@@ -257,9 +258,9 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _weights_bytes(model: AvatarDiT, vae: TinyAutoencoder, opts: dict[str, Any]) -> int:
+def _weights_bytes(model: AvatarDiT, vae: torch.nn.Module, opts: dict[str, Any], *more: torch.nn.Module) -> int:
     size = torch.tensor([], dtype=getattr(torch, opts.get("dtype", "float32"))).element_size()
-    return sum(p.numel() for p in [*model.parameters(), *vae.parameters()]) * size
+    return sum(p.numel() for m in (model, vae, *more) for p in m.parameters()) * size
 
 
 def _encode_after(prev: concurrent.futures.Future[Any] | None, encoder: Any, frames: np.ndarray) -> None:
@@ -282,10 +283,12 @@ def _encoder_factory(encoding: str, cfg: ModelConfig) -> tuple[Callable[[], Any]
     return (lambda: make_encoder(code, cfg.width, cfg.height, cfg.fps)), None
 
 
-def end_to_end(model: AvatarDiT, vae: TinyAutoencoder, stream: StreamConfig, device: torch.device,
-               opts: dict[str, Any], batches: list[int], steps: int, encoding: str) -> dict[str, Any]:
+def end_to_end(model: AvatarDiT, vae: TinyAutoencoder | WanVAE, stream: StreamConfig, device: torch.device,
+               opts: dict[str, Any], batches: list[int], steps: int, encoding: str,
+               engine_kw: dict[str, Any] | None = None) -> dict[str, Any]:
     """Steps through ``submit``/``result`` (denoising of step k+1 overlapping decode and copies of step
-    k), each session's frames encoded by its own encoder on a thread pool, as the server does."""
+    k), each session's frames encoded by its own encoder on a thread pool, as the server does.
+    ``engine_kw``: more engine arguments (the published model's wav2vec2, text context, decoder)."""
     cfg = model.cfg
     clock = Clock(device)
     fl = step_flops(cfg, stream)
@@ -300,7 +303,7 @@ def end_to_end(model: AvatarDiT, vae: TinyAutoencoder, stream: StreamConfig, dev
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         reserved0 = torch.cuda.memory_reserved(device) if cuda else 0
-        eng, slots = make_engine(model, vae, stream, n, device, **opts)
+        eng, slots = make_engine(model, vae, stream, n, device, **opts, **(engine_kw or {}))
         pcm = _pcm(eng, n)
         encoders = [factory() for _ in slots] if factory else []
         chains: list[concurrent.futures.Future[Any] | None] = [None] * n
@@ -343,8 +346,13 @@ def end_to_end(model: AvatarDiT, vae: TinyAutoencoder, stream: StreamConfig, dev
             extra["sequential_step_ms"] = (time.perf_counter() - t) / steps * 1000
             lat = torch.randn(n, stream.block_frames, cfg.latent_channels, *cfg.latent_hw, device=device,
                               dtype=eng.dtype)
-            with torch.inference_mode():
-                extra["decode_ms"] = clock.median(partial(eng.vae.decode, lat), repeats=5) * 1000
+            with torch.inference_mode():  # through the engine: Wan's decoder carries each slot's cache
+                idx = torch.tensor(slots, device=device)
+                extra["decode_ms"] = clock.median(partial(eng._decode, idx, lat), repeats=5) * 1000
+                if eng.w2v is not None:
+                    window = torch.randn(n, eng.context_samples + eng.block_samples, device=device)
+                    extra["audio_features_ms"] = clock.median(partial(eng._audio_tokens, window), repeats=5) * 1000
+                extra["decoder_cache_bytes_per_slot"] = eng.decoder_cache_bytes()
             print(f"  batch {n}: {step_t * 1000:.1f} ms per step overlapped, {extra['sequential_step_ms']:.1f} ms "
                   f"waiting for each step; decoding one step's {n * fl.frames} frames alone: "
                   f"{extra['decode_ms']:.1f} ms")
@@ -385,6 +393,40 @@ def end_to_end(model: AvatarDiT, vae: TinyAutoencoder, stream: StreamConfig, dev
               f"{summary['marginal_bytes_per_session'] / 2**30:.2f} GiB (its slot and its share of the workspace)")
     return {"model": cfg.name, "height": cfg.height, "width": cfg.width, "options": opts, "encoding": encoding,
             "encoder_note": enc_note, "by_batch": out, **summary}
+
+
+def published(device: torch.device, opts: dict[str, Any], steps: int, encoding: str, smoke: bool,
+              batches: list[int]) -> dict[str, Any]:
+    """The published model's configuration end to end at 480x832 (random weights in its layout: timing does not
+    depend on them): wav2vec2-base features on a sliding window, the umT5 context's cross-attention, the
+    transformer, and Wan's VAE decode with each slot's cache; then the same with the small decoder."""
+    from .published import published_config, published_stream
+    from .wan_vae import WanVAEConfig
+    from .wav2vec import Wav2VecFeatures
+
+    if smoke:
+        cfg = published_config(256, 4, 2, 384, 48, 128, 32, height=64, width=96)
+        vcfg, w2v_cfg = WanVAEConfig(dim=8), dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                   intermediate_size=64, conv_dim=(32,) * 7,
+                                                   num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+    else:
+        cfg, vcfg, w2v_cfg = model_preset("avatarforcing-1.3b"), WanVAEConfig(), {}  # wav2vec2-base
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model, wan = AvatarDiT(cfg), WanVAE(vcfg)
+        w2v = Wav2VecFeatures(Wav2Vec2Model(Wav2Vec2Config(**w2v_cfg)))  # type: ignore[arg-type]
+    context = torch.randn(cfg.text_len, cfg.text_dim) * 0.1
+    stream = published_stream()
+    kw: dict[str, Any] = {"audio": w2v, "context": context}
+    out: dict[str, Any] = {"weights_bytes": _weights_bytes(model, wan, opts, w2v)}
+    out["wan_decoder"] = end_to_end(model, wan, stream, device, opts, batches, steps, encoding, engine_kw=kw)
+    _free(device)
+    small = TinyAutoencoder(dataclasses.replace(cfg, latent_channels=vcfg.z_dim))
+    out["tiny_decoder"] = end_to_end(model, wan, stream, device, opts, batches[:1], steps, encoding,
+                                     engine_kw={**kw, "decoder": small})
+    return out
 
 
 def profile_step(model: AvatarDiT, vae: TinyAutoencoder, stream: StreamConfig, device: torch.device,
@@ -500,8 +542,9 @@ def run(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/gpu-<card>-<date>.json)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script (runs on a CPU)")
-    ap.add_argument("--sections", default="ceilings,attention,equivalence,denoise,profile,e2e-full,e2e-512",
+    ap.add_argument("--sections", default="ceilings,attention,equivalence,denoise,profile,e2e-full,e2e-512,published",
                     help="comma-separated subset to run")
+    ap.add_argument("--published-batches", default="1,2", help="batch sizes of the published model's table")
     ap.add_argument("--batches", default="1,2,3,4,8", help="batch sizes of the 512x512 end-to-end table")
     ap.add_argument("--encoding", default="h264", choices=["h264", "jpeg", "none"])
     ap.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
@@ -573,6 +616,9 @@ def run(argv: list[str] | None = None) -> int:
             return end_to_end(m, v, stream, device, fast, batches, a.steps, a.encoding)
 
         section("e2e-512", square_e2e)
+    if "published" in sections:
+        section("published", lambda: published(device, fast, a.steps, a.encoding, a.smoke,
+                                                [int(b) for b in a.published_batches.split(",")]))
     res["seconds"] = time.perf_counter() - t_all
     save()
     print(f"\nwrote {out_path} ({res['seconds']:.0f} s)")

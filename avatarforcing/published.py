@@ -153,10 +153,6 @@ def infer_config(sd: Mapping[str, torch.Tensor], *, heads: int | None = None, fi
                             latent_channels=latent, **overrides)
 
 
-def lora_scale(alpha: float, rank: int) -> float:
-    return alpha / rank
-
-
 def convert_dit(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, *, file: str = "model.pt",
                 lora_alpha: float = LORA_ALPHA) -> dict[str, torch.Tensor]:
     """The published ``generator`` state dict (wrappers stripped) -> an ``AvatarDiT`` state dict, LoRA merged.
@@ -186,7 +182,7 @@ def convert_dit(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, *, file: str =
         used.add(k)
         return src[k].float()
 
-    scale = lora_scale(lora_alpha, rank)
+    scale = lora_alpha / rank  # PEFT's scaling of B A
     out: dict[str, torch.Tensor] = {}
     w = take("patch_embedding.weight")
     out["patch_embedding.weight"] = w.reshape(w.shape[0], -1)
@@ -235,7 +231,12 @@ def read_student(path: str | Path, *, ema: bool | None = None) -> tuple[dict[str
     if not p.is_file():
         raise ConversionError(f"{p}: no such file (the student checkpoint model.pt)")
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
+        try:  # memory-mapped: the 1.6 B-parameter file is not read into memory twice
+            obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
     except Exception as e:  # truncated, not a torch file, pickled code
         raise ConversionError(f"{p}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None

@@ -162,6 +162,21 @@ def test_gpu_bench_runs_at_smoke_size(tmp_path) -> None:  # type: ignore[no-unty
     assert e2e["encoder_note"] is None  # the service's own encoder ran
 
 
+def test_gpu_bench_published_section_at_smoke_size(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The published model's end-to-end section (wav2vec2, text context, Wan decode with slot caches, then the
+    small decoder) runs on a CPU at replica size, so a GPU session can run it at full size unchanged."""
+    out = tmp_path / "p.json"
+    rc = gpubench(["--device", "cpu", "--smoke", "--steps", "1", "--published-batches", "1", "--encoding", "jpeg",
+                   "--sections", "published", "--out", str(out)])
+    assert rc == 0
+    pub = json.loads(out.read_text())["sections"]["published"]
+    assert "error" not in pub, pub.get("error")
+    wan, small = pub["wan_decoder"]["by_batch"][0], pub["tiny_decoder"]["by_batch"][0]
+    assert wan["decoder_cache_bytes_per_slot"] > 0 and small["decoder_cache_bytes_per_slot"] == 0
+    assert wan["slot_bytes"] > small["slot_bytes"] and wan["audio_features_ms"] > 0 and wan["frames_per_s"] > 0
+    assert pub["weights_bytes"] > 0
+
+
 def test_server_config_selects_the_fast_path(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from service.config import ServerConfig
 
