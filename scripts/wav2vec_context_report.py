@@ -45,10 +45,10 @@ WARNING = ("RANDOM WEIGHTS: wav2vec2-base sizes with random weights; these error
            "the sliding window, not the real model's error (measure that with facebook/wav2vec2-base-960h).")
 
 
-def load_speech(samples: int) -> np.ndarray:
-    with wave.open(str(SPEECH)) as w:
+def load_speech(path: Path, samples: int) -> np.ndarray:
+    with wave.open(str(path)) as w:
         if w.getframerate() != 16000 or w.getnchannels() != 1 or w.getsampwidth() != 2:
-            raise SystemExit(f"{SPEECH}: expected 16 kHz mono 16-bit")
+            raise SystemExit(f"{path}: expected 16 kHz mono 16-bit")
         pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float32) / 32768.0
     return np.resize(pcm, samples).astype(np.float32)  # looped
 
@@ -82,22 +82,34 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--wav2vec", type=Path, default=None,
+                    help="a real wav2vec2 folder (e.g. facebook/wav2vec2-base-960h): the real model's error "
+                         "(default: random weights at base sizes, which show only the mechanics)")
+    ap.add_argument("--wav", type=Path, default=None, help="16-kHz mono 16-bit speech (default: the bundled sample)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-
-    print(f"!!! {WARNING}")
+    warning = WARNING if args.wav2vec is None else ""
+    speech = args.wav or SPEECH
+    if warning:
+        print(f"!!! {warning}")
     block = args.block_frames
     n_blocks = max(1, round(args.seconds * FPS / block))
     frames = n_blocks * block
-    clip = torch.from_numpy(load_speech(frames * SAMPLES_PER_FRAME))[None]
+    clip = torch.from_numpy(load_speech(speech, frames * SAMPLES_PER_FRAME))[None]
 
     torch.manual_seed(args.seed)
-    cfg = Wav2Vec2Config()  # wav2vec2-base sizes: 768 x 12 layers, conv pos 128/16, feat_extract_norm "group"
-    with tempfile.TemporaryDirectory() as d:
-        Wav2Vec2Model(cfg).save_pretrained(d)
-        feats = Wav2VecFeatures.from_folder(d)
-    print(f"wav2vec2-base sizes, random weights (seed {args.seed}); feature_dim {feats.feature_dim}; "
-          f"clip {frames / FPS:.2f} s of looped {SPEECH.name} = {n_blocks} blocks of {block} frames; "
+    if args.wav2vec is not None:
+        feats = Wav2VecFeatures.from_folder(args.wav2vec)
+        cfg = feats.model.config
+        what = f"{args.wav2vec} (real weights)"
+    else:
+        cfg = Wav2Vec2Config()  # wav2vec2-base sizes: 768 x 12 layers, conv pos 128/16, feat_extract_norm "group"
+        with tempfile.TemporaryDirectory() as d:
+            Wav2Vec2Model(cfg).save_pretrained(d)
+            feats = Wav2VecFeatures.from_folder(d)
+        what = f"wav2vec2-base sizes, random weights (seed {args.seed})"
+    print(f"{what}; feature_dim {feats.feature_dim}; "
+          f"clip {frames / FPS:.2f} s of looped {speech.name} = {n_blocks} blocks of {block} frames; "
           f"{args.threads} threads on {cpu_name()}")
 
     t = time.perf_counter()
@@ -167,18 +179,19 @@ def main() -> None:
           "other jobs (load shown below). 'all past': the window runs from the stream's start (the floor left "
           "by the missing future; its cost grows with the stream).")
     print(f"load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print(f"!!! {WARNING}")
+    if warning:
+        print(f"!!! {warning}")
     print(f"DEFAULT_CONTEXT_S in avatarforcing/wav2vec.py: {DEFAULT_CONTEXT_S}")
 
     report = {
-        "warning": WARNING,
+        "warning": warning,
         "date": datetime.date.today().isoformat(),
         "command": "python scripts/wav2vec_context_report.py " + " ".join(sys.argv[1:]),
-        "model": {"sizes": "wav2vec2-base", "weights": "random", "seed": args.seed,
+        "model": {"sizes": "wav2vec2-base", "weights": "random" if warning else str(args.wav2vec), "seed": args.seed,
                   "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
                   "num_conv_pos_embeddings": cfg.num_conv_pos_embeddings,
                   "feat_extract_norm": cfg.feat_extract_norm, "feature_dim": feats.feature_dim},
-        "audio": {"source": f"avatarforcing/assets/{SPEECH.name} looped", "seconds": frames / FPS,
+        "audio": {"source": f"{speech} looped", "seconds": frames / FPS,
                   "frames": frames, "block_frames": block, "blocks": n_blocks},
         "cpu": {"name": cpu_name(), "threads": args.threads, "torch": torch.__version__,
                 "transformers": transformers.__version__, "dtype": "float32"},
