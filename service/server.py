@@ -246,6 +246,8 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
                 s.last_client_msg = time.monotonic()
                 kind = req.WhichOneof("message")
                 if kind == "audio":
+                    if not req.audio.data:  # an empty chunk carries nothing: it changes no state
+                        continue
                     if s.eoa and not s.realtime:
                         raise SessionFailure(grpc.StatusCode.FAILED_PRECONDITION,
                                              "audio after EndOfAudio in PACING_ASAP; open a new session")

@@ -122,6 +122,16 @@ async def test_asap_utterance_shorter_than_a_block_is_rendered(make_app: AppFact
     assert sum(a.real_samples for a in outs) == len(pcm)
 
 
+async def test_empty_audio_chunk_after_end_of_audio_changes_nothing(make_app: AppFactory, png: bytes) -> None:
+    """Regression: an empty AudioChunk after EndOfAudio failed an ASAP session (and undid EndOfAudio in REALTIME)."""
+    app = await make_app()
+    pcm = speechlike_pcm(0.3)
+    empty = pb.StreamRequest(audio=pb.AudioChunk(data=b""))
+    resps = await asyncio.wait_for(collect(app, gen([cfg(png), *audio_reqs(pcm, 16000), EOA, empty])), 30)
+    assert kinds(resps)[-1] == "end" and resps[-1].end.reason == pb.END_REASON_END_OF_AUDIO
+    assert sum(a.real_samples for a in (r.audio for r in resps if r.HasField("audio"))) == len(pcm)
+
+
 @pytest.mark.parametrize("rate", [8000, 24000, 48000])
 async def test_sample_rates_are_resampled_and_audio_returned_at_input_rate(make_app: AppFactory, png: bytes,
                                                                            rate: int) -> None:
