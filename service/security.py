@@ -7,21 +7,50 @@ the environment (``AVATARFORCING_AUTH_TOKENS``, entries separated by commas). An
 ``t-`` plus the first 12 hex digits of its SHA-256. Clients send ``authorization: Bearer TOKEN``
 metadata on every RPC; only ``grpc.health.v1.Health`` is open (Kubernetes probes carry no token).
 With no tokens configured auth is off and every caller is the tenant ``default``.
+
+Failed authentication is logged (warning: peer, method and reason, never the token), counted in
+``avatarforcing_auth_failures_total{reason}`` and rate-limited per peer address (:class:`FailureLimiter`):
+past ``AUTH_FAILURE_BURST`` failures in ``AUTH_FAILURE_WINDOW_S`` seconds the address is locked out for
+``AUTH_LOCKOUT_S`` seconds, during which every RPC from it but health is answered UNAUTHENTICATED at once,
+whatever its token (a valid token from a locked-out address is refused too: otherwise the lockout would still
+tell a guesser which guess was right).
+
+``Drain`` (:func:`drain_refusal`): with auth on, only admin tenants, from any address (a loopback peer proves
+nothing behind a sidecar proxy); with auth off, only loopback peers.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import hmac
+import inspect
+import ipaddress
+import math
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
+import structlog
+
+if TYPE_CHECKING:
+    from .telemetry import Metrics
+
+log = structlog.get_logger("avatarforcing.security")
 
 DEFAULT_TENANT = "default"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+#: Failed authentications one peer address may make within AUTH_FAILURE_WINDOW_S (a token bucket of this size,
+#: refilled at AUTH_FAILURE_BURST / AUTH_FAILURE_WINDOW_S per second) before it is locked out for AUTH_LOCKOUT_S.
+AUTH_FAILURE_BURST = 10
+AUTH_FAILURE_WINDOW_S = 10.0
+AUTH_LOCKOUT_S = 30.0
+#: Peer addresses tracked at most (the oldest idle ones are forgotten first).
+AUTH_TRACKED_PEERS = 4096
 
 
 class AuthConfigError(ValueError):
@@ -100,40 +129,158 @@ class TokenTable:
             return Tenant(DEFAULT_TENANT)
         values = [v for k, v in (metadata or ()) if k == "authorization"]
         if not values:
-            raise AuthError("missing credentials: send the metadata 'authorization: Bearer <token>'")
-        v = values[0] if isinstance(values[0], str) else values[0].decode()
+            raise AuthError("missing credentials: send the metadata 'authorization: Bearer <token>'", "missing")
+        v = values[0] if isinstance(values[0], str) else values[0].decode(errors="replace")
         scheme, _, token = v.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError("malformed authorization metadata: expected 'Bearer <token>'")
+            raise AuthError("malformed authorization metadata: expected 'Bearer <token>'", "malformed")
         tenant = self.lookup(token.strip())
         if tenant is None:
-            raise AuthError("invalid token")
+            raise AuthError("invalid token", "invalid")
         return tenant
 
 
 class AuthError(Exception):
+    """A refused authentication; ``reason`` (``missing``, ``malformed``, ``invalid``, ``rate_limited``) labels
+    ``avatarforcing_auth_failures_total``. The message never holds the token."""
+
     code = grpc.StatusCode.UNAUTHENTICATED
 
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
 
-def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    async def abort(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(code, message)
 
+def peer_address(peer: str) -> str:
+    """The address part of a gRPC peer string, without the port: ``ipv4:10.0.0.7:53211`` -> ``10.0.0.7``,
+    ``ipv6:[::1]:53211`` -> ``::1``; other kinds (``unix:...``) whole."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        return rest[1:].split("]", 1)[0] if rest.startswith("[") else rest
+    return peer
+
+
+def is_loopback_peer(peer: str) -> bool:
+    """A caller on this host: a loopback address (IPv4-mapped included) or a Unix socket."""
+    if peer.startswith(("unix:", "unix-abstract:")):
+        return True
+    if not peer.startswith(("ipv4:", "ipv6:")):
+        return False
+    try:
+        ip = ipaddress.ip_address(peer_address(peer))
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def drain_refusal(tenant: Tenant, peer: str, auth_enabled: bool, admin_tenants: Iterable[str]) -> str | None:
+    """Why ``Drain`` is refused to this caller (PERMISSION_DENIED), or ``None`` when it is allowed.
+
+    With auth on only an admin tenant may drain, whatever its address: behind a sidecar proxy every caller
+    comes from loopback. With auth off there is no identity, so only a caller on the replica's own host may."""
+    admins = set(admin_tenants)
+    if auth_enabled:
+        if tenant.name in admins:
+            return None
+        return (f"Drain needs the token of an admin tenant (the server's admin_tenants, AVATARFORCING_ADMIN_TENANTS); "
+                f"tenant {tenant.name!r} is not one")
+    if is_loopback_peer(peer):
+        return None
+    return ("Drain without auth is allowed only from the replica's own host (a loopback address); to drain "
+            "remotely configure auth tokens and call it with an admin tenant's token")
+
+
+class FailureLimiter:
+    """Failed authentications per peer address: a token bucket of ``burst`` refilled at ``burst / window_s`` per
+    second; the failure that empties it locks the address out for ``lockout_s`` seconds (then the bucket is full
+    again). A success does not refill it (one valid token must not buy unlimited guesses at others)."""
+
+    def __init__(self, burst: int = AUTH_FAILURE_BURST, window_s: float = AUTH_FAILURE_WINDOW_S,
+                 lockout_s: float = AUTH_LOCKOUT_S, max_peers: int = AUTH_TRACKED_PEERS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst, self.rate, self.lockout_s, self.max_peers = burst, burst / window_s, lockout_s, max_peers
+        self.clock = clock
+        # address -> (tokens left, time of the last update, locked out until)
+        self._peers: collections.OrderedDict[str, tuple[float, float, float]] = collections.OrderedDict()
+
+    def retry_after(self, address: str) -> float:
+        """Seconds the address stays locked out (0: not locked out)."""
+        entry = self._peers.get(address)
+        return 0.0 if entry is None else max(0.0, entry[2] - self.clock())
+
+    def failure(self, address: str) -> bool:
+        """Records one failure; True when it locks the address out."""
+        now = self.clock()
+        tokens, last, until = self._peers.pop(address, (float(self.burst), now, 0.0))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate) - 1.0
+        locked = tokens < 1.0  # no token left for another failure: the next attempt is not checked
+        if locked:
+            until, tokens = now + self.lockout_s, float(self.burst)
+        self._peers[address] = (tokens, now, until)
+        while len(self._peers) > self.max_peers:  # forget the longest-quiet address that is not locked out
+            victim = next((a for a, e in self._peers.items() if e[2] <= now), None)
+            if victim is None:
+                break
+            del self._peers[victim]
+        return locked
+
+
+Admit = Callable[[Any], Awaitable[tuple[grpc.StatusCode, str] | None]]
+
+
+def _guarded(handler: grpc.RpcMethodHandler, admit: Admit) -> grpc.RpcMethodHandler:
+    """The handler, of the same kind and with the same (de)serializers, run only when ``admit(context)`` answers
+    ``None``; otherwise the call is aborted with the status it answers. The check runs in the call, where the
+    peer is known (``HandlerCallDetails`` carries no peer)."""
     kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort, **kw)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort, **kw)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort, **kw)
-    return grpc.unary_unary_rpc_method_handler(abort, **kw)
+        inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            refusal = await admit(context)
+            if refusal is not None:
+                await context.abort(*refusal)
+            result = inner(request, context)
+            if inspect.isasyncgen(result):
+                async with contextlib.aclosing(result):
+                    async for response in result:
+                        yield response
+            elif inspect.isawaitable(result):  # a handler writing with context.write
+                await result
+            else:
+                for response in result:
+                    yield response
+
+        if handler.request_streaming:
+            return grpc.stream_stream_rpc_method_handler(streaming, **kw)
+        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
+    inner_unary = handler.stream_unary if handler.request_streaming else handler.unary_unary
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        refusal = await admit(context)
+        if refusal is not None:
+            await context.abort(*refusal)
+        result = inner_unary(request, context)
+        return await result if inspect.isawaitable(result) else result
+
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary, **kw)
+    return grpc.unary_unary_rpc_method_handler(unary, **kw)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every RPC but health checks without a valid bearer token (UNAUTHENTICATED)."""
+    """Refuses every RPC but health checks without a valid bearer token (UNAUTHENTICATED); logs, counts and
+    rate-limits failures per peer address (see the module's docstring)."""
 
-    def __init__(self, table: TokenTable) -> None:
+    def __init__(self, table: TokenTable, metrics: Metrics | None = None,
+                 limiter: FailureLimiter | None = None) -> None:
         self.table = table
+        self.metrics = metrics
+        self.limiter = limiter or FailureLimiter()
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -143,11 +290,37 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
+        metadata = handler_call_details.invocation_metadata
+
+        async def admit(context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str] | None:
+            return self.admit(method, metadata, context.peer() or "")
+
+        return _guarded(handler, admit)
+
+    def _count(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.auth_failures.labels(reason).inc()
+
+    def admit(self, method: str, metadata: Iterable[tuple[str, Any]] | None,
+              peer: str) -> tuple[grpc.StatusCode, str] | None:
+        """``None`` for a valid token from an address that is not locked out, else the status to answer."""
+        address = peer_address(peer)
+        wait = self.limiter.retry_after(address)
+        if wait > 0:  # counted, not logged one by one: the lockout's start was
+            self._count("rate_limited")
+            return (grpc.StatusCode.UNAUTHENTICATED,
+                    f"too many failed attempts; retry after {math.ceil(wait)} s")
         try:
-            self.table.authenticate(handler_call_details.invocation_metadata)
+            self.table.authenticate(metadata)
         except AuthError as e:
-            return _refusal(handler, e.code, str(e))
-        return handler
+            self._count(e.reason)
+            log.warning("authentication failed", peer=peer, method=method, reason=e.reason, detail=str(e))
+            if self.limiter.failure(address):
+                log.warning("too many failed authentications: peer address locked out", peer=peer,
+                            address=address, lockout_s=self.limiter.lockout_s,
+                            burst=self.limiter.burst, window_s=self.limiter.burst / self.limiter.rate)
+            return e.code, str(e)
+        return None
 
 
 def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials:

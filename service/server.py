@@ -40,6 +40,7 @@ from .security import (
     AuthInterceptor,
     Tenant,
     TokenTable,
+    drain_refusal,
     server_credentials,
 )
 from .session import Session, SessionFailure, Timeline
@@ -114,7 +115,12 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
 
     # ---- unary ---------------------------------------------------------------------------------
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
-        return self.app.server_info()
+        """The caller's view: its own tenant's sessions and avatars, and no file path unless it is an admin."""
+        try:
+            tenant = self._tenant(context)
+        except SessionFailure as f:
+            await context.abort(f.code, f.message)
+        return self.app.server_info(tenant)
 
     async def RegisterAvatar(self, request: pb.RegisterAvatarRequest,
                              context: grpc.aio.ServicerContext) -> pb.RegisterAvatarResponse:
@@ -165,11 +171,10 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
             tenant = self._tenant(context)
         except SessionFailure as f:
             await context.abort(f.code, f.message)
-        peer = context.peer() or ""
-        local = peer.startswith(("ipv4:127.", "ipv6:[::1]", "ipv6:[::ffff:127.", "unix:"))
-        if not local and tenant.name not in app.admin_tenants:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                "Drain is allowed from the replica's own host or with an admin tenant's token")
+        refused = drain_refusal(tenant, context.peer() or "", app.tokens.enabled, app.admin_tenants)
+        if refused is not None:
+            log.warning("drain refused", peer=context.peer(), tenant=tenant.name, auth=app.tokens.enabled)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refused)
         if request.deadline_s < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "deadline_s must be >= 0 (0: the server's grace)")
         deadline = request.deadline_s or app.cfg.grace_s
@@ -337,11 +342,13 @@ class App:
         self.metrics.anchor_similarity_floor.set(floor or 0.0)
         self.scheduler = Scheduler(self.engine, self.metrics, max_batch=self.cfg.max_batch, drift_floor=floor)
         self.scheduler.start()
+        # Auth failures are logged, counted and rate-limited per peer address (self.auth.limiter).
+        self.auth = AuthInterceptor(self.tokens, self.metrics) if self.tokens.enabled else None
         self.server = grpc.aio.server(options=[
             # An image and (RegisterAvatar) a float32 text context file of up to 16 MiB.
             ("grpc.max_receive_message_length", self.cfg.max_image_bytes + 17 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ], interceptors=[AuthInterceptor(self.tokens)] if self.tokens.enabled else None)
+        ], interceptors=[self.auth] if self.auth is not None else None)
         pb_grpc.add_AvatarForcingServicer_to_server(AvatarForcingServicer(self), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -643,22 +650,33 @@ class App:
             return (*e.trailers, ("grpc-retry-pushback-ms", ms), ("retry-after-ms", ms))
         return e.trailers
 
-    def server_info(self) -> pb.ServerInfo:
+    def server_info(self, tenant: Tenant | None = None) -> pb.ServerInfo:
+        """``GetServerInfo`` as ``tenant`` sees it: its own active sessions and registered avatars on this replica,
+        and the checkpoint's file name only (its path would show the server's file system). An admin tenant (with
+        auth on), or no tenant (the server itself), sees the whole replica's counts and the checkpoint's path."""
         e, lm = self.engine, self.loaded
         c, st = e.cfg, e.stream
+        full = tenant is None or (self.tokens.enabled and tenant.name in self.admin_tenants)
+        if full:
+            checkpoint, active, avatars = lm.source, len(self.scheduler.sessions), len(self.avatars)
+        else:
+            assert tenant is not None
+            checkpoint = lm.source.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+            active = sum(s.tenant == tenant.name for s in self.scheduler.sessions.values())
+            avatars = sum(a.tenant == tenant.name for a in self.avatars._by_id.values())
         return pb.ServerInfo(
             version=__version__,
-            model=pb.ModelInfo(name=c.name, checkpoint=lm.source, trained=lm.trained, layers=c.layers, width=c.dim,
+            model=pb.ModelInfo(name=c.name, checkpoint=checkpoint, trained=lm.trained, layers=c.layers, width=c.dim,
                                heads=c.heads, parameters=count_parameters(e.model), device=str(e.device),
                                dtype=str(e.dtype).replace("torch.", "")),
             stream=pb.StreamInfo(mode=st.mode, block_latent_frames=st.block_frames, window_blocks=st.window_blocks,
                                  noise_levels=list(st.levels), history_latent_frames=st.history_frames, fps=c.fps,
                                  width=c.width, height=c.height, frames_per_block=e.frames_per_block,
                                  lookahead_ms=self.lookahead_ms()),
-            capacity_sessions=e.capacity, free_slots=e.free_slots, active_sessions=len(self.scheduler.sessions),
+            capacity_sessions=e.capacity, free_slots=e.free_slots, active_sessions=active,
             supported_sample_rates_hz=list(SUPPORTED_RATES),
             supported_video_encodings=cast(list[pb.VideoEncoding], list(SUPPORTED_ENCODINGS)),
-            registered_avatars=len(self.avatars), node_id=self.node_id, address=self.router.node.address,
+            registered_avatars=avatars, node_id=self.node_id, address=self.router.node.address,
             draining=self.draining, routing=self.router.kind, routing_healthy=self.router.healthy)
 
     async def watchdog(self) -> None:

@@ -60,6 +60,10 @@ class Metrics:
         self.drift_alerts = Counter(p + "drift_alerts_total",
                                     "Sessions that crossed below the calibrated anchor-similarity floor",
                                     registry=r)
+        self.auth_failures = Counter(p + "auth_failures_total",
+                                     "Refused authentications (when auth is on), by reason: missing, malformed, "
+                                     "invalid, rate_limited (refused unchecked while the peer is locked out)",
+                                     ["reason"], registry=r)
         self.slot_bytes = Gauge(p + "slot_memory_bytes", "Device memory of one session slot", registry=r)
         self.placements = Counter(p + "placements", "CreateSession answers, by result (local: placed on this replica, "
                                   "remote: on another, resumed, refused)", ["result"], registry=r)

@@ -492,3 +492,43 @@ async def test_listen_only_session_outlives_the_idle_timeout(make_app: Callable[
                 events = [ev async for ev in s.events()]
             assert isinstance(events[-1], pb.End) and events[-1].reason == pb.END_REASON_IDLE_TIMEOUT
             assert 0.5 < time.monotonic() - t0 < 2.0
+
+
+# -- many targets: unary calls try them in turn ----------------------------------------------------
+
+
+def _dead_address() -> str:
+    """A loopback port nothing listens on (bound, then closed: connecting is refused)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+async def test_unary_calls_try_the_targets_in_turn(make_app: Callable[..., Any], png: bytes) -> None:
+    """With the first target down, server_info, register_avatar and create_session are answered by the
+    second (as the client's docstring says); an answer other than UNAVAILABLE is raised at once; with every
+    target down the last UNAVAILABLE is raised."""
+    app = await make_app()
+    live, dead = f"127.0.0.1:{app.port}", _dead_address()
+    async with AvatarForcingClient([dead, live]) as client:
+        info = await client.server_info(timeout=5)
+        assert info.node_id == app.node_id and client._front == 1
+        client._front = 0  # each call starts at the dead target again
+        avatar = await client.register_avatar(png, timeout=5)
+        assert avatar.startswith("av_")
+        client._front = 0
+        placed = await client.create_session(timeout=5)
+        assert placed.node_id == app.node_id and placed.address == live
+        async with client.session(avatar_id=avatar, video_encoding=pb.VIDEO_ENCODING_JPEG) as s:
+            assert s.started.avatar_id == avatar
+    # The live target's own answer (not UNAVAILABLE) is final: the dead one is not tried after it.
+    async with AvatarForcingClient([live, dead]) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await client.register_avatar(b"not an image", timeout=5)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    async with AvatarForcingClient([dead, _dead_address()]) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await client.server_info(timeout=5)
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE

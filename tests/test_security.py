@@ -3,6 +3,9 @@ one tenant cannot attach to, interrupt or end another tenant's session."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,10 +13,19 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from structlog.testing import capture_logs
 
 from avatarforcing_client import AvatarForcingClient, pb, pb_grpc
 from avatarforcing_service.config import ServerConfig
-from avatarforcing_service.security import TokenTable
+from avatarforcing_service.security import (
+    AUTH_FAILURE_BURST,
+    FailureLimiter,
+    Tenant,
+    TokenTable,
+    drain_refusal,
+    is_loopback_peer,
+    peer_address,
+)
 from avatarforcing_service.server import App
 
 from .cluster import RedisServer, make_tls
@@ -21,6 +33,7 @@ from .cluster import RedisServer, make_tls
 AppFactory = Callable[..., Any]
 ALICE = "alice-token-0123456789abcdef"
 BOB = "bob-token-0123456789abcdefgh"
+ADMIN = "admin-token-0123456789abcdef"
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -73,6 +86,8 @@ async def test_tls_auth_and_tenant_isolation(make_app: AppFactory, redis_server:
     tls = make_tls(tmp_path)
     app = await make_app(tls_cert=str(tls.server_cert), tls_key=str(tls.server_key), health_port=0,
                          auth_tokens=f"alice:{ALICE}:1,bob:{BOB}", redis_url=redis_server.url)
+    assert app.auth is not None  # this test fails on purpose more often than the per-peer lockout allows
+    app.auth.limiter = FailureLimiter(burst=1000)
     target = f"127.0.0.1:{app.port}"
     # Plaintext to the TLS port: no connection.
     async with grpc.aio.insecure_channel(target) as ch:
@@ -149,3 +164,132 @@ async def test_mutual_tls_needs_a_client_certificate(make_app: AppFactory, tmp_p
     async with AvatarForcingClient(target, credentials=tls_creds(tls, client_cert=True)) as c:
         info = await c.server_info()
         assert info.routing == "local" and info.node_id == app.node_id
+
+
+# ---- Drain: admin tenants only (auth on), loopback only (auth off) ------------------------------------
+
+
+def test_drain_refusal_rules() -> None:
+    admins = {"admin"}
+    local = ("ipv4:127.0.0.1:5001", "ipv4:127.3.2.1:5001", "ipv6:[::1]:5001", "ipv6:[::ffff:127.0.0.1]:5001",
+             "unix:/run/af.sock")
+    remote = ("ipv4:10.0.0.7:5001", "ipv6:[2001:db8::1]:5001", "ipv6:[::ffff:10.0.0.7]:5001", "ipv4:1270.0.0.1:1",
+              "")
+    assert all(is_loopback_peer(p) for p in local) and not any(is_loopback_peer(p) for p in remote)
+    # Auth on: only an admin tenant, whatever its address (behind a sidecar proxy every caller is loopback).
+    for peer in local + remote:
+        assert drain_refusal(Tenant("admin"), peer, True, admins) is None
+        msg = drain_refusal(Tenant("alice"), peer, True, admins)
+        assert msg is not None and "admin tenant" in msg and "'alice'" in msg
+    # Auth off: no identity, so loopback callers only; admin_tenants naming "default" changes nothing.
+    for peer in local:
+        assert drain_refusal(Tenant("default"), peer, False, admins) is None
+    for peer in remote:
+        msg = drain_refusal(Tenant("default"), peer, False, {"default"})
+        assert msg is not None and "own host" in msg
+    assert [peer_address(p) for p in ("ipv4:10.0.0.7:5001", "ipv6:[::1]:5001", "unix:/x")] == \
+        ["10.0.0.7", "::1", "unix:/x"]
+
+
+async def test_drain_needs_an_admin_token_even_from_loopback(make_app: AppFactory) -> None:
+    app = await make_app(auth_tokens=f"alice:{ALICE},admin:{ADMIN}")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        stub = pb_grpc.AvatarForcingStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await stub.Drain(pb.DrainRequest(deadline_s=1.0), metadata=bearer(ALICE))
+        assert ei.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "admin tenant" in (ei.value.details() or "") and "admin_tenants" in (ei.value.details() or "")
+        assert not app.draining
+        r = await stub.Drain(pb.DrainRequest(deadline_s=1.0), metadata=bearer(ADMIN))
+        assert r.deadline_s == 1.0 and app.draining
+
+
+# ---- failed authentication: logged, counted, rate-limited per peer address ---------------------------
+
+
+def test_failure_limiter_token_bucket() -> None:
+    now = [100.0]
+    lim = FailureLimiter(burst=3, window_s=3.0, lockout_s=20.0, clock=lambda: now[0])
+    assert not lim.failure("a") and not lim.failure("a")
+    assert lim.failure("a") and lim.retry_after("a") == 20.0 and lim.retry_after("b") == 0.0  # per address
+    now[0] += 20.0
+    assert lim.retry_after("a") == 0.0
+    # One failure a second refills as fast as it drains (3 in 3 s): never locked out.
+    for _ in range(10):
+        now[0] += 1.0
+        assert not lim.failure("b")
+    lim = FailureLimiter(burst=2, window_s=1.0, max_peers=2, clock=lambda: now[0])
+    lim.failure("x"), lim.failure("y"), lim.failure("z")
+    assert len(lim._peers) == 2 and "x" not in lim._peers  # the longest-quiet address is forgotten
+
+
+async def test_auth_failures_are_logged_counted_and_rate_limited(make_app: AppFactory, png: bytes) -> None:
+    app = await make_app(auth_tokens=f"alice:{ALICE}")
+    target = f"127.0.0.1:{app.port}"
+    guess = "guessed-secret-0123456789abcdef"
+
+    def failures(reason: str) -> float:
+        return app.metrics.registry.get_sample_value("avatarforcing_auth_failures_total", {"reason": reason}) or 0.0
+
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = pb_grpc.AvatarForcingStub(ch)
+        with capture_logs() as logs:
+            for md in [(), (("authorization", guess),)] + [bearer(guess)] * (AUTH_FAILURE_BURST - 2):
+                with pytest.raises(grpc.aio.AioRpcError) as ei:
+                    await stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=md)
+                assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "too many" not in (ei.value.details() or "")
+        assert (failures("missing"), failures("malformed"), failures("invalid")) == (1, 1, AUTH_FAILURE_BURST - 2)
+        failed = [e for e in logs if e["event"] == "authentication failed"]
+        assert len(failed) == AUTH_FAILURE_BURST and all(e["log_level"] == "warning" for e in failed)
+        assert [e["reason"] for e in failed[:3]] == ["missing", "malformed", "invalid"]
+        assert all(e["peer"].startswith("ipv4:127.0.0.1:") and "GetServerInfo" in e["method"] for e in failed)
+        assert any(e["event"].startswith("too many failed") for e in logs)
+        assert guess not in repr(logs)  # the token itself is never logged
+
+        # Locked out: every RPC from this address is refused unchecked, even with a valid token...
+        for call in (stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=bearer(ALICE)),
+                     stub.RegisterAvatar(pb.RegisterAvatarRequest(image=png), metadata=bearer(ALICE))):
+            with pytest.raises(grpc.aio.AioRpcError) as ei:
+                await call
+            assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            m = re.fullmatch(r"too many failed attempts; retry after (\d+) s", ei.value.details() or "")
+            assert m is not None and 25 <= int(m.group(1)) <= 30, ei.value.details()  # the 30 s lockout
+        err = await refusal(ch, bearer(ALICE), cfg(png))
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "too many failed" in (err.details() or "")
+        assert failures("rate_limited") == 3 and failures("invalid") == AUTH_FAILURE_BURST - 2
+        # ...but health, which needs no token, still answers.
+        assert (await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        # After the lockout the valid token works again.
+        assert app.auth is not None
+        app.auth.limiter.clock = lambda: time.monotonic() + 31
+        info = await stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=bearer(ALICE))
+        assert info.node_id == app.node_id
+
+
+# ---- GetServerInfo: per tenant, no file paths --------------------------------------------------------
+
+
+async def test_server_info_is_per_tenant_and_hides_paths(make_app: AppFactory, png: bytes) -> None:
+    app = await make_app(auth_tokens=f"alice:{ALICE},bob:{BOB},admin:{ADMIN}")
+    path = "/srv/secret-models/run-17/avatarforcing.safetensors"
+    app.loaded = dataclasses.replace(app.loaded, source=path)
+    target = f"127.0.0.1:{app.port}"
+    async with AvatarForcingClient(target, token=ALICE) as alice, AvatarForcingClient(target, token=BOB) as bob, \
+            AvatarForcingClient(target, token=ADMIN) as admin:
+        avatar = await alice.register_avatar(png)
+        async with alice.session(avatar_id=avatar, video_encoding=pb.VIDEO_ENCODING_JPEG):
+            a, b, adm = await alice.server_info(), await bob.server_info(), await admin.server_info()
+        assert (a.active_sessions, a.registered_avatars) == (1, 1)
+        assert (b.active_sessions, b.registered_avatars) == (0, 0)
+        assert (adm.active_sessions, adm.registered_avatars) == (1, 1)
+        assert a.model.checkpoint == b.model.checkpoint == "avatarforcing.safetensors"
+        assert adm.model.checkpoint == path
+        for info in (a, b, adm):
+            assert info.capacity_sessions == 4 and info.free_slots == 4 - 1  # capacity is everyone's
+    # Auth off: no one is an admin, so no path either.
+    app2 = await make_app()
+    app2.loaded = dataclasses.replace(app2.loaded, source=path)
+    async with AvatarForcingClient(f"127.0.0.1:{app2.port}") as c:
+        assert (await c.server_info()).model.checkpoint == "avatarforcing.safetensors"

@@ -71,6 +71,8 @@ _CLOSE_WAIT_S = 1.0
 OWNER_ADDRESS_KEY = "avatarforcing-owner-address"
 _RETRY_PLACEMENT = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
                     grpc.StatusCode.DEADLINE_EXCEEDED)
+#: Unary-call failures after which the next target is tried (the target is unreachable or silent).
+_TRY_NEXT_TARGET = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 #: Stream failures after which a session resumes on another replica.
 _RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
 
@@ -170,25 +172,20 @@ class AvatarForcingClient:
             self._replicas[address] = (ch, pb_grpc.AvatarForcingStub(ch))
         return self._replicas[address][1]
 
-    async def create_session(
-        self, resume_session_id: str = "", session_token: str = "", *, timeout: float | None = 5.0
-    ) -> pb.CreateSessionResponse:
-        """Placement (``CreateSession``): which replica runs a new session, or where an existing one
-        resumes. Tries each target in turn while one is ``UNAVAILABLE``. :meth:`Session.start` calls
-        it for you."""
+    async def _unary(self, method: str, request: Any, timeout: float | None) -> Any:
+        """One unary call, to each target in turn (starting with the one that answered last) while the
+        target is unreachable (``UNAVAILABLE``: connection refused, reset, no route, ...) or does not answer
+        in time (``DEADLINE_EXCEEDED``); any other status is the answer and is raised at once. When every
+        target failed, the last target's error is raised."""
         err: grpc.aio.AioRpcError | None = None
         n = len(self.targets)
         for i in range(n):
             k = (self._front + i) % n
             stub = self._stub_for(self.targets[k])
             try:
-                resp: pb.CreateSessionResponse = await stub.CreateSession(
-                    pb.CreateSessionRequest(resume_session_id=resume_session_id, session_token=session_token),
-                    metadata=self._metadata,
-                    timeout=timeout,
-                )
+                resp = await getattr(stub, method)(request, metadata=self._metadata, timeout=timeout)
             except grpc.aio.AioRpcError as e:
-                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                if e.code() not in _TRY_NEXT_TARGET:
                     raise
                 err = e
                 continue
@@ -196,6 +193,19 @@ class AvatarForcingClient:
             return resp
         assert err is not None
         raise err
+
+    async def create_session(
+        self, resume_session_id: str = "", session_token: str = "", *, timeout: float | None = 5.0
+    ) -> pb.CreateSessionResponse:
+        """Placement (``CreateSession``): which replica runs a new session, or where an existing one
+        resumes. Tries each target in turn while one is ``UNAVAILABLE``. :meth:`Session.start` calls
+        it for you."""
+        resp: pb.CreateSessionResponse = await self._unary(
+            "CreateSession",
+            pb.CreateSessionRequest(resume_session_id=resume_session_id, session_token=session_token),
+            timeout,
+        )
+        return resp
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -232,11 +242,9 @@ class AvatarForcingClient:
     # -- unary RPCs --------------------------------------------------------------------------
 
     async def server_info(self, *, timeout: float | None = None) -> pb.ServerInfo:
-        """Return the server's model/stream configuration and capacity (``GetServerInfo``)."""
-        stub = self._ensure_stub()
-        info: pb.ServerInfo = await stub.GetServerInfo(
-            pb.GetServerInfoRequest(), metadata=self._metadata, timeout=timeout
-        )
+        """Return the server's model/stream configuration and capacity (``GetServerInfo``), from the
+        first target that answers (see ``target``)."""
+        info: pb.ServerInfo = await self._unary("GetServerInfo", pb.GetServerInfoRequest(), timeout)
         return info
 
     async def register_avatar(self, image: bytes, name: str = "", *, text_context: bytes = b"",
@@ -251,11 +259,10 @@ class AvatarForcingClient:
         """
         if not isinstance(image, bytes | bytearray | memoryview) or len(image) == 0:
             raise ValueError("image must be non-empty PNG or JPEG bytes")
-        stub = self._ensure_stub()
-        resp: pb.RegisterAvatarResponse = await stub.RegisterAvatar(
+        resp: pb.RegisterAvatarResponse = await self._unary(
+            "RegisterAvatar",
             pb.RegisterAvatarRequest(image=bytes(image), name=name, text_context=bytes(text_context)),
-            metadata=self._metadata,
-            timeout=timeout,
+            timeout,
         )
         return resp.avatar_id
 
