@@ -45,6 +45,7 @@ from .security import (
 )
 from .session import Session, SessionFailure, Timeline
 from .telemetry import Metrics
+from .wire import add_guarded_servicer
 
 log = structlog.get_logger("avatarforcing.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AvatarForcing"].full_name
@@ -349,7 +350,8 @@ class App:
             ("grpc.max_receive_message_length", self.cfg.max_image_bytes + 17 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ], interceptors=[self.auth] if self.auth is not None else None)
-        pb_grpc.add_AvatarForcingServicer_to_server(AvatarForcingServicer(self), self.server)
+        # Request bytes that do not parse are answered INVALID_ARGUMENT, not UNKNOWN with a traceback (wire.py).
+        add_guarded_servicer(pb_grpc.add_AvatarForcingServicer_to_server, AvatarForcingServicer(self), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
