@@ -482,10 +482,14 @@ class StreamEngine:
         B, H = self.B, self.H
 
         def table(anchor_pos: int) -> RopeTable:
-            if anchor_pos not in self._anchor_ropes:
-                self._anchor_ropes[anchor_pos] = RopeTable.cat([RopeTable(self.cfg, [anchor_pos], self.device,
-                                                                          self.dtype), self.rope_history])
-            return self._anchor_ropes[anchor_pos]
+            # Only the window pass's H + 1 offsets are kept: the clean pass's offset moves back every step, and
+            # caching those would grow with the stream.
+            t = self._anchor_ropes.get(anchor_pos)
+            if t is None:
+                t = RopeTable.cat([RopeTable(self.cfg, [anchor_pos], self.device, self.dtype), self.rope_history])
+                if 0 <= anchor_pos <= H:
+                    self._anchor_ropes[anchor_pos] = t
+            return t
 
         emitted = [max(k - (self.L - 1), 0) for k in steps]
         window = RopeTable.rows([table(H - min(H, B * e)) for e in emitted])
