@@ -50,7 +50,11 @@ class ServerConfig:
     queue_frames: int = 50  # per-session output queue bound (frames)
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
-    max_avatars: int = 256
+    max_avatars: int = 256  # prepared avatars held by one replica (a cache: the store keeps the images)
+    tenant_max_avatars: int = 64  # avatars per tenant, here and in the store: its least recently used go first
+    avatar_dir: str = ""  # a volume every replica mounts: registered avatars survive the routing store's restarts
+    image_rate_per_s: float = 1.0  # new images (RegisterAvatar, reference_image) a tenant may send per second...
+    image_burst: int = 5  # ...in bursts of this many (a known image costs nothing); 0 rate: no limit
     grace_s: float = 10.0  # graceful shutdown: live sessions get this long to finish
     # Routing (docs/routing.md). Empty redis_url: the in-process router (one node, no store).
     redis_url: str = ""
@@ -97,6 +101,9 @@ class ServerConfig:
             (not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca needs tls_cert and tls_key"),
             (-1 <= self.health_port < 65536, "health_port must be -1 (off) or in 0..65535"),
             (self.tenant_max_sessions >= 0, "tenant_max_sessions must be >= 0"),
+            (self.max_avatars >= 1 and self.tenant_max_avatars >= 0,
+             "max_avatars must be >= 1 and tenant_max_avatars >= 0"),
+            (self.image_rate_per_s >= 0 and self.image_burst >= 1, "image_rate_per_s must be >= 0, image_burst >= 1"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}"),
             (self.compile in ("auto", "on", "off"), f"compile must be auto, on or off, not {self.compile!r}"),
             (self.attention in ("auto", "cudnn", "flash", "efficient", "math"),

@@ -45,6 +45,7 @@ class Scheduler:
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+        self.last_step_at = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # ---- engine thread ---------------------------------------------------------------------------
@@ -133,6 +134,15 @@ class Scheduler:
                     s.in_flight = False
                     s.fail(SessionFailure(grpc.StatusCode.INTERNAL, f"internal error while stepping: {e}"))
 
+    def progressing(self, stall_s: float = 5.0) -> bool:
+        """False when a step has been due for ``stall_s`` and none finished: the engine is wedged (a hung
+        device, a step that never returns). The routing heartbeat then publishes this node as stalled."""
+        now = time.monotonic()
+        due = [s.deadline() for s in self.sessions.values() if s.realtime and not s.ending]
+        if not due or now - min(due) < stall_s:
+            return True
+        return now - self.last_step_at < stall_s
+
     async def _step(self, batch: list[Session]) -> None:
         blocks = [s.take_block() for s in batch]
         clears = [s for s in self.sessions.values() if s.clear_requested and not s.released]
@@ -160,6 +170,7 @@ class Scheduler:
                 s.fail(SessionFailure(grpc.StatusCode.INTERNAL, f"the engine failed on this session's step: {e}"))
             return
         dt = time.perf_counter() - t0
+        self.last_step_at = time.monotonic()
         self.metrics.step_duration.observe(dt)
         self.metrics.batch_size.observe(len(batch))
         for s, r, b in zip(batch, results, blocks, strict=True):

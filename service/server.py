@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
-import hashlib
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, cast
 
 import grpc
@@ -19,7 +16,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from avatarforcing import AnchorState, NoFreeSlotError, StreamEngine
+from avatarforcing import NoFreeSlotError, StreamEngine
 from avatarforcing.checkpoint import LoadedModel, choose_decoder, drift_floor, load_default
 from avatarforcing.model import count_parameters
 from avatarforcing.text_context import load_context
@@ -28,6 +25,7 @@ from avatarforcing_client.v1 import avatarforcing_pb2_grpc as pb_grpc
 
 from . import __version__
 from .audio_in import SUPPORTED_RATES, AudioError, AudioInput, AudioOverflowError
+from .avatars import Avatar, AvatarDir, AvatarRegistry, RateLimited, TenantRateLimiter, content_digest, decode_pool
 from .codecs import SUPPORTED_ENCODINGS, UnsupportedEncodingError, make_encoder
 from .config import ServerConfig
 from .images import ImageError, load_reference_image
@@ -49,49 +47,6 @@ from .wire import add_guarded_servicer
 
 log = structlog.get_logger("avatarforcing.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AvatarForcing"].full_name
-
-
-@dataclass
-class Avatar:
-    id: str
-    name: str
-    anchor: AnchorState
-    digest: str
-    tenant: str = DEFAULT_TENANT
-
-
-class AvatarRegistry:
-    """Registered avatars (anchors computed once), least recently used evicted past ``capacity``."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._by_id: collections.OrderedDict[str, Avatar] = collections.OrderedDict()
-        self._by_digest: dict[str, str] = {}
-
-    def get(self, avatar_id: str, tenant: str = DEFAULT_TENANT) -> Avatar | None:
-        """The avatar, if registered here by ``tenant`` (another tenant's avatar is not found)."""
-        a = self._by_id.get(avatar_id)
-        if a is None or a.tenant != tenant:
-            return None
-        self._by_id.move_to_end(avatar_id)
-        return a
-
-    def by_digest(self, digest: str, tenant: str = DEFAULT_TENANT) -> Avatar | None:
-        aid = self._by_digest.get(f"{tenant}\0{digest}")
-        return None if aid is None else self.get(aid, tenant)
-
-    def add(self, name: str, anchor: AnchorState, digest: str, tenant: str = DEFAULT_TENANT,
-            avatar_id: str | None = None) -> Avatar:
-        a = Avatar(avatar_id or "av_" + secrets.token_urlsafe(16), name, anchor, digest, tenant)
-        self._by_id[a.id] = a
-        self._by_digest[f"{tenant}\0{digest}"] = a.id
-        while len(self._by_id) > self.capacity:
-            _, old = self._by_id.popitem(last=False)
-            self._by_digest.pop(f"{old.tenant}\0{old.digest}", None)
-        return a
-
-    def __len__(self) -> int:
-        return len(self._by_id)
 
 
 def _abort_code(e: Exception) -> tuple[grpc.StatusCode, str]:
@@ -131,8 +86,12 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
                                                       text_context=request.text_context)
         except (ImageError, ValueError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        # Other replicas load the avatar from the routing store when a session names it (resume).
-        await self.app.router.put_avatar(avatar.id, tenant.name, request.image, request.text_context)
+        except RateLimited as e:
+            ms = str(int(e.retry_after_s * 1000) + 1)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e),
+                                (("retry-after-ms", ms), ("grpc-retry-pushback-ms", ms)))
+        # Other replicas load the avatar from the routing store (or the avatar volume) when a session names it.
+        await self.app.store_avatar(avatar)
         c = self.app.engine.cfg
         return pb.RegisterAvatarResponse(avatar_id=avatar.id, width=c.width, height=c.height)
 
@@ -145,7 +104,8 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
                 if not request.session_token:
                     raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
                                          "resume_session_id needs the session's session_token")
-                pl = await app.router.resume(request.resume_session_id, request.session_token, tenant.name)
+                pl = await app.router.resume(request.resume_session_id, request.session_token, tenant.name,
+                                             app.tenant_limit(tenant))
             else:
                 if request.session_token:
                     raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
@@ -241,10 +201,9 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
             if reader is not None:
                 reader.cancel()
             if session is not None:
-                await app.scheduler.release(session)
-                await asyncio.shield(app.release_route(session))
-                session.log.info("session closed", frames_sent=session.frames_sent,
-                                 frames_dropped=session.frames_dropped, steps=session.steps)
+                # One task frees the slot, the encoder and the routing record; a second cancellation of this
+                # handler (the client closing right after End) cannot interrupt it half way.
+                await app.close_session(session)
 
     async def _read(self, it: AsyncIterator[pb.StreamRequest], s: Session) -> None:
         try:
@@ -311,6 +270,8 @@ class App:
         self.scheduler: Scheduler = None  # type: ignore[assignment]  # made in start()
         self.router: Router = None  # type: ignore[assignment]  # made in start(), once the port is known
         self.owned: dict[str, Session] = {}  # session id -> the Session streaming it here
+        self._closing: set[asyncio.Task[None]] = set()
+        self.hooks: dict[str, Callable[[Session | None], Awaitable[None]]] = {}
         try:
             self.tokens = TokenTable.load(cfg.auth_tokens_file, cfg.auth_tokens)
             self.credentials = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert \
@@ -322,7 +283,12 @@ class App:
         self.health_server: grpc.aio.Server | None = None
         self.health_port = -1
         self._drain_task: asyncio.Task[None] | None = None
-        self.avatars = AvatarRegistry(cfg.max_avatars)
+        self.avatars = AvatarRegistry(cfg.max_avatars, cfg.tenant_max_avatars)
+        self.avatar_dir = AvatarDir(cfg.avatar_dir) if cfg.avatar_dir else None
+        # Decoding an image costs up to a second of CPU (4096x4096): rate-limited per tenant, run one at a time
+        # on a low-priority thread, so that one tenant's uploads cannot stall the other sessions' frames.
+        self.image_rate = TenantRateLimiter(cfg.image_rate_per_s, cfg.image_burst, "new images")
+        self._decode_pool = decode_pool()
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -349,6 +315,13 @@ class App:
             # An image and (RegisterAvatar) a float32 text context file of up to 16 MiB.
             ("grpc.max_receive_message_length", self.cfg.max_image_bytes + 17 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            # Clients' keepalive pings (the SDKs send one every 10 s) are welcome, with or without a call; the
+            # server pings too, so a client that vanished without a FIN is noticed.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ("grpc.keepalive_time_ms", 20000),
+            ("grpc.keepalive_timeout_ms", 10000),
         ], interceptors=[self.auth] if self.auth is not None else None)
         # Request bytes that do not parse are answered INVALID_ARGUMENT, not UNKNOWN with a traceback (wire.py).
         add_guarded_servicer(pb_grpc.add_AvatarForcingServicer_to_server, AvatarForcingServicer(self), self.server)
@@ -402,10 +375,14 @@ class App:
             from .routing.redis_store import RedisRouter
 
             router = RedisRouter(node, limits, lambda: self.engine.free_slots, url=cfg.redis_url,
-                                 prefix=cfg.redis_prefix)
+                                 prefix=cfg.redis_prefix, avatar_quota=cfg.tenant_max_avatars)
         else:
             router = LocalRouter(node, limits, lambda: self.engine.free_slots)
         router.on_lost = self._on_lost
+        if hasattr(router, "on_store_lost"):
+            router.on_store_lost = self._store_lost
+        router.held = lambda: {sid: s.epoch for sid, s in self.owned.items()}
+        router.progressing = self.scheduler.progressing
         return router
 
     def _on_lost(self, session_id: str) -> None:
@@ -417,14 +394,39 @@ class App:
     def tenant_limit(self, tenant: Tenant) -> int:
         return tenant.max_sessions or self.cfg.tenant_max_sessions
 
+    async def close_session(self, s: Session) -> None:
+        """Frees everything ``s`` holds (engine slot, encoder, routing record), exactly once, in a task of its own:
+        cancelling the caller (a handler whose client went away while it was closing) cannot skip a step."""
+        if s.close_task is None:
+            s.close_task = asyncio.create_task(self._close(s), name=f"close-{s.id}")
+            self._closing.add(s.close_task)
+            s.close_task.add_done_callback(self._closing.discard)
+        await asyncio.shield(s.close_task)
+
+    async def _close(self, s: Session) -> None:
+        try:
+            await self.scheduler.release(s)
+        finally:
+            await self.release_route(s)
+            s.log.info("session closed", frames_sent=s.frames_sent, frames_dropped=s.frames_dropped, steps=s.steps,
+                       first_frame_ts=s.first_frame_ts, last_frame_ts=s.last_frame_ts, epoch=s.epoch)
+
     async def release_route(self, s: Session) -> None:
-        """Gives the session's routing record back, exactly once, unless another stream took it over."""
+        """Gives the session's routing record back, exactly once. The router compares the stream's epoch: when a
+        newer stream of the session attached meanwhile (here or elsewhere), nothing of its record changes."""
         if s.route_released:
             return
         s.route_released = True
         if self.owned.get(s.id) is s:
             del self.owned[s.id]
-            await self.router.release(s.id, s.resumable)
+        await self._hook("release_route", s)
+        await self.router.release(s.id, s.epoch, s.resumable)
+
+    async def _hook(self, point: str, s: Session | None = None) -> None:
+        """Test seam: tests hold a task at a racing point (tests/test_routing_races.py). Nothing is set in service."""
+        hook = self.hooks.get(point)
+        if hook is not None:
+            await hook(s)
 
     async def drain(self, deadline_s: float) -> int:
         """NOT_SERVING, draining in the registry, no new sessions; live ones end after ``deadline_s``."""
@@ -487,19 +489,21 @@ class App:
         return e.frames_per_block * (e.L - 1) / e.cfg.fps * 1000
 
     async def avatar_from_image(self, data: bytes, name: str = "", tenant: str = DEFAULT_TENANT,
-                                avatar_id: str | None = None, text_context: bytes = b"") -> Avatar:
+                                avatar_id: str | None = None, text_context: bytes = b"",
+                                rate_limited: bool = True) -> Avatar:
         """The avatar of a face (and, for a model with a text context, of a prompt's context file).
 
-        Hashing and decoding run in a worker thread (hashlib and PIL release the GIL), not on the event loop: a
-        large upload would otherwise stall every other session's frames for as long as it takes to decode.
+        An image this tenant registered before is not decoded again. A new one counts against the tenant's image
+        rate (``rate_limited``: not for an avatar the server itself reloads from a store), and is decoded on the
+        low-priority decode thread, not on the event loop.
         """
-        def avatar_digest() -> str:
-            return hashlib.sha256(data + b"\0" + hashlib.sha256(text_context).digest()).hexdigest()
-
-        digest = await asyncio.to_thread(avatar_digest)
+        loop = asyncio.get_running_loop()
+        digest = await loop.run_in_executor(self._decode_pool, content_digest, data, text_context)
         known = self.avatars.by_digest(digest, tenant)
         if known is not None and avatar_id in (None, known.id):
             return known
+        if rate_limited:
+            self.image_rate.take(tenant)
         c = self.engine.cfg
         ctx = None
         if text_context:
@@ -507,12 +511,50 @@ class App:
                 raise ValueError(f"this server's model ({c.name}) has no text prompt: register the avatar "
                                  "without text_context")
             ctx = load_context(text_context, text_len=c.text_len, text_dim=c.text_dim, name="the uploaded context")
-        img = await asyncio.to_thread(load_reference_image, data, c.width, c.height,
-                                      max_bytes=self.cfg.max_image_bytes, max_pixels=self.cfg.max_image_pixels)
+        img = await loop.run_in_executor(
+            self._decode_pool, lambda: load_reference_image(data, c.width, c.height, max_bytes=self.cfg.max_image_bytes,
+                                                            max_pixels=self.cfg.max_image_pixels))
         anchor = await self.scheduler.in_engine(self.engine.prepare_anchor, img, ctx)
-        avatar = self.avatars.add(name, anchor, digest, tenant, avatar_id)
+        avatar = self.avatars.add(name, anchor, digest, tenant, avatar_id, image=data, text_context=text_context)
         log.info("avatar registered", avatar_id=avatar.id, name=name, tenant=tenant)
         return avatar
+
+    async def store_avatar(self, avatar: Avatar) -> None:
+        """Makes ``avatar`` loadable by every replica: the routing store, and the shared avatar volume if set."""
+        await self.router.put_avatar(avatar.id, avatar.tenant, avatar.image, avatar.text_context)
+        if self.avatar_dir is not None:
+            try:
+                await asyncio.to_thread(self.avatar_dir.put, avatar.id, avatar.tenant, avatar.image,
+                                        avatar.text_context)
+            except OSError as e:
+                log.warning("could not write the avatar to the avatar volume", avatar_id=avatar.id, error=str(e))
+
+    async def load_avatar(self, avatar_id: str, tenant: str) -> Avatar | None:
+        """An avatar registered on another replica (or before a restart): from the routing store, else the volume."""
+        stored = await self.router.get_avatar(avatar_id, tenant)
+        if stored is None and self.avatar_dir is not None:
+            stored = await asyncio.to_thread(self.avatar_dir.get, avatar_id, tenant)
+            if stored is not None:  # back into the store for the next replica
+                await self.router.put_avatar(avatar_id, tenant, *stored)
+        if stored is None:
+            return None
+        try:
+            return await self.avatar_from_image(stored[0], "", tenant, avatar_id, text_context=stored[1],
+                                                rate_limited=False)
+        except ValueError as e:  # ImageError, or a context this model cannot take
+            raise SessionFailure(grpc.StatusCode.INTERNAL, f"stored avatar {avatar_id} is unusable: {e}") from None
+
+    async def _store_lost(self) -> None:
+        """The routing store came back without our records (restarted empty, FLUSHALL): the avatars of the sessions
+        streaming here go back in, so that they can still resume on another replica."""
+        seen: set[str] = set()
+        for s in list(self.owned.values()):
+            a = self.avatars.get(s.avatar_id, s.tenant)
+            if a is not None and a.id not in seen and a.image:
+                seen.add(a.id)
+                await self.router.put_avatar(a.id, a.tenant, a.image, a.text_context)
+        if seen:
+            log.info("avatars of live sessions written back to the routing store", count=len(seen))
 
     async def open_session(self, sc: pb.SessionConfig, tenant: Tenant | None = None) -> Session:
         tenant = tenant or Tenant(DEFAULT_TENANT)
@@ -552,22 +594,20 @@ class App:
         if ref == "avatar_id":
             avatar = self.avatars.get(sc.avatar_id, tenant.name)
             if avatar is None:  # registered on another replica: its image is in the routing store
-                stored = await self.router.get_avatar(sc.avatar_id, tenant.name)
-                if stored is not None:
-                    try:
-                        avatar = await self.avatar_from_image(stored[0], "", tenant.name, sc.avatar_id,
-                                                              text_context=stored[1])
-                    except ValueError as e:  # ImageError, or a context this model cannot take
-                        raise SessionFailure(grpc.StatusCode.INTERNAL, f"stored avatar is unusable: {e}") from None
+                avatar = await self.load_avatar(sc.avatar_id, tenant.name)
             if avatar is None:
                 raise SessionFailure(grpc.StatusCode.NOT_FOUND,
-                                     f"avatar {sc.avatar_id!r} is not registered on this replica; register it "
-                                     "with RegisterAvatar or send reference_image")
+                                     f"avatar {sc.avatar_id!r} is not registered (or was removed); register it "
+                                     "again with RegisterAvatar (the same image gets the same id) or send "
+                                     "reference_image")
         elif ref == "reference_image":
             try:
                 avatar = await self.avatar_from_image(sc.reference_image, "", tenant.name)
             except ImageError as e:
                 raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            except RateLimited as e:
+                raise SessionFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e),
+                                     (("retry-after-ms", str(int(e.retry_after_s * 1000) + 1)),)) from None
         else:
             raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
                                  "SessionConfig needs a reference: reference_image (PNG/JPEG bytes) or avatar_id")
@@ -579,40 +619,51 @@ class App:
             raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         seed = sc.seed or secrets.randbits(63)
         # Routing: attach to the session placed by CreateSession, or place one here.
+        limit = self.tenant_limit(tenant)
         try:
             if sc.session_id:
-                rec = await self.router.attach(sc.session_id, sc.session_token, tenant.name)
+                rec = await self.router.attach(sc.session_id, sc.session_token, tenant.name, limit)
                 token = ""
             else:
-                rec, token = await self.router.create_local(tenant.name, self.tenant_limit(tenant))
+                rec, token = await self.router.create_local(tenant.name, limit)
         except RoutingError as e:
             raise SessionFailure(e.code, e.message, e.trailers) from None
-        sid = rec.session_id
+        sid, epoch = rec.session_id, rec.epoch
+        await self._hook("attached")
         old = self.owned.get(sid)
-        if old is not None:  # the same session attached again (its client reconnected): the new stream wins
-            old.log.info("superseded by a new stream for the same session")
+        if old is not None and old.epoch < epoch:
+            # The same session attached again (its client lost only its connection): the new stream wins. The
+            # old stream's cleanup carries the old epoch, so it cannot release the record this stream now holds.
+            old.log.info("superseded by a new stream for the same session", epoch=epoch)
             old.fail(SessionFailure(grpc.StatusCode.ABORTED, "another stream attached to this session; this one ends"))
+            del self.owned[sid]
             await self.scheduler.release(old)
         try:
             slot = await self.scheduler.allocate(avatar.anchor, seed)
         except NoFreeSlotError:
-            await self.router.release(sid, resumable=True)
+            await asyncio.shield(self.router.release(sid, epoch, resumable=True))
             raise SessionFailure(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  f"all {self.cfg.max_sessions} session slots of this replica are in use; retry "
                                  "later or on another replica") from None
         except BaseException:
-            await asyncio.shield(self.router.release(sid, resumable=True))
+            await asyncio.shield(self.router.release(sid, epoch, resumable=True))
             raise
         try:
             encoder = make_encoder(sc.video_encoding, c.width, c.height, c.fps, jpeg_quality=sc.jpeg_quality,
                                    bitrate_bps=sc.video_bitrate_bps)
         except Exception as e:
             await self.scheduler.in_engine(self.engine.free, slot)
-            await self.router.release(sid, resumable=False)
+            await asyncio.shield(self.router.release(sid, epoch, resumable=False))
             raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT, f"cannot create the video encoder: {e}") from None
+        if self.router.local.get(sid) is None or self.router.local[sid].epoch != epoch:
+            # A newer stream attached while this one was being set up, or the session moved: this one yields.
+            await self.scheduler.in_engine(self.engine.free, slot)
+            encoder.close()
+            raise SessionFailure(grpc.StatusCode.ABORTED, "another stream attached to this session; this one ends")
         s = Session(id=sid, config=sc, slot=slot, audio=audio, encoder=encoder, timeline=self.timeline,
                     queue_frames=self.cfg.queue_frames, max_blocks_ahead=self.cfg.max_blocks_ahead,
-                    avatar_id=avatar.id, block_offset=int(sc.resume_block), token=token, tenant=tenant.name)
+                    avatar_id=avatar.id, block_offset=int(sc.resume_block), token=token, tenant=tenant.name,
+                    epoch=epoch)
         s.log = log.bind(session_id=sid, utterance_id=sc.utterance_id or None, avatar_id=avatar.id)
         self.owned[sid] = s
         self.scheduler.add(s)
@@ -636,8 +687,10 @@ class App:
         m = self.metrics
         m.frames_emitted.inc()
         m.queue_depth.observe(s.out.frames)
+        s.last_frame_ts = time.time()
         if s.first_frame_at is None:
             s.first_frame_at = now
+            s.first_frame_ts = s.last_frame_ts
             m.time_to_first_frame.observe(now - s.t_start)
         elif s.last_frame_at is not None:
             m.inter_frame_gap.observe(now - s.last_frame_at)
@@ -665,7 +718,7 @@ class App:
             assert tenant is not None
             checkpoint = lm.source.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
             active = sum(s.tenant == tenant.name for s in self.scheduler.sessions.values())
-            avatars = sum(a.tenant == tenant.name for a in self.avatars._by_id.values())
+            avatars = self.avatars.count(tenant.name)
         return pb.ServerInfo(
             version=__version__,
             model=pb.ModelInfo(name=c.name, checkpoint=checkpoint, trained=lm.trained, layers=c.layers, width=c.dim,

@@ -126,6 +126,8 @@ class Session:
     tenant: str = ""
     resumable: bool = True  # on release: keep the routing record (detached) so that the client can resume
     route_released: bool = False
+    epoch: int = 0  # the routing record's epoch this stream attached with (its fencing token)
+    close_task: asyncio.Task[None] | None = None  # App.close_session: slot, encoder and route, exactly once
     # progress
     steps: int = 0
     in_flight: bool = False
@@ -144,6 +146,8 @@ class Session:
     frames_dropped: int = 0
     first_frame_at: float | None = None
     last_frame_at: float | None = None
+    first_frame_ts: float | None = None  # wall clock (time.time()) of the first and last frame sent: the log
+    last_frame_ts: float | None = None  # says when this replica streamed the session (chaos checks overlaps)
     last_client_msg: float = field(default_factory=time.monotonic)
     recent_sim: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=25))
     drifting: bool = False  # recent anchor similarity below the checkpoint's calibrated floor

@@ -291,11 +291,17 @@ async def test_resume_on_one_node_continues_frame_and_audio_positions(make_app: 
         call.cancel()  # the client vanishes: the session is kept (detached) for a resume
         await ch.close()
         await wait_slots_free([app])
-        with pytest.raises(grpc.aio.AioRpcError) as ei:  # a stream cannot attach to a detached session
-            ch, call = await open_raw(p.address, config(png, session_id=p.session_id, session_token=p.session_token))
-            await call.read()
-        assert ei.value.code() == grpc.StatusCode.NOT_FOUND and "resume it" in (ei.value.details() or "")
+        # The same client reattaching to the owner (it lost only its connection) is an ordinary attach, whether
+        # the old stream's release already ran (detached) or not (the epoch fences the old stream off).
+        ch, call = await open_raw(p.address, config(png, session_id=p.session_id, session_token=p.session_token))
+        assert (await call.read()).HasField("started")
+        call.cancel()
         await ch.close()
+        await wait_slots_free([app])
+        for _ in range(100):  # the cancelled stream's release detaches it
+            if p.session_id in app.router.detached:  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0.02)
         with pytest.raises(grpc.aio.AioRpcError) as ei:
             await c.create_session(p.session_id, "not-the-token")
         assert ei.value.code() == grpc.StatusCode.PERMISSION_DENIED

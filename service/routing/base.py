@@ -10,9 +10,17 @@ A session record goes through three states:
   attaches within the reservation TTL;
 - ``live``: a Stream is attached on its node; the node refreshes it while the session runs;
 - ``detached``: the stream went away without an End (the client vanished, or the replica drained
-  it away); its slot is free, and the record stays for the resume TTL so the client can resume.
+  it away); its slot is free, and the record stays for the resume TTL so the client can resume. A
+  detached session does not count against its tenant's limit; resuming it needs room under the limit.
 
 A session that ends with End (or an error status) is deleted.
+
+Every transition is a compare-and-set on the record's owner and its **epoch**, a counter that each
+attach and each move increments. A stream holds the epoch it attached with; releasing or refreshing
+the record with an older epoch changes nothing, so a stale handler (a stream that is still being
+cancelled while its client already reattached) can never release, refresh or overwrite a newer
+owner's record. Reattaching to the same owner (the client lost only its connection) is an ordinary
+attach: it bumps the epoch, and the old stream's cleanup becomes a no-op.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import grpc
 OWNER_ADDRESS_KEY = "avatarforcing-owner-address"
 
 PENDING, LIVE, DETACHED = "pending", "live", "detached"
-SERVING, DRAINING = "serving", "draining"
+SERVING, DRAINING, STALLED = "serving", "draining", "stalled"
 
 
 class RoutingError(Exception):
@@ -74,6 +82,10 @@ class Draining(RoutingError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+def store_down(what: str) -> StoreDown:
+    return StoreDown(f"cannot {what} now: the routing store (Redis) is unreachable; retry shortly")
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -106,10 +118,12 @@ class SessionRecord:
     address: str
     state: str = PENDING
     expires: float = field(default=0.0)  # monotonic, for the local backend and the local cache
+    epoch: int = 0  # incremented by every attach and move: the fencing token of the stream that holds it
+    attached_at: float = field(default=0.0)  # monotonic time of the attach that set ``epoch``
 
     def fields(self) -> dict[str, str]:
         return {"node": self.node_id, "addr": self.address, "tenant": self.tenant, "token": self.token_hash,
-                "state": self.state}
+                "state": self.state, "epoch": str(self.epoch)}
 
 
 @dataclass
@@ -130,6 +144,21 @@ class RoutingLimits:
     node_ttl_s: float = 2.0  # a node's entry expires this long after its last heartbeat
     heartbeat_s: float = 0.5
 
+    @property
+    def suspect_s(self) -> float:
+        """A node whose last heartbeat is older than this may be frozen: a resume waits for a fresher one."""
+        return 1.5 * self.heartbeat_s
+
+    @property
+    def stale_s(self) -> float:
+        """A node whose last heartbeat is older than this is taken for dead (frozen, or its loop stalled)."""
+        return min(3.0 * self.heartbeat_s, self.node_ttl_s)
+
+    @property
+    def sweep_grace_s(self) -> float:
+        """A live record that its owner has not held for this long is released by the owner's sweeper."""
+        return max(2.0, 4.0 * self.heartbeat_s)
+
 
 class Router(abc.ABC):
     """Where sessions run. ``free_slots`` is the App's view of its engine (free slots now)."""
@@ -147,6 +176,12 @@ class Router(abc.ABC):
         self.local: dict[str, SessionRecord] = {}
         # Sessions that moved to another node while this one still ran them: the App ends them.
         self.on_lost: Callable[[str], None] = lambda sid: None
+        # The sessions the App is streaming now, session id -> epoch: what the heartbeat refreshes. A
+        # live record the App does not hold (its stream ended but the release never ran) is swept.
+        self.held: Callable[[], dict[str, int]] = lambda: {}
+        # Whether this node makes progress (its engine steps its sessions): a node that does not is
+        # published as ``stalled``, so no session is placed on it and its sessions resume elsewhere.
+        self.progressing: Callable[[], bool] = lambda: True
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:  # noqa: B027 (optional hook)
@@ -164,9 +199,10 @@ class Router(abc.ABC):
         """Reserves a slot on the least-loaded serving node for a new session."""
 
     @abc.abstractmethod
-    async def resume(self, session_id: str, token: str, tenant: str) -> Placement:
+    async def resume(self, session_id: str, token: str, tenant: str, tenant_limit: int = 0) -> Placement:
         """The node to resume an existing session on: its owner while that is alive and reachable,
-        else the least-loaded other serving node (the reservation moves there)."""
+        else the least-loaded other serving node (the reservation moves there). A detached session
+        needs room under ``tenant_limit``."""
 
     @abc.abstractmethod
     async def create_local(self, tenant: str, tenant_limit: int) -> tuple[SessionRecord, str]:
@@ -174,13 +210,15 @@ class Router(abc.ABC):
         with its token."""
 
     @abc.abstractmethod
-    async def attach(self, session_id: str, token: str, tenant: str) -> SessionRecord:
+    async def attach(self, session_id: str, token: str, tenant: str, tenant_limit: int = 0) -> SessionRecord:
         """A Stream for ``session_id`` arrived here: checks the token and tenant and that this node
-        owns the session; marks it live."""
+        owns the session; marks it live with a new epoch (returned in the record). A detached session
+        owned here is reattached (within the tenant's limit)."""
 
     @abc.abstractmethod
-    async def release(self, session_id: str, resumable: bool) -> None:
-        """The session's stream ended on this node: deleted, or kept ``detached`` for resuming."""
+    async def release(self, session_id: str, epoch: int, resumable: bool) -> bool:
+        """The stream that attached ``session_id`` with ``epoch`` ended on this node: the record is deleted,
+        or kept ``detached`` for resuming. False (nothing changed) when a newer attach or a move holds it."""
 
     # ---- avatars ---------------------------------------------------------------------------------
     async def put_avatar(self, avatar_id: str, tenant: str, image: bytes,  # noqa: B027
@@ -205,10 +243,26 @@ class Router(abc.ABC):
     def _record_here(self, tenant: str, state: str) -> tuple[SessionRecord, str]:
         """A new session record owned by this node (kept in ``local``), and its token."""
         token = new_token()
+        now = time.monotonic()
         rec = SessionRecord(new_session_id(), tenant, token_hash(token), self.node.node_id, self.node.address, state,
-                            time.monotonic() + self.limits.reservation_ttl_s)
+                            now + self.limits.reservation_ttl_s, epoch=1 if state == LIVE else 0, attached_at=now)
         self.local[rec.session_id] = rec
         return rec, token
+
+    def _drop_local(self, session_id: str, epoch: int) -> bool:
+        """Forgets the local copy if ``epoch`` still holds it."""
+        rec = self.local.get(session_id)
+        if rec is None or rec.epoch != epoch:
+            return False
+        del self.local[session_id]
+        return True
+
+    def unheld(self) -> list[SessionRecord]:
+        """Live local records that the App has not been streaming for ``sweep_grace_s``: their release was
+        skipped (a handler cancelled inside it, a crash in cleanup). The heartbeat releases them."""
+        held, now = self.held(), time.monotonic()
+        return [r for r in self.local.values() if r.state == LIVE and held.get(r.session_id) != r.epoch
+                and now - r.attached_at > self.limits.sweep_grace_s]
 
     def _check_local(self, sid: str, token: str, tenant: str) -> SessionRecord:
         rec = self.local.get(sid)

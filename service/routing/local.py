@@ -30,17 +30,29 @@ class LocalRouter(Router):
         now = time.monotonic()
         for sid in [s for s, r in self.detached.items() if r.expires < now]:
             del self.detached[sid]
+        for rec in self.unheld():  # a release that never ran: the session is detached, as if it had
+            self._detach(rec)
+
+    def _detach(self, rec: SessionRecord) -> None:
+        self.local.pop(rec.session_id, None)
+        rec.state = DETACHED
+        rec.expires = time.monotonic() + self.limits.resume_ttl_s
+        self.detached[rec.session_id] = rec
 
     def _tenant_count(self, tenant: str) -> int:
+        """The tenant's pending and live sessions (detached ones hold no quota)."""
         self.local_pending()
         self._expire()
-        return sum(1 for r in (*self.local.values(), *self.detached.values()) if r.tenant == tenant)
+        return sum(1 for r in self.local.values() if r.tenant == tenant)
+
+    def _check_tenant(self, tenant: str, tenant_limit: int) -> None:
+        if tenant_limit and self._tenant_count(tenant) >= tenant_limit:
+            raise Full(f"tenant {tenant!r} already has {tenant_limit} sessions, its limit; end one first")
 
     def _admit(self, tenant: str, tenant_limit: int) -> None:
         if self.draining:
             raise Draining("this replica is draining and takes no new sessions; connect to another")
-        if tenant_limit and self._tenant_count(tenant) >= tenant_limit:
-            raise Full(f"tenant {tenant!r} already has {tenant_limit} sessions, its limit; end one first")
+        self._check_tenant(tenant, tenant_limit)
         if self.local_free() <= 0:
             raise Full(f"all {self.node.capacity} session slots of this replica are in use or reserved; retry "
                        "later or on another replica")
@@ -54,16 +66,21 @@ class LocalRouter(Router):
         self._admit(tenant, tenant_limit)
         return self._record_here(tenant, LIVE)
 
-    async def resume(self, session_id: str, token: str, tenant: str) -> Placement:
+    def _find(self, session_id: str, token: str, tenant: str) -> SessionRecord:
         self._expire()
         rec = self.local.get(session_id) or self.detached.get(session_id)
         if rec is None:
             raise NotFound(f"session {session_id} is unknown or expired; create a new one")
         if not check_token(rec.token_hash, token) or rec.tenant != tenant:
             raise Denied(f"the session token does not match session {session_id}")
+        return rec
+
+    async def resume(self, session_id: str, token: str, tenant: str, tenant_limit: int = 0) -> Placement:
+        rec = self._find(session_id, token, tenant)
         if rec.state == DETACHED:
             if self.draining:
                 raise Draining("this replica is draining and takes no new sessions; connect to another")
+            self._check_tenant(tenant, tenant_limit)
             if self.local_free() <= 0:
                 raise Full("no free session slot to resume on; retry later")
             del self.detached[session_id]
@@ -72,23 +89,31 @@ class LocalRouter(Router):
             self.local[session_id] = rec
         return Placement(session_id, "", rec.node_id, rec.address, self.limits.reservation_ttl_s, resumed=True)
 
-    async def attach(self, session_id: str, token: str, tenant: str) -> SessionRecord:
+    async def attach(self, session_id: str, token: str, tenant: str, tenant_limit: int = 0) -> SessionRecord:
         self.local_pending()
-        rec = self.local.get(session_id)
-        if rec is None and session_id in self.detached:
-            raise NotFound(f"session {session_id} is detached; resume it with CreateSession first")
-        rec = self._check_local(session_id, token, tenant)
-        if self.draining and rec.state == PENDING:
+        rec = self._find(session_id, token, tenant)
+        if rec.state == DETACHED:  # the same client reattaching (it lost only its connection)
+            if self.draining:
+                raise Draining("this replica is draining and takes no new sessions; connect to another")
+            self._check_tenant(tenant, tenant_limit)
+            del self.detached[session_id]
+            self.local[session_id] = rec
+        elif self.draining and rec.state == PENDING:
             raise Draining("this replica is draining and takes no new sessions; connect to another")
         rec.state = LIVE
-        return rec
+        rec.epoch += 1
+        rec.attached_at = time.monotonic()
+        return SessionRecord(**{**rec.__dict__})  # the caller's copy: its epoch is the stream's own
 
-    async def release(self, session_id: str, resumable: bool) -> None:
-        rec = self.local.pop(session_id, None)
-        if rec is not None and resumable:
-            rec.state = DETACHED
-            rec.expires = time.monotonic() + self.limits.resume_ttl_s
-            self.detached[session_id] = rec
+    async def release(self, session_id: str, epoch: int, resumable: bool) -> bool:
+        rec = self.local.get(session_id)
+        if rec is None or rec.epoch != epoch:
+            return False
+        if resumable:
+            self._detach(rec)
+        else:
+            del self.local[session_id]
+        return True
 
 
 __all__ = ["LocalRouter", "Denied"]
