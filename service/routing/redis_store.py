@@ -488,9 +488,13 @@ class RedisRouter(Router):
             raise Full(f"all {self.node.capacity} session slots of this replica are in use or reserved; retry later "
                        "or on another replica")
         try:
-            res = [_s(x) for x in await self._claim(args=[
-                self.prefix, sid, tenant, th, tenant_limit, int(self.limits.session_ttl_s * 1000), self.node.node_id,
-                self.node.node_id, LIVE, 1 << 40])]
+            for attempt in range(2):
+                res = [_s(x) for x in await self._claim(args=[
+                    self.prefix, sid, tenant, th, tenant_limit, int(self.limits.session_ttl_s * 1000),
+                    self.node.node_id, self.node.node_id, LIVE, 1 << 40])]
+                if res[0] != "full" or attempt:
+                    break
+                await self.beat()  # this node has room (checked above): Redis lost its entry (restarted, FLUSHALL)
         except RedisError as e:
             self._down(e)
             return self._local_new(tenant, tenant_limit, LIVE)
