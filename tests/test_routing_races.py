@@ -12,7 +12,6 @@ import grpc
 import pytest
 
 from avatarforcing_client import AvatarForcingClient, pb
-from avatarforcing_service.server import App
 from avatarforcing_service.session import Session
 
 from .cluster import RedisServer
