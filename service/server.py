@@ -14,7 +14,7 @@ import grpc
 import structlog
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from avatarforcing import NoFreeSlotError, StreamEngine
 from avatarforcing.checkpoint import LoadedModel, choose_decoder, drift_floor, load_default
@@ -325,10 +325,10 @@ class App:
         ], interceptors=[self.auth] if self.auth is not None else None)
         # Request bytes that do not parse are answered INVALID_ARGUMENT, not UNKNOWN with a traceback (wire.py).
         add_guarded_servicer(pb_grpc.add_AvatarForcingServicer_to_server, AvatarForcingServicer(self), self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server)
+        add_guarded_servicer(health_pb2_grpc.add_HealthServicer_to_server, self.health, self.server)
+        services = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        add_guarded_servicer(reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+                             reflection.aio.ReflectionServicer(services), self.server)
         bind = f"{self.cfg.host}:{self.cfg.port}"
         if self.credentials is not None:
             self.port = self.server.add_secure_port(bind, self.credentials)

@@ -49,7 +49,7 @@ def safe_deserializer(message_cls: Any) -> Callable[[bytes], Any]:
         except Exception as e:  # DecodeError, or anything else a parser may raise: never into grpc
             why = explain(raw, desc) or str(e) or type(e).__name__
             return Malformed(f"request is not a valid {desc.full_name} protobuf message ({why}); the client must "
-                             f"send a {desc.name} serialized with the avatarforcing.v1 proto")
+                             f"send a {desc.name} serialized with the {desc.file.package} proto")
 
     return deserialize
 
@@ -93,11 +93,36 @@ def _guard(method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
             try:
                 async for r in responses:
                     yield r
+            except SessionFailure as f:  # a servicer that does not answer its own failures (reflection)
+                await context.abort(f.code, f.message)
             finally:
                 await responses.aclose()  # its own finally (slot release) runs now, not at garbage collection
 
         return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
-    raise TypeError(f"{method}: only async unary-unary and async-generator stream-stream methods are guarded")
+    if h.request_streaming and h.response_streaming:  # a coroutine that reads and writes through the context
+        stream_coro = h.stream_stream
+
+        async def stream_stream_coro(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await stream_coro(_Requests(requests), context)
+            except SessionFailure as f:
+                await context.abort(f.code, f.message)
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream_coro, **kw)
+    if not h.request_streaming and h.response_streaming:  # health's Watch: a coroutine writing to the context
+        unary_stream_behaviour = h.unary_stream
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, Malformed):
+                log.info("malformed request", method=method, reason=request.message)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            result = unary_stream_behaviour(request, context)
+            if inspect.isasyncgen(result):
+                return result
+            return await result
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
+    raise TypeError(f"{method}: client-streaming methods are not guarded")
 
 
 class _Capture:

@@ -18,6 +18,8 @@ import grpc
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from avatarforcing_client import pb, pb_grpc
 from avatarforcing_service.server import App
@@ -162,6 +164,33 @@ async def unary(ch: grpc.aio.Channel, method: str, data: bytes,
     return grpc.StatusCode.OK, ""
 
 
+async def other_service(ch: grpc.aio.Channel, method: str, data: bytes) -> tuple[grpc.StatusCode | str, str]:
+    """The health and reflection services, which the server also guards: one raw request, the first answer."""
+    try:
+        if method.endswith("/Check"):
+            await ch.unary_unary(method, request_serializer=None, response_deserializer=None)(data, timeout=30)
+        elif method.endswith("/Watch"):
+            call = ch.unary_stream(method, request_serializer=None, response_deserializer=None)(data, timeout=30)
+            await call.read()
+            call.cancel()
+        else:
+            hold = asyncio.Event()
+
+            async def reqs() -> AsyncIterator[bytes]:
+                yield data
+                await hold.wait()
+
+            call = ch.stream_stream(method, request_serializer=None, response_deserializer=None)(reqs(), timeout=30)
+            try:
+                await call.read()
+            finally:
+                hold.set()
+                call.cancel()
+    except grpc.aio.AioRpcError as e:
+        return e.code(), e.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
 async def stream(ch: grpc.aio.Channel, msgs: list[bytes], settle: float) -> tuple[grpc.StatusCode | str, str]:
     """Sends ``msgs`` then keeps the request side open writing nothing (a write racing the server's status makes
     grpc's aio client replace that status with its own INTERNAL). ``settle``: how long to wait for a status
@@ -246,6 +275,16 @@ async def test_fuzzed_requests_never_fault(make_app: AppFactory, png: bytes, cap
                     if method == "Drain" and parses(pb.DrainRequest, data):
                         continue
                     code, details = await unary(ch, method, data)
+                    tally.add(method, kind, data, code, details)
+            # Health and reflection.
+            check = health_pb2.HealthCheckRequest(service="").SerializeToString()
+            refl = reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString()
+            for method, cls, ok in (("/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest, check),
+                                    ("/grpc.health.v1.Health/Watch", health_pb2.HealthCheckRequest, check),
+                                    ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                                     reflection_pb2.ServerReflectionRequest, refl)):
+                for kind, data in fuzz_inputs(rng, cls, [ok], 16):
+                    code, details = await other_service(ch, method, data)
                     tally.add(method, kind, data, code, details)
     finally:
         done.set()
