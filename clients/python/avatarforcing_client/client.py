@@ -26,6 +26,17 @@ from the anchor, frame indices continuing after the last frame received, and the
 covered by received frames sent again from a bounded buffer (``resume_buffer_s``). Frames and
 ``AudioOut`` of a block already received are not yielded twice. :attr:`Session.resumes` counts the
 resumes. A session that cannot be resumed within ``resume_timeout`` seconds raises the last status.
+
+Liveness (a replica that freezes instead of dying): every channel sends HTTP/2 keepalive pings
+(``keepalive_time_s``), so a connection whose peer stopped answering is closed by gRPC; a started
+``PACING_REALTIME`` session whose stream delivers nothing for ``stall_timeout`` seconds (the server
+sends frames continuously in that pacing, silence included) is treated as broken and resumed like one
+that failed with ``UNAVAILABLE``; each ``CreateSession`` attempt and each stream attach
+(``attach_timeout``) has its own deadline inside ``placement_timeout``/``resume_timeout``, so
+:meth:`Session.start` and a resume end in time even when a replica accepts connections but never
+answers. A stream refused because the replica does not know the session's avatar (``NOT_FOUND``) is
+opened again once after the client registered the avatar again from the image it kept
+(``avatar_cache_size``).
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ import contextlib
 import os
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Collection, Iterable, Sequence
 from typing import Any, TypeAlias
 
 import grpc
@@ -52,7 +63,9 @@ __all__ = [
     "Event",
     "SessionClosedError",
     "ProtocolError",
+    "StreamStalledError",
     "DEFAULT_CHANNEL_OPTIONS",
+    "keepalive_options",
 ]
 
 #: One payload of a ``StreamResponse`` after ``SessionStarted``, as yielded by :meth:`Session.events`.
@@ -66,7 +79,38 @@ DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 
+def keepalive_options(time_s: float | None = 10.0, timeout_s: float = 5.0) -> tuple[tuple[str, Any], ...]:
+    """gRPC channel options for HTTP/2 keepalive: a ping after ``time_s`` seconds without activity on the
+    connection (also while no call is running), and the connection is closed when the ping is not answered
+    within ``timeout_s`` (its calls fail with ``UNAVAILABLE``). ``time_s`` None or 0: no pings. The
+    AvatarForcing server accepts a ping every 5 s or more; a server that allows fewer answers a client that
+    pings more often with ``GOAWAY`` (``too_many_pings``)."""
+    if not time_s:
+        return ()
+    if time_s < 0 or timeout_s <= 0:
+        raise ValueError(f"keepalive_time_s must be >= 0 and keepalive_timeout_s > 0, got {time_s}, {timeout_s}")
+    return (
+        ("grpc.keepalive_time_ms", int(time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    )
+
+
+def _merge_options(*groups: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
+    """Channel options with later groups overriding earlier ones key by key (gRPC itself does not say
+    which of two equal keys wins)."""
+    merged: dict[str, Any] = {}
+    for group in groups:
+        for k, v in group:
+            merged.pop(k, None)
+            merged[k] = v
+    return tuple(merged.items())
+
+
 _CLOSE_WAIT_S = 1.0
+#: Per-attempt deadline of a CreateSession (and of re-registering an avatar) inside placement/resume.
+_PLACEMENT_ATTEMPT_S = 2.0
 #: Trailing metadata of FAILED_PRECONDITION: the replica that owns the session.
 OWNER_ADDRESS_KEY = "avatarforcing-owner-address"
 _RETRY_PLACEMENT = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
@@ -75,6 +119,11 @@ _RETRY_PLACEMENT = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILA
 _TRY_NEXT_TARGET = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 #: Stream failures after which a session resumes on another replica.
 _RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+
+
+def _status_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """A status raised by the SDK itself (no call carried it), e.g. a deadline it enforces."""
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
 
 
 def _trailer(e: grpc.aio.AioRpcError, key: str) -> str | None:
@@ -100,6 +149,21 @@ class ProtocolError(RuntimeError):
     """Raised when the server's responses do not follow the protocol (e.g. no SessionStarted)."""
 
 
+class StreamStalledError(grpc.aio.AioRpcError):
+    """Raised by :meth:`Session.events` when a started ``PACING_REALTIME`` stream delivered nothing for the
+    client's ``stall_timeout`` and the session could not be resumed (resuming is off, or the server does not
+    support it). It is a :class:`grpc.aio.AioRpcError` with code ``UNAVAILABLE``, so code that handles a
+    broken stream handles this one too; ``address`` is the replica that stopped answering."""
+
+    def __init__(self, address: str, seconds: float) -> None:
+        self.address = address
+        self.seconds = seconds
+        super().__init__(
+            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+            f"no response from the replica at {address or 'the target'} for {seconds:.3g} s on a PACING_REALTIME "
+            "stream (the server sends frames continuously): the replica is frozen or unreachable", None)
+
+
 class AvatarForcingClient:
     """Async client owning one ``grpc.aio`` channel to an AvatarForcing server.
 
@@ -113,12 +177,37 @@ class AvatarForcingClient:
             (``CreateSession``) and for the unary RPCs when one does not answer.
         credentials: channel credentials for TLS; ``None`` for a plaintext channel.
         metadata: ``(key, value)`` pairs sent with every call.
-        options: extra gRPC channel options, appended to :data:`DEFAULT_CHANNEL_OPTIONS`.
+        options: extra gRPC channel options; they override :data:`DEFAULT_CHANNEL_OPTIONS` and the
+            keepalive options key by key.
         token: bearer token sent as ``authorization: Bearer <token>`` with every call (default: the
             environment variable ``AVATARFORCING_TOKEN``, if set).
-        placement_timeout: seconds :meth:`Session.start` keeps retrying placement while every
-            replica is full or unreachable.
-        resume_timeout: seconds a broken session keeps trying to resume; 0 turns resuming off.
+        placement_timeout: the longest :meth:`Session.start` takes: it keeps retrying placement while
+            every replica is full, unreachable or does not answer, then raises the last status
+            (``DEADLINE_EXCEEDED`` when the time ran out inside an attempt).
+        resume_timeout: the longest a broken session keeps trying to resume (``UNAVAILABLE``, full
+            replicas and silent replicas are retried; ``NOT_FOUND`` is final); 0 turns resuming off.
+        keepalive_time_s: HTTP/2 keepalive: every channel the client dials pings its server after this
+            many seconds without activity, also while no call runs, so a connection to a replica that
+            froze or vanished behind a network fault is closed (its calls fail with ``UNAVAILABLE``)
+            instead of waiting for TCP. ``None`` or 0: no pings. The AvatarForcing server accepts a
+            ping every 5 s or more (see :func:`keepalive_options`).
+        keepalive_timeout_s: how long a keepalive ping may go unanswered before the connection is
+            closed.
+        stall_timeout: a started ``PACING_REALTIME`` session whose stream delivers no message at all
+            for this many seconds (never less than two blocks of frames; the first message after
+            ``SessionStarted`` may take ``latency_ms`` longer) counts as broken: it resumes on
+            another replica as after ``UNAVAILABLE``, or, when it cannot resume, :meth:`Session.events`
+            raises :class:`StreamStalledError`. Only the time :meth:`Session.events` spends waiting
+            counts. ``None`` or 0: no watchdog. ``PACING_ASAP`` sessions never use it (the server may
+            pause their stream while the reader is slow).
+        attach_timeout: the longest one stream attach (config sent, ``SessionStarted`` received) may
+            take inside placement or resume; an attach that runs out is cancelled and placement is
+            asked again, as after ``UNAVAILABLE``. Each ``CreateSession`` attempt gets up to 2 s. Both
+            are cut to the time left of ``placement_timeout`` (``resume_timeout``).
+        avatar_cache_size: how many avatars registered with :meth:`register_avatar` the client keeps
+            (image and text context, least recently used dropped first) so that a stream refused
+            because a replica lost the avatar (``NOT_FOUND`` naming the avatar) can register it again
+            and attach once more; 0 keeps none.
     """
 
     def __init__(
@@ -131,7 +220,18 @@ class AvatarForcingClient:
         token: str | None = None,
         placement_timeout: float = 10.0,
         resume_timeout: float = 15.0,
+        keepalive_time_s: float | None = 10.0,
+        keepalive_timeout_s: float = 5.0,
+        stall_timeout: float | None = 1.0,
+        attach_timeout: float = 3.0,
+        avatar_cache_size: int = 64,
     ) -> None:
+        if attach_timeout <= 0:
+            raise ValueError(f"attach_timeout must be > 0, got {attach_timeout}")
+        if stall_timeout is not None and stall_timeout < 0:
+            raise ValueError(f"stall_timeout must be >= 0 (0 or None: off), got {stall_timeout}")
+        if avatar_cache_size < 0:
+            raise ValueError(f"avatar_cache_size must be >= 0, got {avatar_cache_size}")
         self.targets: tuple[str, ...] = (target,) if isinstance(target, str) else tuple(target)
         if not self.targets:
             raise ValueError("target must name at least one address")
@@ -142,15 +242,26 @@ class AvatarForcingClient:
         if token:
             md.append(("authorization", f"Bearer {token}"))
         self._metadata: tuple[tuple[str, str], ...] = tuple(md)
-        self._options = tuple(DEFAULT_CHANNEL_OPTIONS) + tuple(options)
+        self._options = _merge_options(DEFAULT_CHANNEL_OPTIONS,
+                                       keepalive_options(keepalive_time_s, keepalive_timeout_s), options)
         self.placement_timeout = placement_timeout
         self.resume_timeout = resume_timeout
+        self.stall_timeout = stall_timeout or None
+        self.attach_timeout = attach_timeout
+        self.avatar_cache_size = avatar_cache_size
+        # avatar_id -> (image, name, text_context) of the avatars this client registered (LRU).
+        self._avatars: collections.OrderedDict[str, tuple[bytes, str, bytes]] = collections.OrderedDict()
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.AvatarForcingStub | None = None
         self._replicas: dict[str, tuple[grpc.aio.Channel, pb_grpc.AvatarForcingStub]] = {}
         self._front = 0  # index of the target that answered last
 
     # -- channel lifecycle -------------------------------------------------------------------
+
+    @property
+    def channel_options(self) -> tuple[tuple[str, Any], ...]:
+        """The options every channel of this client is dialed with (defaults, keepalive, ``options``)."""
+        return self._options
 
     def _dial(self, address: str) -> grpc.aio.Channel:
         if self._credentials is None:
@@ -172,26 +283,43 @@ class AvatarForcingClient:
             self._replicas[address] = (ch, pb_grpc.AvatarForcingStub(ch))
         return self._replicas[address][1]
 
-    async def _unary(self, method: str, request: Any, timeout: float | None) -> Any:
+    async def _unary(self, method: str, request: Any, timeout: float | None, *, deadline: float | None = None,
+                     avoid: Collection[str] = (), failed: set[str] | None = None) -> Any:
         """One unary call, to each target in turn (starting with the one that answered last) while the
         target is unreachable (``UNAVAILABLE``: connection refused, reset, no route, ...) or does not answer
         in time (``DEADLINE_EXCEEDED``); any other status is the answer and is raised at once. When every
-        target failed, the last target's error is raised."""
+        target failed, the last target's error is raised.
+
+        ``timeout`` bounds each attempt; ``deadline`` (``time.monotonic()``) bounds them all: an attempt gets
+        at most the time left, and none starts after it (``DEADLINE_EXCEEDED`` when none could). Targets in
+        ``avoid`` (a replica that just stopped answering) are tried last; targets that did not answer are
+        added to ``failed``."""
         err: grpc.aio.AioRpcError | None = None
         n = len(self.targets)
-        for i in range(n):
-            k = (self._front + i) % n
+        order = [(self._front + i) % n for i in range(n)]
+        if avoid:
+            order.sort(key=lambda k: self.targets[k] in avoid)  # stable: the others keep their turn
+        for k in order:
+            t = timeout
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                t = left if t is None else min(t, left)
             stub = self._stub_for(self.targets[k])
             try:
-                resp = await getattr(stub, method)(request, metadata=self._metadata, timeout=timeout)
+                resp = await getattr(stub, method)(request, metadata=self._metadata, timeout=t)
             except grpc.aio.AioRpcError as e:
                 if e.code() not in _TRY_NEXT_TARGET:
                     raise
+                if failed is not None:
+                    failed.add(self.targets[k])
                 err = e
                 continue
             self._front = k
             return resp
-        assert err is not None
+        if err is None:
+            raise _status_error(grpc.StatusCode.DEADLINE_EXCEEDED, f"{method}: no time left to call any target")
         raise err
 
     async def create_session(
@@ -256,15 +384,41 @@ class AvatarForcingClient:
         ``text_context``: for a server running the published model, the bytes of a context file
         from ``avatarforcing encode-prompt`` (a prompt describing this person); sessions on the
         avatar attend to it instead of the server's default prompt.
+
+        The client keeps the image and context of the last ``avatar_cache_size`` avatars it registered:
+        when a session's stream is refused because a replica no longer knows the avatar (its routing
+        store lost it), the session registers it again and attaches once more by itself.
         """
         if not isinstance(image, bytes | bytearray | memoryview) or len(image) == 0:
             raise ValueError("image must be non-empty PNG or JPEG bytes")
+        return await self._register(bytes(image), name, bytes(text_context), timeout)
+
+    async def _register(self, image: bytes, name: str, text_context: bytes, timeout: float | None, *,
+                        deadline: float | None = None) -> str:
         resp: pb.RegisterAvatarResponse = await self._unary(
-            "RegisterAvatar",
-            pb.RegisterAvatarRequest(image=bytes(image), name=name, text_context=bytes(text_context)),
-            timeout,
-        )
+            "RegisterAvatar", pb.RegisterAvatarRequest(image=image, name=name, text_context=text_context),
+            timeout, deadline=deadline)
+        self._keep_avatar(resp.avatar_id, (image, name, text_context))
         return resp.avatar_id
+
+    def _keep_avatar(self, avatar_id: str, entry: tuple[bytes, str, bytes]) -> None:
+        if self.avatar_cache_size <= 0 or not avatar_id:
+            return
+        self._avatars[avatar_id] = entry
+        self._avatars.move_to_end(avatar_id)
+        while len(self._avatars) > self.avatar_cache_size:
+            self._avatars.popitem(last=False)
+
+    async def _reregister(self, avatar_id: str, deadline: float) -> str | None:
+        """Registers a kept avatar again (``RegisterAvatar`` on the targets, as usual); returns its id
+        (normally ``avatar_id`` itself: ids derive from the content), or None when it was not kept."""
+        entry = self._avatars.get(avatar_id)
+        if entry is None:
+            return None
+        new_id = await self._register(*entry, self.attach_timeout, deadline=deadline)
+        if new_id != avatar_id:
+            self._keep_avatar(avatar_id, entry)  # sessions configured with the old id still find it
+        return new_id
 
     # -- sessions ----------------------------------------------------------------------------
 
@@ -380,6 +534,8 @@ class Session:
         self._stream_base = 0  # client sample position where the current stream's audio starts
         self._last_index = -1  # last frame index yielded
         self._last_audio_block = -1
+        self._awaiting_first = True  # no response read yet on the current stream (stall watchdog)
+        self._avatar_retry = True  # the one re-registration of a lost avatar allowed per placement
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -394,10 +550,18 @@ class Session:
         """Place the session (``CreateSession``), open the stream on the replica that owns it,
         send the config and wait for ``SessionStarted``.
 
+        It takes at most the client's ``placement_timeout`` (plus the moment it takes to cancel the
+        attempt that was running), replicas that accept connections but never answer included: each
+        ``CreateSession`` attempt and each attach has its own deadline (see ``attach_timeout``), after
+        which the next target is tried or placement is asked again. When the replica answers that it
+        does not know the session's ``avatar_id`` (``NOT_FOUND``) and the client registered that
+        avatar itself, it is registered again and the attach is tried once more.
+
         Raises:
             grpc.aio.AioRpcError: the server refused the session (e.g. ``RESOURCE_EXHAUSTED``
                 when every replica stayed full for ``placement_timeout`` seconds,
-                ``INVALID_ARGUMENT`` for a bad config, ``UNAUTHENTICATED`` without a valid token).
+                ``DEADLINE_EXCEEDED`` when no replica answered in time, ``INVALID_ARGUMENT`` for a
+                bad config, ``UNAUTHENTICATED`` without a valid token).
             ProtocolError: the server's first message was not ``SessionStarted``.
         """
         if self._call is not None:
@@ -411,6 +575,7 @@ class Session:
             raise
         self._call = call
         self._started = started
+        self._awaiting_first = True
         if started.session_token:  # placed implicitly by the server: its token resumes it
             self._token = started.session_token
             self._session_id = started.session_id
@@ -441,44 +606,83 @@ class Session:
             call.cancel()
             raise
 
-    async def _place_and_open(self, resume: bool) -> tuple[pb.SessionStarted, Any]:
+    async def _attach(self, stub: Any, resume_block: int, deadline: float,
+                      address: str) -> tuple[pb.SessionStarted, Any]:
+        """:meth:`_open` within ``attach_timeout`` and ``deadline`` (``DEADLINE_EXCEEDED`` when it runs out: the
+        call is cancelled). A refusal naming a lost avatar that this client registered re-registers it and
+        attaches once more (once per placement)."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _status_error(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"no time left to attach to the replica at {address or 'the target'}")
+            budget = min(self._client.attach_timeout, left)
+            try:
+                async with asyncio.timeout(budget):
+                    return await self._open(stub, resume_block)
+            except TimeoutError:
+                raise _status_error(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"the replica at {address or 'the target'} did not start the stream within "
+                                    f"{budget:.3g} s") from None
+            except grpc.aio.AioRpcError as e:
+                avatar_id = self.config.avatar_id if self.config.WhichOneof("reference") == "avatar_id" else ""
+                if not (self._avatar_retry and avatar_id and e.code() == grpc.StatusCode.NOT_FOUND
+                        and "avatar" in (e.details() or "").lower()):
+                    raise
+                self._avatar_retry = False
+                new_id = await self._client._reregister(avatar_id, deadline)
+                if new_id is None:
+                    raise
+                self.config.avatar_id = new_id
+
+    async def _place_and_open(self, resume: bool, avoid: Collection[str] = ()) -> tuple[pb.SessionStarted, Any]:
         """Placement, then the stream on the replica it names; retries while replicas are full,
-        unreachable or the session is owned elsewhere, up to the client's time limit."""
+        unreachable, silent or the session is owned elsewhere, up to the client's time limit, which also
+        bounds every attempt. ``avoid``: replicas asked for placement last (one that just stopped
+        answering)."""
         client = self._client
         front = client._ensure_stub()
-        if not resume and getattr(front, "CreateSession", None) is None:
-            return await self._open(front, 0)  # a stand-in stub without routing
         limit = client.resume_timeout if resume else client.placement_timeout
         deadline = time.monotonic() + limit
+        self._avatar_retry = True
+        if not resume and getattr(front, "CreateSession", None) is None:
+            return await self._attach(front, 0, deadline, client.target)  # a stand-in stub without routing
         resume_block = self._resume_block() if resume else 0
         delay = 0.05
         address: str | None = None
+        silent = set(avoid)  # replicas that did not answer: asked for placement last
         while True:
+            target = address
             try:
                 if address is None:
                     try:
-                        placed = await client.create_session(self._session_id if resume else "",
-                                                             self._token if resume else "")
+                        placed = await client._unary(
+                            "CreateSession",
+                            pb.CreateSessionRequest(resume_session_id=self._session_id if resume else "",
+                                                    session_token=self._token if resume else ""),
+                            _PLACEMENT_ATTEMPT_S, deadline=deadline, avoid=silent, failed=silent)
                     except grpc.aio.AioRpcError as e:
                         if e.code() != grpc.StatusCode.UNIMPLEMENTED or resume:
                             raise
-                        return await self._open(front, 0)  # a server without routing
+                        return await self._attach(front, 0, deadline, client.target)  # a server without routing
                     if not resume:
                         self._session_id, self._token = placed.session_id, placed.session_token
                     self._routed = True
-                    address = placed.address
-                started, call = await self._open(client._stub_for(address), resume_block)
+                    address = target = placed.address
+                started, call = await self._attach(client._stub_for(address), resume_block, deadline, address)
                 self.address = address
                 return started, call
             except grpc.aio.AioRpcError as e:
                 owner = _trailer(e, OWNER_ADDRESS_KEY) if e.code() == grpc.StatusCode.FAILED_PRECONDITION else None
                 if owner is None and e.code() not in _RETRY_PLACEMENT:
                     raise
+                if target and e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    silent.add(target)
                 if time.monotonic() + delay > deadline:
                     raise
                 address = owner  # dial the owner next; otherwise ask for placement again
                 wait = _retry_after(e, delay) if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else delay
-                await asyncio.sleep(min(wait, max(deadline - time.monotonic(), 0)) * (0.5 + random.random()))
+                await asyncio.sleep(min(wait * (0.5 + random.random()), max(deadline - time.monotonic(), 0)))
                 delay = min(delay * 2, 0.5)
 
     # -- resume ------------------------------------------------------------------------------
@@ -492,18 +696,20 @@ class Session:
     def _can_resume(self) -> bool:
         return self._routed and self._client.resume_timeout > 0 and not self._closed and bool(self._token)
 
-    async def _resume(self, broken: Any, cause: BaseException) -> None:
-        """Moves the session to a new stream (another replica if the old one is gone), once per break."""
+    async def _resume(self, broken: Any, cause: BaseException, avoid: Collection[str] = ()) -> None:
+        """Moves the session to a new stream (another replica if the old one is gone), once per break.
+        ``avoid``: replicas asked for placement last (the one that stalled)."""
         async with self._resume_lock:
             if self._call is not broken:
                 return  # another task resumed it already
             if not self._can_resume():
                 raise cause
             broken.cancel()
-            started, call = await self._place_and_open(resume=True)
+            started, call = await self._place_and_open(resume=True, avoid=avoid)
             async with self._write_lock:
                 self._call = call
                 self._started = started
+                self._awaiting_first = True
                 self.generation += 1
                 self.resumes += 1
                 # The audio not covered by frames received yet, then EndOfAudio if it had been sent.
@@ -850,12 +1056,28 @@ class Session:
 
     # -- receiving ---------------------------------------------------------------------------
 
+    def _stall_limit(self) -> float | None:
+        """Seconds without any response after which a started REALTIME stream counts as stalled, or None."""
+        st = self._client.stall_timeout
+        if not st or self.config.pacing == pb.PACING_ASAP or self._started is None:
+            return None
+        fps, fpb = self._started.fps, self._started.frames_per_block
+        limit = max(st, 2 * fpb / fps) if fps > 0 and fpb > 0 else st
+        if self._awaiting_first:  # the first frame comes after the announced end-to-end delay
+            limit += max(self._started.latency_ms, 0.0) / 1000
+        return limit
+
     async def events(self) -> AsyncGenerator[Event, None]:
         """Yield the session's responses in order: ``pb.VideoFrame``, ``pb.AudioOut``,
         ``pb.Stats`` and finally ``pb.End``.
 
         Stops after ``End``, when the server closes the stream, or when the session is closed
         from another task. Raises :class:`grpc.aio.AioRpcError` if the RPC fails.
+
+        A broken stream is resumed here (see the module docstring), and so is a ``PACING_REALTIME``
+        stream that delivered nothing for the client's ``stall_timeout`` while this generator waited
+        (a frozen replica); when such a stream cannot be resumed, :class:`StreamStalledError` is raised
+        and the session's stream is cancelled.
         """
         if self._call is None:
             raise RuntimeError("session not started")
@@ -865,8 +1087,20 @@ class Session:
         try:
             while not self._finished:
                 call = self._call
+                limit = self._stall_limit()
+                stalled = False
+                resp: Any = None
                 try:
-                    resp = await call.read()
+                    if limit is None:
+                        resp = await call.read()
+                    else:
+                        # asyncio.timeout turns only its own expiry into TimeoutError: a cancellation of this
+                        # task, or of the call by close() or a resume in another task, stays CancelledError.
+                        try:
+                            async with asyncio.timeout(limit):
+                                resp = await call.read()
+                        except TimeoutError:
+                            stalled = True
                 except asyncio.CancelledError as e:
                     task = asyncio.current_task()
                     if task and task.cancelling():
@@ -891,6 +1125,21 @@ class Session:
                         await self._resume(call, e)
                         continue
                     raise
+                if stalled:
+                    assert limit is not None
+                    if self._closed:
+                        return
+                    if self._call is not call:
+                        continue  # resumed by another task meanwhile
+                    stall = StreamStalledError(self.address, limit)
+                    if not self._can_resume():
+                        call.cancel()
+                        self._finished = True
+                        raise stall
+                    await self._resume(call, stall, avoid=(self.address,) if self.address else ())
+                    continue
+                if call is self._call:
+                    self._awaiting_first = False
                 if resp is grpc.aio.EOF:
                     self._finished = True
                     return

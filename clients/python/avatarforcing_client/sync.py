@@ -51,6 +51,11 @@ class SyncClient:
         token: str | None = None,
         placement_timeout: float = 10.0,
         resume_timeout: float = 15.0,
+        keepalive_time_s: float | None = 10.0,
+        keepalive_timeout_s: float = 5.0,
+        stall_timeout: float | None = 1.0,
+        attach_timeout: float = 3.0,
+        avatar_cache_size: int = 64,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -60,7 +65,9 @@ class SyncClient:
         # The channel is created lazily inside the loop thread on the first call.
         self._client = AvatarForcingClient(
             target, credentials=credentials, metadata=metadata, options=options, token=token,
-            placement_timeout=placement_timeout, resume_timeout=resume_timeout,
+            placement_timeout=placement_timeout, resume_timeout=resume_timeout, keepalive_time_s=keepalive_time_s,
+            keepalive_timeout_s=keepalive_timeout_s, stall_timeout=stall_timeout, attach_timeout=attach_timeout,
+            avatar_cache_size=avatar_cache_size,
         )
         self._closed = False
 
