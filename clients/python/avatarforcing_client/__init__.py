@@ -18,6 +18,8 @@ from .client import (
     ProtocolError,
     Session,
     SessionClosedError,
+    StreamStalledError,
+    keepalive_options,
 )
 from .media import Mp4Writer, RecordingStats, VideoDecoder, decode_video_frames, record_session
 from .sync import SyncClient
@@ -32,6 +34,8 @@ __all__ = [
     "Event",
     "SessionClosedError",
     "ProtocolError",
+    "StreamStalledError",
+    "keepalive_options",
     "DEFAULT_CHANNEL_OPTIONS",
     "SyncClient",
     "read_wav",
