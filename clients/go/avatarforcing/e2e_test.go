@@ -20,9 +20,9 @@ func dialTest(t *testing.T) *avatarforcing.Client {
 	return dialAddr(t, serverAddr(t))
 }
 
-func dialAddr(t *testing.T, addr string) *avatarforcing.Client {
+func dialAddr(t *testing.T, addr string, opts ...avatarforcing.Option) *avatarforcing.Client {
 	t.Helper()
-	c, err := avatarforcing.Dial(testCtx(t, 10*time.Second), addr, avatarforcing.WithBlock())
+	c, err := avatarforcing.Dial(testCtx(t, 10*time.Second), addr, append([]avatarforcing.Option{avatarforcing.WithBlock()}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -494,10 +494,11 @@ func TestE2EAutoKeepAlive(t *testing.T) {
 	waitFreeSlots(t, c)
 }
 
-// A full server refuses with RESOURCE_EXHAUSTED and a retry hint; retrying after it succeeds
-// once the slot is free.
+// A full server refuses with RESOURCE_EXHAUSTED and a retry hint (once StartSession's own
+// retries for the placement timeout, 1 s here, are spent); retrying after it succeeds once
+// the slot is free.
 func TestE2ERetryAfterWhenFull(t *testing.T) {
-	c := dialAddr(t, serverWith(t, smallServerFlags...))
+	c := dialAddr(t, serverWith(t, smallServerFlags...), avatarforcing.WithPlacementTimeout(time.Second))
 	waitFreeSlots(t, c)
 	ctx := testCtx(t, 30*time.Second)
 	face := readFile(t, facePNG)

@@ -2,6 +2,7 @@ package avatarforcing
 
 import (
 	"fmt"
+	"time"
 
 	pb "github.com/avatarforcing/serve/clients/go/avatarforcingv1"
 )
@@ -58,6 +59,23 @@ type SessionOptions struct {
 	// this set, a session that sends nothing for the idle timeout ends with
 	// END_REASON_IDLE_TIMEOUT unless you call Session.KeepAlive yourself.
 	DisableAutoKeepAlive bool
+
+	// ResumeTimeout is how long the session, when its stream breaks (the replica died or
+	// stopped answering: UNAVAILABLE, UNKNOWN or INTERNAL, a transport error, the frame-stall
+	// watchdog; or the replica drains: END_REASON_SERVER_SHUTDOWN), keeps trying to resume on
+	// another replica. 0: the Client's (WithResumeTimeout, default 15 s); negative: never
+	// resume this session. Only sessions placed through CreateSession resume.
+	ResumeTimeout time.Duration
+	// StallTimeout is the frame-stall watchdog of a PACING_REALTIME session (the server sends
+	// frames continuously in REALTIME, idle ones included): a stream that delivers nothing for
+	// this long while the session waits on it is treated as broken and resumed. 0: the
+	// Client's (WithStallTimeout, default 1 s); negative: no watchdog. PACING_ASAP sessions
+	// have none. The first frame may take SessionStarted.LatencyMs longer.
+	StallTimeout time.Duration
+	// ResumeBuffer bounds the audio kept for a resume: the audio sent and not yet covered by
+	// frames received, at most this much of it (older audio is not sent again). 0: the
+	// Client's (WithResumeBuffer, default 10 s).
+	ResumeBuffer time.Duration
 }
 
 func invalid(format string, args ...any) error {
@@ -100,6 +118,9 @@ func (o SessionOptions) normalized() (SessionOptions, error) {
 	}
 	if o.SendBuffer < 0 || o.EventBuffer < 0 {
 		return o, invalid("SessionOptions.SendBuffer and EventBuffer must be >= 0 (0: default)")
+	}
+	if o.ResumeBuffer < 0 {
+		return o, invalid("SessionOptions.ResumeBuffer must be >= 0 (0: the Client's, default %v)", DefaultResumeBuffer)
 	}
 	if o.SendBuffer == 0 {
 		o.SendBuffer = defaultSendBuffer

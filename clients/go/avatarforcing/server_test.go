@@ -197,6 +197,28 @@ func (s *testServer) stop() {
 	}
 }
 
+// killServer kills -9 the server a test started at addr, as a crash would.
+func killServer(t *testing.T, addr string) {
+	t.Helper()
+	serversMu.Lock()
+	var srv *testServer
+	for _, s := range servers {
+		if s.addr == addr {
+			srv = s
+		}
+	}
+	serversMu.Unlock()
+	if srv == nil || srv.cmd == nil {
+		t.Fatalf("no server of this test run listens on %s", addr)
+	}
+	killServerProcess(srv.cmd)
+	select {
+	case <-srv.done:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the server on %s did not die", addr)
+	}
+}
+
 func (s *testServer) logTail() string {
 	b, _ := os.ReadFile(s.logPath)
 	if len(b) > 4000 {

@@ -11,7 +11,6 @@ import (
 	"time"
 
 	pb "github.com/avatarforcing/serve/clients/go/avatarforcingv1"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -45,24 +44,32 @@ type Event struct {
 	End *pb.End
 }
 
-// Session is one Stream call: a lip-synced avatar session. Create it with
-// Client.StartSession. Its methods are safe for concurrent use; Events should be read by one
-// goroutine. Always call Close when done (it is idempotent).
+// Session is one avatar session: one Stream call, or several when it resumes on another
+// replica after its stream broke. Create it with Client.StartSession. Its methods are safe for
+// concurrent use; Events should be read by one goroutine. Always call Close when done (it is
+// idempotent).
 type Session struct {
-	opts    SessionOptions
-	stream  grpc.BidiStreamingClient[pb.StreamRequest, pb.StreamResponse]
-	started *pb.SessionStarted
-	ctx     context.Context // the stream's context; cancelled when the session ends
-	cancel  context.CancelFunc
+	client *Client
+	opts   SessionOptions
+	base   *pb.SessionConfig // the config every stream starts with (ids and resume block set per stream)
+
+	ctx    context.Context // the session's context; cancelled when the session ends
+	cancel context.CancelFunc
+
+	resumeTimeout time.Duration // 0: the session does not resume
+	stallTimeout  time.Duration // 0: no frame-stall watchdog
+	bufSamples    int64         // resume buffer bound, in samples
 
 	sendq      chan sendItem
 	closing    chan struct{} // closed by Close
 	senderDone chan struct{}
 	recvDone   chan struct{}
 	events     chan Event
+	kick       chan struct{} // wakes the send goroutine after a resume
 
 	closeOnce sync.Once
 	closed    atomic.Bool
+	resumes   atomic.Int64
 
 	// Automatic KeepAlive: keepAliveEvery (0: off) is a third of the server's idle timeout;
 	// lastSend is when a message was last queued or sent, in nanoseconds since t0.
@@ -70,12 +77,41 @@ type Session struct {
 	keepAliveEvery time.Duration
 	lastSend       atomic.Int64
 
+	// sendMu serialises writing on the stream: the send goroutine holds it to record and send a
+	// message, the receive goroutine to swap in a resumed stream.
+	sendMu        sync.Mutex
+	replay        []*pb.StreamRequest // what a resumed stream gets before anything else
+	replayPending bool
+	halfClosed    bool // CloseSend went out
+
 	mu         sync.Mutex
-	sendClosed bool  // CloseSend was called
-	sendErr    error // why the send goroutine stopped
+	cur        *attachment // the current stream; swapped with sendMu and mu held
+	started    *pb.SessionStarted
+	sessionID  string
+	token      string
+	routed     bool   // placed through CreateSession: the session can resume
+	avatarID   string // the avatar the streams name (SessionOptions.AvatarID, or its re-registered id)
+	sendClosed bool   // CloseSend was called
+	sendErr    error  // why the send goroutine stopped
 	end        *pb.End
 	done       bool  // the receive side has finished (err is final)
 	err        error // the terminal error
+
+	// Resume bookkeeping (mu), in samples of the client's audio at the session's rate.
+	tracking       bool             // the session can resume: keep audio, drop duplicates
+	sent           int64            // samples sent (queued to the stream) so far
+	consumed       int64            // samples covered by fully received blocks
+	streamBase     int64            // the position of the current stream's first audio sample
+	buf            []pcmChunk       // audio sent and not yet covered, at most bufSamples of it
+	eoaSent        bool             // EndOfAudio was the last thing sent after the audio
+	endByBlock     map[uint32]int64 // AudioOut.source_end_sample of blocks not yet complete
+	lastIndex      int64            // the last frame index delivered (-1: none)
+	lastAudioBlock int64            // the last AudioOut block delivered (-1: none)
+}
+
+type pcmChunk struct {
+	start int64 // position of the first sample
+	pcm   []byte
 }
 
 type sendItem struct {
@@ -83,15 +119,23 @@ type sendItem struct {
 	closeSend bool
 }
 
-// StartSession validates opts, opens a Stream, sends the SessionConfig and waits for
-// SessionStarted.
+// StartSession validates opts, places the session, opens a Stream, sends the SessionConfig
+// and waits for SessionStarted.
 //
 // Invalid options are rejected before any RPC with an error wrapping ErrInvalidArgument. When
 // the server refuses the session, the error is its gRPC status error (see status.Code):
 // INVALID_ARGUMENT (bad image or config), NOT_FOUND (unknown AvatarID), RESOURCE_EXHAUSTED (no
 // free slot), UNAVAILABLE (the replica is shutting down). That error is a *StartError, which
-// keeps the stream's trailer and still satisfies status.Code and status.FromError; with
+// keeps the trailer and still satisfies status.Code and status.FromError; with
 // RESOURCE_EXHAUSTED, RetryAfter(err) returns how long the server asks you to wait.
+//
+// Placement (a server with CreateSession, no Router) is retried while replicas are full
+// (RESOURCE_EXHAUSTED, waiting what the server's retry-after-ms asks), unreachable or draining
+// (UNAVAILABLE), ABORTED or do not answer in time (DEADLINE_EXCEEDED), with a jittered backoff,
+// for up to the placement timeout (WithPlacementTimeout, default 10 s); each attempt is bounded
+// by the attach timeout (WithAttachTimeout, default 3 s), so that StartSession returns within
+// the placement timeout even when a replica accepts connections and never answers. Then the
+// last error is returned.
 //
 // When SessionStarted announces an idle timeout, the session sends KeepAlive by itself
 // whenever nothing was sent for a third of it (unless SessionOptions.DisableAutoKeepAlive),
@@ -108,85 +152,20 @@ func (c *Client) StartSession(ctx context.Context, opts SessionOptions) (*Sessio
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	var cc grpc.ClientConnInterface = c.conn
-	cfg := o.config()
-	if c.router != nil {
-		if cc, err = c.router.Route(ctx, o, c.conn); err != nil {
-			return nil, fmt.Errorf("avatarforcing: routing the session: %w", err)
-		}
-	} else {
-		placed, ok, err := c.place(ctx)
-		if err != nil {
-			return nil, err
-		}
-		if ok {
-			if cc, err = c.connFor(placed.GetAddress()); err != nil {
-				return nil, err
-			}
-			cfg.SessionId, cfg.SessionToken = placed.GetSessionId(), placed.GetSessionToken()
-		}
+	s := c.newSession(ctx, o)
+	att, err := s.attach(false, "")
+	if err != nil {
+		s.cancel()
+		return nil, err
 	}
-	var (
-		sctx   context.Context
-		cancel context.CancelFunc
-		stream pb.AvatarForcing_StreamClient
-		resp   *pb.StreamResponse
-		sentAt time.Time
-	)
-	for redirects := 0; ; redirects++ {
-		sctx, cancel = context.WithCancel(ctx)
-		stream, err = pb.NewAvatarForcingClient(cc).Stream(sctx)
-		if err != nil {
-			cancel()
-			return nil, err
-		}
-		// io.EOF from Send means the stream already failed; Recv returns the real status.
-		if err := stream.Send(&pb.StreamRequest{Message: &pb.StreamRequest_Config{Config: cfg}}); err != nil && err != io.EOF {
-			cancel()
-			return nil, err
-		}
-		sentAt = time.Now()
-		resp, err = stream.Recv()
-		if err == nil {
-			break
-		}
-		cancel()
-		if err == io.EOF {
-			return nil, fmt.Errorf("%w: the server closed the stream without sending SessionStarted", ErrProtocol)
-		}
-		if _, ok := status.FromError(err); !ok {
-			return nil, err
-		}
-		// The stream has finished: its trailer holds the server's retry hint or the owner's address.
-		tr := stream.Trailer()
-		if owner := tr.Get(ownerAddressKey); status.Code(err) == codes.FailedPrecondition && len(owner) > 0 && redirects < 2 {
-			if cc, err = c.connFor(owner[0]); err != nil {
-				return nil, err
-			}
-			continue
-		}
-		return nil, &StartError{Err: err, Trailer: tr}
+	s.cur, s.started = att, att.started
+	s.tracking = s.routed && s.resumeTimeout > 0
+	if o.Pacing == pb.Pacing_PACING_ASAP || !s.tracking {
+		s.stallTimeout = 0 // the server may pause an ASAP session; a stall that cannot resume is waited out
 	}
-	started := resp.GetStarted()
-	if started == nil {
-		cancel()
-		return nil, fmt.Errorf("%w: the first response is %T, expected SessionStarted", ErrProtocol, resp.GetMessage())
-	}
-	s := &Session{
-		opts:       o,
-		stream:     stream,
-		started:    started,
-		ctx:        sctx,
-		cancel:     cancel,
-		sendq:      make(chan sendItem, o.SendBuffer),
-		closing:    make(chan struct{}),
-		senderDone: make(chan struct{}),
-		recvDone:   make(chan struct{}),
-		events:     make(chan Event, o.EventBuffer),
-		t0:         sentAt,
-	}
+	s.t0 = time.Now()
 	// (An absurd timeout, over ~30 years or infinite, counts as none.)
-	if idle := started.GetIdleTimeoutMs(); !o.DisableAutoKeepAlive && idle > 0 && idle < 1e12 {
+	if idle := att.started.GetIdleTimeoutMs(); !o.DisableAutoKeepAlive && idle > 0 && idle < 1e12 {
 		s.keepAliveEvery = max(minKeepAliveInterval, time.Duration(idle*float64(time.Millisecond)/3))
 	}
 	go s.sendLoop()
@@ -194,23 +173,76 @@ func (c *Client) StartSession(ctx context.Context, opts SessionOptions) (*Sessio
 	return s, nil
 }
 
+func (c *Client) newSession(ctx context.Context, o SessionOptions) *Session {
+	sctx, cancel := context.WithCancel(ctx)
+	s := &Session{
+		client:         c,
+		opts:           o,
+		base:           o.config(),
+		ctx:            sctx,
+		cancel:         cancel,
+		sendq:          make(chan sendItem, o.SendBuffer),
+		closing:        make(chan struct{}),
+		senderDone:     make(chan struct{}),
+		recvDone:       make(chan struct{}),
+		events:         make(chan Event, o.EventBuffer),
+		kick:           make(chan struct{}, 1),
+		avatarID:       o.AvatarID,
+		endByBlock:     map[uint32]int64{},
+		lastIndex:      -1,
+		lastAudioBlock: -1,
+	}
+	switch {
+	case o.ResumeTimeout > 0:
+		s.resumeTimeout = o.ResumeTimeout
+	case o.ResumeTimeout == 0 && c.timeouts.resume > 0:
+		s.resumeTimeout = c.timeouts.resume
+	}
+	switch {
+	case o.StallTimeout > 0:
+		s.stallTimeout = o.StallTimeout
+	case o.StallTimeout == 0 && c.timeouts.stall > 0:
+		s.stallTimeout = c.timeouts.stall
+	}
+	buffer := o.ResumeBuffer
+	if buffer == 0 {
+		buffer = c.timeouts.resumeBuffer
+	}
+	s.bufSamples = int64(buffer.Seconds() * float64(o.SampleRate))
+	return s
+}
+
 // Started returns the server's SessionStarted message (session id, fps, size, latency, ...).
-func (s *Session) Started() *pb.SessionStarted { return s.started }
+// After a resume it is the resumed stream's (NodeId names the replica the session runs on now,
+// FirstFrameIndex where that stream started).
+func (s *Session) Started() *pb.SessionStarted {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.started
+}
+
+// Resumes returns how many times the session resumed after its stream broke.
+func (s *Session) Resumes() int { return int(s.resumes.Load()) }
 
 // SampleRate is the sample rate of the audio the session takes (SessionOptions.SampleRate).
 func (s *Session) SampleRate() int { return s.opts.SampleRate }
 
 // Events returns the session's responses in order: frames, audio, stats, and finally End.
-// The channel closes after End or when the stream ends for any other reason; Err then says
-// why. If nobody reads it, the session stalls rather than losing events (see the package
-// documentation), until Close or the StartSession context ends it.
+// The channel closes after End or when the session ends for any other reason; Err then says
+// why. When the session resumes on another replica the channel goes on: frame indices
+// continue and no frame or AudioOut block is delivered twice (an End with
+// END_REASON_SERVER_SHUTDOWN that the session resumes from is not delivered). If nobody reads
+// it, the session stalls rather than losing events (see the package documentation), until
+// Close or the StartSession context ends it.
 func (s *Session) Events() <-chan Event { return s.events }
 
 // Err returns the terminal error once Events has closed (nil while the session runs): nil
 // after the server's End, the server's gRPC status error when the stream failed (for example
 // INVALID_ARGUMENT for a malformed message, or codes.Canceled when the StartSession context was
 // cancelled), ErrClosed when Close ended the session before End, or an error wrapping
-// ErrProtocol.
+// ErrProtocol. When a broken stream could not be resumed, it wraps the last error of the
+// resume (status.Code sees it: NOT_FOUND when the session is gone, DEADLINE_EXCEEDED or
+// UNAVAILABLE when the resume timeout passed) and says why the stream broke.
 func (s *Session) Err() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -478,33 +510,59 @@ func (s *Session) sendLoop() {
 	for {
 		select {
 		case <-s.closing:
-			_ = s.stream.CloseSend()
+			s.sendMu.Lock()
+			_ = s.cur.stream.CloseSend()
+			s.sendMu.Unlock()
 			return
 		case <-s.ctx.Done():
 			return
+		case <-s.kick:
+			s.sendMu.Lock()
+			s.flushReplayLocked()
+			s.sendMu.Unlock()
 		case <-keepAlive:
 			if s.sinceLastSend() >= s.keepAliveEvery {
-				if !s.send(&pb.StreamRequest{Message: &pb.StreamRequest_KeepAlive{KeepAlive: &pb.KeepAlive{}}}) {
+				if !s.write(&pb.StreamRequest{Message: &pb.StreamRequest_KeepAlive{KeepAlive: &pb.KeepAlive{}}}) {
 					return
 				}
 			}
 			timer.Reset(s.keepAliveEvery - s.sinceLastSend())
 		case it := <-s.sendq:
 			if it.closeSend {
-				_ = s.stream.CloseSend()
-				return
+				s.sendMu.Lock()
+				s.flushReplayLocked()
+				s.halfClosed = true
+				_ = s.cur.stream.CloseSend()
+				s.sendMu.Unlock()
+				if !s.canResume() {
+					return
+				}
+				// Stay to half-close a resumed stream after its replay; nothing else goes out.
+				keepAlive = nil
+				continue
 			}
-			if !s.send(it.req) {
+			if !s.write(it.req) {
 				return
 			}
 		}
 	}
 }
 
-// send writes one message on the stream; false when the stream is broken.
-func (s *Session) send(req *pb.StreamRequest) bool {
+// write records one message for a resume and sends it on the current stream; false when the
+// stream is broken for good.
+func (s *Session) write(req *pb.StreamRequest) bool {
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	s.flushReplayLocked()
+	s.track(req)
+	att := s.cur
 	// io.EOF: the stream has finished; the receive goroutine gets its status.
-	if err := s.stream.Send(req); err != nil {
+	if err := att.stream.Send(req); err != nil {
+		if (err == io.EOF || att.ctx.Err() != nil) && s.canResume() {
+			// The receive goroutine resumes the session, whose replay carries this message
+			// when it matters (audio, EndOfAudio), or it ends the session.
+			return true
+		}
 		s.mu.Lock()
 		s.sendErr = err
 		s.mu.Unlock()
@@ -514,24 +572,70 @@ func (s *Session) send(req *pb.StreamRequest) bool {
 	return true
 }
 
+// flushReplayLocked sends what a resumed stream gets first: the audio not covered by frames
+// received, EndOfAudio if it had been sent, and the half-close if it had happened. sendMu is
+// held. When the stream breaks again meanwhile, the next resume computes a new replay.
+func (s *Session) flushReplayLocked() {
+	if !s.replayPending {
+		return
+	}
+	s.replayPending = false
+	replay := s.replay
+	s.replay = nil
+	for _, req := range replay {
+		if err := s.cur.stream.Send(req); err != nil {
+			return
+		}
+	}
+	if s.halfClosed {
+		_ = s.cur.stream.CloseSend()
+	}
+	s.touch()
+}
+
 func (s *Session) recvLoop() {
 	defer close(s.recvDone)
 	defer s.cancel()
+	att := s.cur // only this goroutine swaps it
+	first := true
 	for {
-		resp, err := s.stream.Recv()
+		resp, err := s.recv(att, first)
+		first = false
 		if err != nil {
+			if s.shouldResume(att, err) {
+				if att, err = s.resume(att, s.breakCause(att, err)); err == nil {
+					first = true
+					continue
+				}
+			}
 			s.finish(err)
 			return
 		}
 		var ev Event
 		switch m := resp.GetMessage().(type) {
 		case *pb.StreamResponse_Frame:
+			if !s.onFrame(m.Frame) {
+				continue // a frame delivered before a resume
+			}
 			ev.Frame = m.Frame
 		case *pb.StreamResponse_Audio:
+			if !s.onAudio(m.Audio) {
+				continue
+			}
 			ev.Audio = m.Audio
 		case *pb.StreamResponse_Stats:
 			ev.Stats = m.Stats
 		case *pb.StreamResponse_End:
+			if m.End.GetReason() == pb.EndReason_END_REASON_SERVER_SHUTDOWN && s.canResume() && s.ctx.Err() == nil {
+				// The replica drains or stops: go on on another one.
+				cause := fmt.Errorf("the replica ended the stream (END_REASON_SERVER_SHUTDOWN: %s)", m.End.GetMessage())
+				if att, err = s.resume(att, cause); err == nil {
+					first = true
+					continue
+				}
+				s.finish(err)
+				return
+			}
 			ev.End = m.End
 			s.mu.Lock()
 			s.end = m.End
@@ -553,12 +657,34 @@ func (s *Session) recvLoop() {
 			// The server closes the stream right after End: read its status without cancelling
 			// the call, so the server's handler finishes cleanly.
 			for {
-				if _, err := s.stream.Recv(); err != nil {
+				if _, err := att.stream.Recv(); err != nil {
 					return
 				}
 			}
 		}
 	}
+}
+
+// recv reads the next response of att's stream. With the frame-stall watchdog on, a stream
+// that delivers nothing for the stall timeout (the first response after SessionStarted may
+// take SessionStarted.LatencyMs longer) is cancelled with errStalled. Only the time spent
+// waiting here counts: a reader that is slow to take Events does not trigger it.
+func (s *Session) recv(att *attachment, first bool) (*pb.StreamResponse, error) {
+	if s.stallTimeout <= 0 {
+		return att.stream.Recv()
+	}
+	d := s.stallTimeout
+	if first {
+		d += time.Duration(att.started.GetLatencyMs() * float64(time.Millisecond))
+	}
+	if att.watchdog == nil {
+		att.watchdog = time.AfterFunc(d, func() { att.cancel(errStalled) })
+	} else {
+		att.watchdog.Reset(d)
+	}
+	resp, err := att.stream.Recv()
+	att.watchdog.Stop()
+	return resp, err
 }
 
 // finish records the terminal error (once) and closes Events.
@@ -574,7 +700,7 @@ func (s *Session) finish(err error) {
 		s.err = nil
 	case err == io.EOF:
 		s.err = fmt.Errorf("%w: the server closed the stream without sending End", ErrProtocol)
-	case s.closed.Load() && status.Code(err) == codes.Canceled:
+	case s.closed.Load() && (status.Code(err) == codes.Canceled || errors.Is(err, context.Canceled)):
 		s.err = ErrClosed
 	default:
 		s.err = err

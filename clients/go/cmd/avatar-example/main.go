@@ -125,8 +125,8 @@ func run(ctx context.Context, addr, wavPath, imagePath, outPath string, realtime
 	if err := <-sendErr; err != nil {
 		return fmt.Errorf("sending audio: %w", err)
 	}
-	fmt.Printf("%d frames (%d dropped) in %.1f s; end reason %s\n",
-		frames, dropped, time.Since(t0).Seconds(), s.End().GetReason())
+	fmt.Printf("%d frames (%d dropped, %d resumes) in %.1f s; end reason %s\n",
+		frames, dropped, s.Resumes(), time.Since(t0).Seconds(), s.End().GetReason())
 	if outPath != "" {
 		fmt.Printf("wrote %s (play: ffplay -f h264 -framerate %g %s)\n", outPath, st.Fps, outPath)
 	}
