@@ -336,3 +336,23 @@ async def test_no_audio_format_at_all_means_pcm16_mono_at_the_models_rate(make_a
     config = pb.SessionConfig(reference_image=_png(), video_encoding=pb.VIDEO_ENCODING_JPEG)
     resp = await _first_response(app, config)
     assert resp.started.audio_sample_rate_hz == app.engine.cfg.audio_sample_rate == 16000
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale_with_the_same_result() -> None:
+    """libjpeg's DCT scaling (PIL's draft) decodes a 4096x3072 photo at 1/8 for a 128x128 model: the fitted image
+    matches a full decode's closely, and the decoder never builds the full-size bitmap."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:3072, 0:4096].astype(np.float32)
+    photo = np.stack([x / 16 % 256, y / 12 % 256, (x + y) / 28 % 256], -1)
+    photo = np.clip(photo + rng.normal(0, 6, photo.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, "JPEG", quality=92)
+    data = buf.getvalue()
+    fast = load_reference_image(data, 128, 128, max_bytes=1 << 26, max_pixels=1 << 25)
+    full = Image.open(io.BytesIO(data)).convert("RGB")
+    full = full.crop((512, 0, 3584, 3072)).resize((128, 128), Image.Resampling.LANCZOS)
+    assert fast.shape == (128, 128, 3)
+    assert np.abs(fast.astype(np.float32) - np.asarray(full, np.float32)).mean() < 3.0
+    opened = Image.open(io.BytesIO(data))
+    opened.draft(None, (256, 256))
+    assert opened.size == (512, 384)  # what the loader decodes: 1/8 of the pixels on each side

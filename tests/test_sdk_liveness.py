@@ -20,7 +20,7 @@ import grpc.aio
 import pytest
 
 from avatarforcing_client import AvatarForcingClient, pb
-from avatarforcing_client.client import StreamStalledError
+from avatarforcing_client.client import SessionClosedError, StreamStalledError
 
 from .cluster import RedisServer, Replica, start_replica, wait_serving
 from .conftest import speechlike_pcm
@@ -317,3 +317,21 @@ async def test_resume_waits_out_an_unreachable_routing_store(make_app: AppFactor
     finally:
         if frozen:
             os.kill(redis_server.proc.pid, signal.SIGCONT)
+
+
+async def test_a_write_after_the_end_raises_session_closed_not_internal(make_app: Callable[..., Any],
+                                                                        png: bytes) -> None:
+    """grpc's aio client turns a write to a finished call into INTERNAL ("Internal error from Core"), replacing the
+    call's real status. The SDK never writes to a session whose End it has read: it raises SessionClosedError, and
+    does not try to resume a session that ended for good."""
+    app = await make_app()
+    async with AvatarForcingClient(addr(app)) as c:
+        s = c.session(image=png, pacing=pb.PACING_ASAP)
+        await s.start()
+        await s.end_of_audio()
+        events = [ev async for ev in s.events()]
+        assert isinstance(events[-1], pb.End) and events[-1].reason == pb.END_REASON_END_OF_AUDIO
+        with pytest.raises(SessionClosedError, match="ended"):
+            await s.send_audio(speechlike_pcm(0.02).tobytes())
+        assert s.resumes == 0
+        await s.close()

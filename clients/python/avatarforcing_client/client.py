@@ -858,6 +858,11 @@ class Session:
             call = self._call
             if self._closed:
                 raise SessionClosedError("session is closed")
+            if self._finished:
+                # Never write to a finished call: grpc's aio client turns such a write into an INTERNAL status that
+                # replaces the call's real one (and the SDK would try to resume a session that ended for good).
+                end = f" ({pb.EndReason.Name(self._end.reason)})" if self._end is not None else ""
+                raise SessionClosedError(f"the session has ended{end}")
             which = req.WhichOneof("message")
             if which == "audio":
                 self._track_audio(req.audio.data)
@@ -886,11 +891,13 @@ class Session:
         # Interrupt need no replay (a resumed stream starts with an empty server-side buffer).
         if self._call is not call:
             return  # already resumed by another task, which replayed what this write carried
-        code = broken.code() if isinstance(broken, grpc.aio.AioRpcError) else await call.code()
+        # The call's own status, not the write's: grpc's aio client reports a write that races the server's status
+        # as INTERNAL, which would resume (or surface as a server fault) a stream the server refused for a reason.
+        code = await call.code()
         if self._resume_lock.locked() or (code in _RESUMABLE and self._can_resume()):
             await self._resume(call, broken)
             return
-        if isinstance(broken, grpc.aio.AioRpcError):
+        if isinstance(broken, grpc.aio.AioRpcError) and broken.code() == code:
             raise broken
         if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
             raise grpc.aio.AioRpcError(
