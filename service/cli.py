@@ -48,6 +48,13 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-id", default=None, help="this replica's id in the routing registry (default host-random)")
     p.add_argument("--advertise-address", default=None,
                    help="host:port clients are sent to for this replica's sessions (default: the bound address)")
+    p.add_argument("--avatar-dir", default=None,
+                   help="a folder every replica mounts: registered avatars outlive a Redis restart (default: none)")
+    p.add_argument("--tenant-max-avatars", type=int, default=None,
+                   help=f"avatars per tenant; its least recently used go first (default {d.tenant_max_avatars})")
+    p.add_argument("--image-rate", type=float, default=None, dest="image_rate_per_s",
+                   help=f"new reference images a tenant may send per second, 0 = no limit (default "
+                        f"{d.image_rate_per_s:g}, bursts of {d.image_burst})")
 
 
 def _server_config(a: argparse.Namespace, **extra: object) -> ServerConfig:
@@ -80,6 +87,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    if a.sessions is None:
+        a.sessions = 6 if a.chaos else 2
+    if a.chaos:
+        from .chaos import run_chaos_bench
+
+        return run_chaos_bench(a)
     if a.failover:
         from .failover_bench import run_failover_bench
 
@@ -250,10 +263,42 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--failover", action="store_true",
                    help="instead: kill -9 replicas under live sessions (Redis routing) and time the SDK's resume")
     b.add_argument("--kills", type=int, default=20, help="--failover: replicas killed (default 20)")
-    b.add_argument("--replicas", type=int, default=3, help="--failover: replicas running (default 3)")
-    b.add_argument("--sessions", type=int, default=2, help="--failover: live sessions (default 2)")
+    b.add_argument("--replicas", type=int, default=3, help="--failover, --chaos: replicas running (default 3)")
+    b.add_argument("--sessions", type=int, default=None,
+                   help="--failover: live sessions (default 2); --chaos: client sessions at once (default 6)")
     b.add_argument("--steady-s", type=float, default=5.0, help="--failover: seconds of steady state measured")
     b.add_argument("--resume-timeout", type=float, default=15.0, help="--failover: SDK resume time limit")
+    b.add_argument("--chaos", action="store_true",
+                   help="instead: random faults (kill -9 and SIGSTOP of replicas, Redis killed, paused, flushed, "
+                        "clients cancelling, connections lost) under live sessions for --duration; counts sessions "
+                        "lost, doubled (from the replicas' logs) and routing records leaked; exit 1 unless all 0 "
+                        "(service/chaos.py; --resume-timeout applies too)")
+    b.add_argument("--duration", type=float, default=1800.0, help="--chaos: seconds of chaos (default 1800)")
+    b.add_argument("--fault-every", default="10:30", metavar="MIN:MAX",
+                   help="--chaos: seconds between faults, uniform in MIN:MAX (default 10:30)")
+    b.add_argument("--faults", default="all",
+                   help="--chaos: comma list of replica-kill, replica-stop, redis-kill, redis-pause, redis-flush, "
+                        "client-cancel, conn-loss (default all)")
+    b.add_argument("--fault-order", default="random", choices=["random", "cycle"],
+                   help="--chaos: pick each fault at random, or cycle through --faults in order so that each "
+                        "kind runs (default random)")
+    b.add_argument("--seed", type=int, default=None, help="--chaos: seed of the fault schedule (default random)")
+    b.add_argument("--session-s", default="10:60", metavar="MIN:MAX",
+                   help="--chaos: how long each client session runs before it ends normally (default 10:60)")
+    b.add_argument("--replica-stop-s", type=float, default=5.0,
+                   help="--chaos: how long replica-stop keeps a replica SIGSTOPped (default 5)")
+    b.add_argument("--redis-down-s", default="2:5", metavar="MIN:MAX",
+                   help="--chaos: how long redis-kill/redis-pause keep Redis away (default 2:5)")
+    b.add_argument("--stall-s", type=float, default=10.0,
+                   help="--chaos: a live session with no frame for this long counts as lost (default 10)")
+    b.add_argument("--resume-ttl", type=float, default=10.0,
+                   help="--chaos: the replicas' resume and reservation TTLs, which the leak check waits out "
+                        "(default 10)")
+    b.add_argument("--replica-slots", type=int, default=0,
+                   help="--chaos: session slots per replica (default: --sessions, so one replica can hold all)")
+    b.add_argument("--logs", default=None, type=Path,
+                   help="--chaos: keep the replicas' logs in this folder (default: a temporary folder, kept only "
+                        "when the run fails)")
     b.set_defaults(fn=cmd_bench)
     t = sub.add_parser("train", help="train the autoencoder, teacher, student and AR baseline (resumable)")
     t.add_argument("--run", default=Path("runs/default"), type=Path, help="run folder (default runs/default)")
