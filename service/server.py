@@ -181,6 +181,12 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
                     delay = item.due - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
+                if item.frames and not app.owns_for_sure():
+                    # This process was frozen (SIGSTOP, a stalled loop): while it slept, the session may have been
+                    # resumed elsewhere. No frame goes out before the store confirms that it is still ours.
+                    await app.confirm_ownership()
+                if session.failure is not None:  # failed (moved away, say) with frames still queued: none goes out
+                    raise session.failure
                 yield item.msg
                 if item.frames:
                     app.on_frame_sent(session, item)
@@ -271,6 +277,17 @@ class App:
         self.router: Router = None  # type: ignore[assignment]  # made in start(), once the port is known
         self.owned: dict[str, Session] = {}  # session id -> the Session streaming it here
         self._closing: set[asyncio.Task[None]] = set()
+        # Freeze detection (owns_for_sure): a loop that stood still longer than a node may be silent before a
+        # resume takes its sessions away (the routing limits' stale_s) must confirm its ownership first.
+        self._tick = time.monotonic()
+        # Another replica takes a session over once the owner's last heartbeat is stale_s old, and that heartbeat
+        # may have been one interval before the freeze began: hence the margin.
+        lim = RoutingLimits(heartbeat_s=cfg.heartbeat_s, node_ttl_s=cfg.node_ttl_s)
+        self._freeze_s = max(0.2, lim.stale_s - lim.heartbeat_s - 0.1)
+        self._confirmed = asyncio.Event()
+        self._confirmed.set()
+        self._confirm_task: asyncio.Task[None] | None = None
+        self._liveness_task: asyncio.Task[None] | None = None
         self.hooks: dict[str, Callable[[Session | None], Awaitable[None]]] = {}
         try:
             self.tokens = TokenTable.load(cfg.auth_tokens_file, cfg.auth_tokens)
@@ -350,6 +367,8 @@ class App:
         await self.router.start()
         self.metrics.routing_store_up.set_function(lambda: float(self.router.healthy))
         self._watchdog = asyncio.create_task(self.watchdog(), name="watchdog")
+        self._tick = time.monotonic()
+        self._liveness_task = asyncio.create_task(self._liveness(), name="freeze-detector")
         log.info("serving", address=f"{self.cfg.host}:{self.port}", metrics_port=self.metrics_port,
                  model=self.loaded.model_cfg.name, checkpoint=self.loaded.source, trained=self.loaded.trained,
                  device=str(self.engine.device), dtype=str(self.engine.dtype).replace("torch.", ""),
@@ -388,11 +407,49 @@ class App:
     def _on_lost(self, session_id: str) -> None:
         s = self.owned.pop(session_id, None)
         if s is not None:
+            s.out.clear_media()
             s.fail(SessionFailure(grpc.StatusCode.ABORTED, "this session was resumed on another replica; this "
                                   "stream ends"))
 
     def tenant_limit(self, tenant: Tenant) -> int:
         return tenant.max_sessions or self.cfg.tenant_max_sessions
+
+    # ---- ownership after a freeze ----------------------------------------------------------------
+    def owns_for_sure(self) -> bool:
+        """False after this process (or its event loop) stood still longer than a node may stay silent: its
+        sessions may have moved meanwhile, until :meth:`confirm_ownership` has asked the store."""
+        if time.monotonic() - self._tick > self._freeze_s:
+            self._fence(time.monotonic() - self._tick)
+        return self._confirmed.is_set()
+
+    def _fence(self, gap: float) -> None:
+        self._tick = time.monotonic()
+        if self._confirmed.is_set():
+            log.warning("this replica stood still (frozen, or its event loop stalled): holding frames until the "
+                        "routing store confirms which sessions are still ours", stalled_s=round(gap, 2))
+            self._confirmed.clear()
+        if self._confirm_task is None or self._confirm_task.done():
+            self._confirm_task = asyncio.create_task(self._confirm(), name="confirm-ownership")
+
+    async def _confirm(self) -> None:
+        t_end = time.monotonic() + self.cfg.session_ttl_s
+        while not await self.router.confirm():
+            if time.monotonic() > t_end:  # the store stays away: nobody can have moved a session since it went
+                log.warning("routing store unreachable: frames go out again without confirmation")
+                break
+            await asyncio.sleep(self.cfg.heartbeat_s)
+        self._confirmed.set()
+
+    async def confirm_ownership(self) -> None:
+        await self._confirmed.wait()
+
+    async def _liveness(self) -> None:
+        """Notices this process standing still (SIGSTOP, a blocked loop) the moment it runs again."""
+        while True:
+            await asyncio.sleep(0.1)
+            if time.monotonic() - self._tick > self._freeze_s:
+                self._fence(time.monotonic() - self._tick)
+            self._tick = time.monotonic()
 
     async def close_session(self, s: Session) -> None:
         """Frees everything ``s`` holds (engine slot, encoder, routing record), exactly once, in a task of its own:
@@ -470,6 +527,11 @@ class App:
             await asyncio.sleep(0.02)
         assert self.server is not None
         await self.server.stop(1.0)
+        if self._closing:  # streams cancelled during the shutdown: their slots, routes and log lines
+            await asyncio.wait(list(self._closing), timeout=5)
+        for t in (self._liveness_task, self._confirm_task):
+            if t is not None:
+                t.cancel()
         if self.health_server is not None:
             await self.health_server.stop(0.2)
         if self._watchdog is not None:

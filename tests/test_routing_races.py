@@ -349,3 +349,50 @@ async def test_avatar_quota_and_image_rate_are_per_tenant(make_app: AppFactory, 
         assert redis_server.cli("ZCARD", "af:avatars:alice") == "3"
         assert redis_server.cli("EXISTS", f"af:avatar:{ids[0]}") == "0"
         assert redis_server.cli("EXISTS", f"af:avatar:{bob_avatar}") == "1"
+
+
+async def test_a_flushed_store_holds_tenant_limits_until_sessions_are_written_back(
+        make_app: AppFactory, redis_server: RedisServer, png: bytes) -> None:
+    a, b = await replicas(make_app, redis_server, 2, max_sessions=2, auth_tokens=f"alice:{ALICE}:1")
+    md = (("authorization", f"Bearer {ALICE}"),)
+    async with AvatarForcingClient(addr(a), token=ALICE) as c:
+        p = await c.create_session()
+        ch, call = await open_raw(p.address, config(png, session_id=p.session_id, session_token=p.session_token), md)
+        await started(call)
+        redis_server.cli("FLUSHALL")  # alice's live session is unknown to the store for up to a heartbeat
+        with pytest.raises(grpc.aio.AioRpcError) as ei:  # placed at once, this one would exceed her limit
+            await c.create_session()
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit" in (ei.value.details() or "")
+        assert record(redis_server, p.session_id)["state"] == "live"
+        call.cancel()
+        await ch.close()
+    await wait_slots_free([a, b])
+
+
+async def test_a_replica_that_stood_still_sends_no_frame_before_confirming_ownership(
+        make_app: AppFactory, redis_server: RedisServer, png: bytes) -> None:
+    a, b = await replicas(make_app, redis_server, 2, max_sessions=2)
+    async with AvatarForcingClient(addr(a)) as c:
+        p = await c.create_session()
+        owner = a if p.node_id == a.node_id else b
+        other = b if owner is a else a
+        ch, call = await open_raw(p.address, config(png, session_id=p.session_id, session_token=p.session_token))
+        await started(call)
+        await next_frame(call)
+        s = owner.owned[p.session_id]
+        owner.router._task.cancel()  # type: ignore[attr-defined]  # its heartbeat stops...
+        await asyncio.sleep(owner.router.limits.suspect_s + 0.1)
+        async with AvatarForcingClient(addr(other)) as c2:
+            r = await c2.create_session(p.session_id, p.session_token)  # ...so the session moves
+        assert r.node_id == other.node_id
+        # The owner "wakes up" (as after SIGCONT: its loop stood still longer than a node may be silent). Its next
+        # frame waits for the store, which says the session moved: the stream ends without another frame.
+        owner._tick -= 10
+        sent_before = s.frames_sent
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            while True:
+                await call.read()
+        assert ei.value.code() == grpc.StatusCode.ABORTED
+        assert s.frames_sent <= sent_before + 1  # at most the one already past the check when the clock jumped
+        await ch.close()
+    await wait_slots_free([a, b])

@@ -193,6 +193,11 @@ class Router(abc.ABC):
     async def set_draining(self) -> None:
         self.draining = True
 
+    async def confirm(self) -> bool:
+        """Re-checks with the store that this node still owns the sessions it streams (ending those that moved);
+        False when the store cannot be asked now. One node alone (no store) owns everything it holds."""
+        return True
+
     # ---- placement -------------------------------------------------------------------------------
     @abc.abstractmethod
     async def create(self, tenant: str, tenant_limit: int) -> Placement:

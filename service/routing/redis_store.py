@@ -88,16 +88,29 @@ local function at_limit(p, tenant, limit)
   redis.call('ZREMRANGEBYSCORE', tkey, '-inf', now_ms())
   return tonumber(limit) > 0 and redis.call('ZCARD', tkey) >= tonumber(limit)
 end
+-- The store lost its data (restarted empty, FLUSHALL) when its marker `store` is gone. For `window` ms after
+-- that every replica writes its sessions back (its next heartbeat), and placements under a tenant limit wait:
+-- they could not count the tenant's sessions yet.
+local function recovering(p, window)
+  local now = now_ms()
+  local until_ms = redis.call('GET', p .. 'store')
+  if not until_ms then
+    redis.call('SET', p .. 'store', now + tonumber(window))
+    return true
+  end
+  return now < tonumber(until_ms)
+end
 local function count_tenant(p, tenant, sid, ttl)
   redis.call('ZADD', p .. 'tenant:' .. tenant, now_ms() + ttl, sid)
   redis.call('SADD', p .. 'tenants', tenant)
 end
 """
 
-# ARGV: prefix, sid, tenant, token_hash, tenant_limit, ttl_ms, prefer, only, state, stale_ms
+# ARGV: prefix, sid, tenant, token_hash, tenant_limit, ttl_ms, prefer, only, state, stale_ms, window_ms
 _CLAIM = _COMMON + """
-local p, sid, tenant, th, limit, ttl, prefer, only, state, stale = unpack(ARGV)
+local p, sid, tenant, th, limit, ttl, prefer, only, state, stale, window = unpack(ARGV)
 ttl = tonumber(ttl)
+if recovering(p, window) and tonumber(limit) > 0 then return {'recovering'} end
 if at_limit(p, tenant, limit) then return {'tenant_limit'} end
 local node, addr = pick(p, prefer, only, tonumber(stale))
 if not node then return {'full'} end
@@ -118,11 +131,11 @@ count_tenant(p, tenant, sid, ttl)
 return {'ok', node, addr}
 """
 
-# ARGV: prefix, sid, token_hash, tenant, ttl_ms, prefer, dead_node, tenant_limit, stale_ms
+# ARGV: prefix, sid, token_hash, tenant, ttl_ms, prefer, dead_node, tenant_limit, stale_ms, window_ms
 # {'owner', node, addr, beat_age_ms}: the owner is alive (its last heartbeat is younger than stale_ms);
 # {'moved', node, addr}: the owner is gone (or the session was detached): reserved on `node`, epoch bumped.
 _RESUME = _COMMON + """
-local p, sid, th, tenant, ttl, prefer, dead, limit, stale = unpack(ARGV)
+local p, sid, th, tenant, ttl, prefer, dead, limit, stale, window = unpack(ARGV)
 ttl, stale = tonumber(ttl), tonumber(stale)
 local key = p .. 'session:' .. sid
 local r = redis.call('HMGET', key, 'node', 'addr', 'tenant', 'token', 'state')
@@ -139,6 +152,7 @@ local h = redis.call('HMGET', p .. 'node:' .. owner, 'state', 'beat')
 local age = now - tonumber(h[2] or 0)
 local alive = h[1] == 'serving' and age <= stale
 if alive and state ~= 'detached' then return {'owner', owner, oaddr, tostring(age)} end
+if state == 'detached' and tonumber(limit) > 0 and recovering(p, window) then return {'recovering'} end
 if state == 'detached' and at_limit(p, tenant, limit) then return {'tenant_limit'} end
 if alive then prefer = owner end
 local node, addr = pick(p, prefer, '', stale)
@@ -153,15 +167,16 @@ count_tenant(p, tenant, sid, ttl)
 return {'moved', node, addr}
 """
 
-# ARGV: prefix, sid, token_hash, tenant, node, ttl_ms, tenant_limit
+# ARGV: prefix, sid, token_hash, tenant, node, ttl_ms, tenant_limit, window_ms
 _ATTACH = _COMMON + """
-local p, sid, th, tenant, node, ttl, limit = unpack(ARGV)
+local p, sid, th, tenant, node, ttl, limit, window = unpack(ARGV)
 ttl = tonumber(ttl)
 local key = p .. 'session:' .. sid
 local r = redis.call('HMGET', key, 'node', 'addr', 'tenant', 'token', 'state')
 if not r[1] then return {'not_found'} end
 if r[4] ~= th or r[3] ~= tenant then return {'denied'} end
 if r[1] ~= node then return {'not_owner', r[2]} end
+if r[5] == 'detached' and tonumber(limit) > 0 and recovering(p, window) then return {'recovering'} end
 if r[5] == 'detached' and at_limit(p, tenant, limit) then return {'tenant_limit'} end
 redis.call('ZREM', p .. 'pending:' .. node, sid)
 if r[5] ~= 'live' and redis.call('EXISTS', p .. 'node:' .. node) == 1 then
@@ -197,7 +212,7 @@ return 1
 """
 
 # ARGV: prefix, node, addr, state, capacity, active, node_ttl_ms, session_ttl_ms, resume_ttl_ms, grace_ms,
-#       then sid, epoch pairs of the sessions this node streams.
+#       window_ms, then sid, epoch pairs of the sessions this node streams.
 # Returns {missing, moved, behind, swept, tenant counts (flat name, n), serving nodes}:
 #   missing: records gone (Redis lost its data: the node writes them back);
 #   moved:   records that name another node or a newer epoch (the node ends its stream);
@@ -206,6 +221,7 @@ return 1
 _HEARTBEAT = _COMMON + """
 local p, node, addr, state, cap, active = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local nttl, sttl, rttl, grace = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+recovering(p, ARGV[11])
 local now = now_ms()
 local nkey = p .. 'node:' .. node
 redis.call('HSET', nkey, 'addr', addr, 'state', state, 'capacity', cap, 'active', active, 'beat', now)
@@ -213,7 +229,7 @@ redis.call('PEXPIRE', nkey, nttl)
 redis.call('SADD', p .. 'nodes', node)
 local missing, moved, behind, swept = {}, {}, {}, {}
 local held = {}
-for i = 11, #ARGV, 2 do
+for i = 12, #ARGV, 2 do
   local sid, ep = ARGV[i], tonumber(ARGV[i + 1])
   held[sid] = true
   local key = p .. 'session:' .. sid
@@ -389,7 +405,7 @@ class RedisRouter(Router):
         res = await self._heartbeat(args=[
             self.prefix, self.node.node_id, self.node.address, self._state(), cap, cap - self.free_slots(),
             int(self.limits.node_ttl_s * 1000), int(self.limits.session_ttl_s * 1000),
-            int(self.limits.resume_ttl_s * 1000), int(self.limits.sweep_grace_s * 1000),
+            int(self.limits.resume_ttl_s * 1000), int(self.limits.sweep_grace_s * 1000), self._window_ms(),
             *[x for sid, ep in held.items() for x in (sid, ep)]])
         self.heartbeats += 1
         missing, moved, behind, swept = ([_s(x) for x in res[i]] for i in range(4))
@@ -415,6 +431,14 @@ class RedisRouter(Router):
                 await self._restore(pending)
         if missing and self.on_store_lost is not None:
             await self.on_store_lost()
+
+    async def confirm(self) -> bool:
+        try:
+            await self.beat()
+            return True
+        except RedisError as e:
+            self._down(e)
+            return False
 
     async def _replay_releases(self) -> None:
         for sid, (epoch, resumable) in list(self._unreleased.items()):
@@ -458,18 +482,39 @@ class RedisRouter(Router):
     def _stale_ms(self) -> int:
         return int(self.limits.stale_s * 1000)
 
+    def _window_ms(self) -> int:
+        """How long after the store lost its data placements under a tenant limit wait: every replica writes its
+        sessions back with its next heartbeat."""
+        return int((2 * self.limits.heartbeat_s + 0.5) * 1000)
+
+    async def _eval(self, script: Any, args: list[Any]) -> list[Any]:
+        """Runs a placement script; while the store is recovering from a data loss (the replicas are writing their
+        sessions back, a second or so), waits and runs it again rather than refusing the caller."""
+        t_end = time.monotonic() + self._window_ms() / 1000 + 0.5
+        while True:
+            res = list(await script(args=args))
+            if _s(res[0]) != "recovering" or time.monotonic() > t_end:
+                return res
+            await asyncio.sleep(0.1)
+
+    def _recovering(self) -> StoreDown:
+        return StoreDown("the routing store (Redis) has just restarted empty and the replicas are writing their "
+                         "sessions back; tenant limits can be checked again in a moment: retry shortly")
+
     async def create(self, tenant: str, tenant_limit: int) -> Placement:
         sid, token = new_session_id(), new_token()
         th = token_hash(token)
         ttl = self.limits.reservation_ttl_s
         try:
-            res = [_s(x) for x in await self._claim(args=[
+            res = [_s(x) for x in await self._eval(self._claim, [
                 self.prefix, sid, tenant, th, tenant_limit, int(ttl * 1000), self.node.node_id, "", PENDING,
-                self._stale_ms()])]
+                self._stale_ms(), self._window_ms()])]
         except RedisError as e:
             self._down(e)
             rec, token = self._local_new(tenant, tenant_limit, PENDING)
             return Placement(rec.session_id, token, rec.node_id, rec.address, ttl)
+        if res[0] == "recovering":
+            raise self._recovering()
         if res[0] == "tenant_limit":
             raise Full(f"tenant {tenant!r} already has {tenant_limit} sessions, its limit; end one first")
         if res[0] == "full":
@@ -489,15 +534,17 @@ class RedisRouter(Router):
                        "or on another replica")
         try:
             for attempt in range(2):
-                res = [_s(x) for x in await self._claim(args=[
+                res = [_s(x) for x in await self._eval(self._claim, [
                     self.prefix, sid, tenant, th, tenant_limit, int(self.limits.session_ttl_s * 1000),
-                    self.node.node_id, self.node.node_id, LIVE, 1 << 40])]
+                    self.node.node_id, self.node.node_id, LIVE, 1 << 40, self._window_ms()])]
                 if res[0] != "full" or attempt:
                     break
                 await self.beat()  # this node has room (checked above): Redis lost its entry (restarted, FLUSHALL)
         except RedisError as e:
             self._down(e)
             return self._local_new(tenant, tenant_limit, LIVE)
+        if res[0] == "recovering":
+            raise self._recovering()
         if res[0] == "tenant_limit":
             raise Full(f"tenant {tenant!r} already has {tenant_limit} sessions, its limit; end one first")
         if res[0] == "full":
@@ -515,9 +562,9 @@ class RedisRouter(Router):
         t_end = time.monotonic() + self.limits.stale_s + 1.0
         try:
             while True:
-                res = [_s(x) for x in await self._resume(args=[
+                res = [_s(x) for x in await self._eval(self._resume, [
                     self.prefix, session_id, th, tenant, int(ttl * 1000), self.node.node_id, dead, tenant_limit,
-                    self._stale_ms()])]
+                    self._stale_ms(), self._window_ms()])]
                 if res[0] != "owner":
                     break
                 owner, addr, age = res[1], res[2], float(res[3]) / 1000
@@ -544,6 +591,8 @@ class RedisRouter(Router):
             raise NotFound(f"session {session_id} is unknown or expired; create a new one")
         if res[0] == "denied":
             raise Denied(f"the session token does not match session {session_id}")
+        if res[0] == "recovering":
+            raise self._recovering()
         if res[0] == "tenant_limit":
             raise Full(f"tenant {tenant!r} already has {tenant_limit} sessions, its limit; end one before resuming "
                        "this one")
@@ -561,9 +610,9 @@ class RedisRouter(Router):
     async def attach(self, session_id: str, token: str, tenant: str, tenant_limit: int = 0) -> SessionRecord:
         th = token_hash(token)
         try:
-            res = [_s(x) for x in await self._attach(args=[
+            res = [_s(x) for x in await self._eval(self._attach, [
                 self.prefix, session_id, th, tenant, self.node.node_id, int(self.limits.session_ttl_s * 1000),
-                tenant_limit])]
+                tenant_limit, self._window_ms()])]
         except RedisError as e:
             self._down(e)
             if session_id not in self.local:
@@ -575,6 +624,8 @@ class RedisRouter(Router):
         if res[0] == "not_owner":
             self.local.pop(session_id, None)
             raise NotOwner(session_id, res[1])
+        if res[0] == "recovering":
+            raise self._recovering()
         if res[0] == "tenant_limit":
             raise Full(f"tenant {tenant!r} already has {tenant_limit} sessions, its limit; end one before resuming "
                        "this one")
