@@ -205,7 +205,12 @@ def _describe(e: BaseException) -> str:
             return f"{getattr(c, 'name', c)}: {details}"
         except Exception:
             pass
-    return f"{type(e).__name__}: {e}"
+    # Not a status: a bug somewhere. Say where (the innermost frames), so that the report can be acted on.
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)[-3:]
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+    return f"{type(e).__name__}: {e}" + (f" (at {where})" if where else "")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1121,7 +1126,7 @@ class Chaos:
             f"admin:{self.tokens['admin']}\n")
         tokfile.chmod(0o600)
         env = {k: v for k, v in os.environ.items() if not k.startswith("AVATARFORCING_")}
-        env.update(OMP_NUM_THREADS=str(cfg.threads), AVATARFORCING_LOG_LEVEL="info", AVATARFORCING_LOG_JSON="1",
+        env.update(OMP_NUM_THREADS=str(cfg.threads), AVATARFORCING_LOG_LEVEL="info", AVATARFORCING_LOG_FORMAT="json",
                    AVATARFORCING_RESUME_TTL_S=f"{cfg.resume_ttl_s:g}",
                    AVATARFORCING_RESERVATION_TTL_S=f"{cfg.resume_ttl_s:g}",
                    AVATARFORCING_AUTH_TOKENS_FILE=str(tokfile),
