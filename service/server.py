@@ -24,7 +24,7 @@ from avatarforcing_client.v1 import avatarforcing_pb2 as pb
 from avatarforcing_client.v1 import avatarforcing_pb2_grpc as pb_grpc
 
 from . import __version__
-from .audio_in import SUPPORTED_RATES, AudioError, AudioInput, AudioOverflowError
+from .audio_in import MAX_RATE, MIN_RATE, AudioError, AudioInput, AudioOverflowError, rate_problem, rates_for
 from .avatars import Avatar, AvatarDir, AvatarRegistry, RateLimited, TenantRateLimiter, content_digest, decode_pool
 from .codecs import SUPPORTED_ENCODINGS, UnsupportedEncodingError, make_encoder
 from .config import ServerConfig
@@ -42,7 +42,7 @@ from .security import (
     server_credentials,
 )
 from .session import Session, SessionFailure, Timeline
-from .telemetry import Metrics
+from .telemetry import Metrics, log_format
 from .wire import add_guarded_servicer
 
 log = structlog.get_logger("avatarforcing.server")
@@ -283,6 +283,7 @@ class App:
         # Another replica takes a session over once the owner's last heartbeat is stale_s old, and that heartbeat
         # may have been one interval before the freeze began: hence the margin.
         lim = RoutingLimits(heartbeat_s=cfg.heartbeat_s, node_ttl_s=cfg.node_ttl_s)
+        self._stale_s = lim.stale_s
         self._freeze_s = max(0.2, lim.stale_s - lim.heartbeat_s - 0.1)
         self._confirmed = asyncio.Event()
         self._confirmed.set()
@@ -364,6 +365,7 @@ class App:
             self.metrics_port = self.metrics.serve_http(self.cfg.host, self.cfg.metrics_port)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.ready = lambda: not self.draining and not self.stopped  # /readyz follows the health status
         await self.router.start()
         self.metrics.routing_store_up.set_function(lambda: float(self.router.healthy))
         self._watchdog = asyncio.create_task(self.watchdog(), name="watchdog")
@@ -376,7 +378,14 @@ class App:
                  lookahead_ms=round(self.lookahead_ms(), 1), latency_ms=round(self.timeline.latency_s * 1000, 1),
                  node_id=self.node_id, advertise=self.router.node.address, routing=self.router.kind,
                  tls=self.credentials is not None, auth=self.tokens.enabled, health_port=self.health_port,
-                 config=self.cfg.to_json())
+                 config=self._config_for_log())
+
+    def _config_for_log(self) -> Any:
+        """JSON logs: the whole configuration as a nested object; console logs: only what differs from the
+        defaults, as ``key=value`` pairs (the first screen of `avatarforcing demo` stays readable)."""
+        if log_format() == "json":
+            return self.cfg.to_dict()
+        return " ".join(f"{k}={v}" for k, v in self.cfg.non_defaults().items()) or "(defaults)"
 
     def _make_router(self) -> Router:
         cfg = self.cfg
@@ -432,12 +441,14 @@ class App:
             self._confirm_task = asyncio.create_task(self._confirm(), name="confirm-ownership")
 
     async def _confirm(self) -> None:
-        t_end = time.monotonic() + self.cfg.session_ttl_s
+        # While the store cannot be asked, nobody can move a session either; a client that did resume elsewhere
+        # before has cancelled this stream. So frames wait for an unreachable store only briefly.
+        t_end = time.monotonic() + self._stale_s
         while not await self.router.confirm():
-            if time.monotonic() > t_end:  # the store stays away: nobody can have moved a session since it went
+            if time.monotonic() > t_end:
                 log.warning("routing store unreachable: frames go out again without confirmation")
                 break
-            await asyncio.sleep(self.cfg.heartbeat_s)
+            await asyncio.sleep(0.1)
         self._confirmed.set()
 
     async def confirm_ownership(self) -> None:
@@ -638,11 +649,11 @@ class App:
         if sc.HasField("audio_format") and af.sample_rate_hz == 0:
             raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
                                  "audio_format.sample_rate_hz is 0 (unset): set it to the sample rate of the audio "
-                                 f"you will send, one of {list(SUPPORTED_RATES)}")
+                                 f"you will send ({MIN_RATE} to {MAX_RATE} Hz, e.g. 16000, 22050 or 48000)")
         rate = af.sample_rate_hz or self.engine.cfg.audio_sample_rate
-        if rate not in SUPPORTED_RATES:
-            raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"sample rate {rate} Hz is not supported; use one of {list(SUPPORTED_RATES)}")
+        problem = rate_problem(rate, self.engine.cfg.fps)
+        if problem is not None:
+            raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT, problem)
         if sc.video_encoding not in SUPPORTED_ENCODINGS:
             names = ", ".join(pb.VideoEncoding.Name(v) for v in SUPPORTED_ENCODINGS)
             raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
@@ -791,7 +802,7 @@ class App:
                                  width=c.width, height=c.height, frames_per_block=e.frames_per_block,
                                  lookahead_ms=self.lookahead_ms()),
             capacity_sessions=e.capacity, free_slots=e.free_slots, active_sessions=active,
-            supported_sample_rates_hz=list(SUPPORTED_RATES),
+            supported_sample_rates_hz=rates_for(c.fps),  # the usual ones: any rate rate_problem() accepts is taken
             supported_video_encodings=cast(list[pb.VideoEncoding], list(SUPPORTED_ENCODINGS)),
             registered_avatars=avatars, node_id=self.node_id, address=self.router.node.address,
             draining=self.draining, routing=self.router.kind, routing_healthy=self.router.healthy)

@@ -396,3 +396,29 @@ async def test_a_replica_that_stood_still_sends_no_frame_before_confirming_owner
         assert s.frames_sent <= sent_before + 1  # at most the one already past the check when the clock jumped
         await ch.close()
     await wait_slots_free([a, b])
+
+
+async def test_a_paused_store_does_not_make_healthy_owners_look_dead(make_app: AppFactory, redis_server: RedisServer,
+                                                                     png: bytes) -> None:
+    """Every node's heartbeat is late after Redis was paused for longer than a node may be silent; none of them is
+    frozen for that. A resume right after the pause finds the owner, instead of moving its session."""
+    a, b = await replicas(make_app, redis_server, 2, max_sessions=2)
+    async with AvatarForcingClient(addr(a)) as c:
+        p = await c.create_session()
+        owner = a if p.node_id == a.node_id else b
+        other = b if owner is a else a
+        ch, call = await open_raw(p.address, config(png, session_id=p.session_id, session_token=p.session_token))
+        await started(call)
+        assert redis_server.proc is not None
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(2 * owner.router.limits.stale_s)
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        async with AvatarForcingClient(addr(other)) as c2:
+            r = await c2.create_session(p.session_id, p.session_token)
+        assert r.node_id == owner.node_id, "a healthy owner was taken for dead after a store pause"
+        await next_frame(call)  # and its stream goes on
+        call.cancel()
+        await ch.close()
+    await wait_slots_free([a, b])

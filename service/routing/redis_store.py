@@ -61,6 +61,15 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- Whether a node whose last heartbeat is `age` ms old counts as alive. Silent for stale_ms is dead, unless the
+-- store itself came back less than stale_ms ago (it was paused, restarted or unreachable: every node's
+-- heartbeat is late then, and none of them is frozen for that).
+local function beating(p, age, stale)
+  if age <= stale then return true end
+  local now = now_ms()
+  if now - tonumber(redis.call('GET', p .. 'lastbeat') or 0) > stale then return true end  -- nobody beats yet
+  return now - tonumber(redis.call('GET', p .. 'back') or 0) <= stale
+end
 -- The serving node with the most free slots (capacity - active - live reservations), ties to
 -- `prefer`; nil when every node is full, draining, stalled, silent for stale_ms, or gone. Prunes
 -- nodes whose entry expired.
@@ -72,7 +81,7 @@ local function pick(p, prefer, only, stale)
     if not h[1] then
       redis.call('SREM', p .. 'nodes', id)
       redis.call('DEL', p .. 'pending:' .. id)
-    elseif h[2] == 'serving' and (only == '' or id == only) and now - tonumber(h[5] or 0) <= stale then
+    elseif h[2] == 'serving' and (only == '' or id == only) and beating(p, now - tonumber(h[5] or 0), stale) then
       redis.call('ZREMRANGEBYSCORE', p .. 'pending:' .. id, '-inf', now)
       local free = tonumber(h[3]) - tonumber(h[4]) - redis.call('ZCARD', p .. 'pending:' .. id)
       if free > best_free or (free == best_free and free > 0 and id == prefer) then
@@ -150,7 +159,7 @@ end
 local now = now_ms()
 local h = redis.call('HMGET', p .. 'node:' .. owner, 'state', 'beat')
 local age = now - tonumber(h[2] or 0)
-local alive = h[1] == 'serving' and age <= stale
+local alive = h[1] == 'serving' and beating(p, age, stale)
 if alive and state ~= 'detached' then return {'owner', owner, oaddr, tostring(age)} end
 if state == 'detached' and tonumber(limit) > 0 and recovering(p, window) then return {'recovering'} end
 if state == 'detached' and at_limit(p, tenant, limit) then return {'tenant_limit'} end
@@ -212,7 +221,7 @@ return 1
 """
 
 # ARGV: prefix, node, addr, state, capacity, active, node_ttl_ms, session_ttl_ms, resume_ttl_ms, grace_ms,
-#       window_ms, then sid, epoch pairs of the sessions this node streams.
+#       window_ms, stale_ms, then sid, epoch pairs of the sessions this node streams.
 # Returns {missing, moved, behind, swept, tenant counts (flat name, n), serving nodes}:
 #   missing: records gone (Redis lost its data: the node writes them back);
 #   moved:   records that name another node or a newer epoch (the node ends its stream);
@@ -223,13 +232,19 @@ local p, node, addr, state, cap, active = ARGV[1], ARGV[2], ARGV[3], ARGV[4], AR
 local nttl, sttl, rttl, grace = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 recovering(p, ARGV[11])
 local now = now_ms()
+-- The store's continuity: when no node at all has beaten for stale_ms, the store was away (or every node was):
+-- nodes are not judged by their silence until stale_ms after it is back (see beating()).
+if now - tonumber(redis.call('GET', p .. 'lastbeat') or 0) > tonumber(ARGV[12]) then
+  redis.call('SET', p .. 'back', now)
+end
+redis.call('SET', p .. 'lastbeat', now)
 local nkey = p .. 'node:' .. node
 redis.call('HSET', nkey, 'addr', addr, 'state', state, 'capacity', cap, 'active', active, 'beat', now)
 redis.call('PEXPIRE', nkey, nttl)
 redis.call('SADD', p .. 'nodes', node)
 local missing, moved, behind, swept = {}, {}, {}, {}
 local held = {}
-for i = 12, #ARGV, 2 do
+for i = 13, #ARGV, 2 do
   local sid, ep = ARGV[i], tonumber(ARGV[i + 1])
   held[sid] = true
   local key = p .. 'session:' .. sid
@@ -406,7 +421,7 @@ class RedisRouter(Router):
             self.prefix, self.node.node_id, self.node.address, self._state(), cap, cap - self.free_slots(),
             int(self.limits.node_ttl_s * 1000), int(self.limits.session_ttl_s * 1000),
             int(self.limits.resume_ttl_s * 1000), int(self.limits.sweep_grace_s * 1000), self._window_ms(),
-            *[x for sid, ep in held.items() for x in (sid, ep)]])
+            self._stale_ms(), *[x for sid, ep in held.items() for x in (sid, ep)]])
         self.heartbeats += 1
         missing, moved, behind, swept = ([_s(x) for x in res[i]] for i in range(4))
         flat = [_s(x) for x in res[4]]
