@@ -843,6 +843,12 @@ class Session:
         return self.sample_rate
 
     @property
+    def stream_audio_sent(self) -> int:
+        """Samples handed to the current stream (re-sent audio of a resume included): what
+        ``AudioOut.source_end_sample`` counts against. A resume starts a new stream."""
+        return self._sent - self._stream_base
+
+    @property
     def end(self) -> pb.End | None:
         """The ``End`` message once received, else ``None``."""
         return self._end
