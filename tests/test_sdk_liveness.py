@@ -335,3 +335,16 @@ async def test_a_write_after_the_end_raises_session_closed_not_internal(make_app
             await s.send_audio(speechlike_pcm(0.02).tobytes())
         assert s.resumes == 0
         await s.close()
+
+
+async def test_targets_replaced_during_a_call_are_not_indexed_out_of_range(make_app: Callable[..., Any],
+                                                                          silent: SilentListener) -> None:
+    """A caller that updates ``client.targets`` (replicas replaced) while a placement is trying them: the call goes
+    on over the targets it started with (it used to fail with IndexError when the new tuple was shorter)."""
+    app = await make_app()
+    async with AvatarForcingClient([silent.address, silent.address, addr(app)]) as c:
+        call = asyncio.create_task(c.create_session(timeout=0.5))
+        await asyncio.sleep(0.2)  # the first attempt is waiting on the silent target
+        c.targets = (addr(app),)
+        placed = await call
+        assert placed.node_id == app.node_id

@@ -295,10 +295,11 @@ class AvatarForcingClient:
         ``avoid`` (a replica that just stopped answering) are tried last; targets that did not answer are
         added to ``failed``."""
         err: grpc.aio.AioRpcError | None = None
-        n = len(self.targets)
+        targets = tuple(self.targets)  # a snapshot: the caller may replace the list while this call runs
+        n = len(targets)
         order = [(self._front + i) % n for i in range(n)]
         if avoid:
-            order.sort(key=lambda k: self.targets[k] in avoid)  # stable: the others keep their turn
+            order.sort(key=lambda k: targets[k] in avoid)  # stable: the others keep their turn
         for k in order:
             t = timeout
             if deadline is not None:
@@ -306,14 +307,14 @@ class AvatarForcingClient:
                 if left <= 0:
                     break
                 t = left if t is None else min(t, left)
-            stub = self._stub_for(self.targets[k])
+            stub = self._stub_for(targets[k])
             try:
                 resp = await getattr(stub, method)(request, metadata=self._metadata, timeout=t)
             except grpc.aio.AioRpcError as e:
                 if e.code() not in _TRY_NEXT_TARGET:
                     raise
                 if failed is not None:
-                    failed.add(self.targets[k])
+                    failed.add(targets[k])
                 err = e
                 continue
             self._front = k
