@@ -8,8 +8,9 @@ cd "$root"
 venv=${AVATARFORCING_VENV:-$root/.venv}
 
 # espeak-ng: scripts/make_demo_assets.py (the bundled speech sample); redis-server: the routing tests and
-# `avatarforcing bench --failover` start a real one; openssl: the TLS tests make their certificates.
-apt_pkgs=(espeak-ng redis-server openssl)
+# `avatarforcing bench --failover` start a real one; openssl: the TLS tests make their certificates;
+# chromium: tests/test_view.py plays the live page (`avatarforcing view`) in a real headless browser.
+apt_pkgs=(espeak-ng redis-server openssl chromium)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,10 +1,11 @@
-"""The `avatarforcing` command: serve, demo, bench, drain, train, eval, convert, encode-prompt."""
+"""The `avatarforcing` command: serve, demo, view, bench, drain, train, eval, convert, encode-prompt."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +44,9 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace", type=float, default=None, dest="grace_s",
                    help=f"graceful-shutdown period in seconds (default {d.grace_s:g})")
     p.add_argument("--log-level", default=None, help=f"debug | info | warning | error (default {d.log_level})")
+    p.add_argument("--log-format", default=None, choices=["auto", "json", "console"],
+                   help="log lines: console (readable), json (one object a line), or auto: console when stderr is a "
+                        "terminal, else json (default auto)")
     p.add_argument("--redis-url", default=None,
                    help="Redis for routing across replicas, e.g. redis://redis:6379/0 (default: in-process, one node)")
     p.add_argument("--node-id", default=None, help="this replica's id in the routing registry (default host-random)")
@@ -70,7 +74,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     try:
         cfg = _server_config(a)
-        configure_logging(cfg.log_level, cfg.log_json)
+        configure_logging(cfg.log_level, cfg.log_format)
         app = App(cfg)  # loads and checks the checkpoint: a bad one is refused before the port opens
     except (ValueError, OSError) as e:
         line = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -157,7 +161,7 @@ def cmd_drain(a: argparse.Namespace) -> int:
                 r = await pb_grpc.AvatarForcingStub(c.channel).Drain(
                     pb.DrainRequest(deadline_s=a.deadline or 0.0), metadata=c.metadata, timeout=10)
             except grpc.aio.AioRpcError as e:
-                print(f"drain failed: {e.code().name}: {e.details()}", file=sys.stderr)
+                print(f"avatarforcing drain: error: {_rpc_error_line(e)}", file=sys.stderr)
                 return 1
             print(f"draining {a.target}: {r.live_sessions} live session(s) end within {r.deadline_s:g} s "
                   "(the Python SDK resumes them on another replica)")
@@ -174,6 +178,16 @@ def cmd_drain(a: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(go())
+
+
+def cmd_view(a: argparse.Namespace) -> int:
+    """Serves the live page (service/static/view.html) and bridges each page to one session."""
+    from .view import run_view
+
+    try:
+        return asyncio.run(run_view(a.target, a.host, a.port, a.token))
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_encode_prompt(a: argparse.Namespace) -> int:
@@ -215,6 +229,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
     from avatarforcing.published import convert, parse_resolution
 
     try:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         ema = {"auto": None, "ema": True, "raw": False}[a.weights]
         rep = convert(a.student, a.vae, a.wav2vec, a.context, a.out, ema=ema, heads=a.heads, lora_alpha=a.lora_alpha,
                       resolution=parse_resolution(a.resolution),
@@ -230,6 +245,75 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def _rpc_error_line(e: BaseException) -> str:
+    """``STATUS: message`` of a gRPC error (its status code's name and its details, first line)."""
+    code, details = getattr(e, "code", None), getattr(e, "details", None)
+    name = code().name if callable(code) and code() is not None else "UNKNOWN"
+    text = (details() if callable(details) else None) or str(e)
+    return f"{name}: {(text.strip().splitlines() or [''])[0]}"
+
+
+def _rpc_cause(e: BaseException) -> BaseException | None:
+    """The gRPC error behind ``e`` (itself, or what it was raised from), if any."""
+    import grpc
+
+    seen: BaseException | None = e
+    for _ in range(4):
+        if seen is None:
+            return None
+        if isinstance(seen, grpc.RpcError):
+            return seen
+        seen = seen.__cause__  # raised from it (`raise ... from e`), as the SDK's SessionClosedError
+    return None
+
+
+def _error_exit(e: BaseException) -> int | None:
+    """The exit code for an error shown as one line, or None for one that deserves its traceback."""
+    if _rpc_cause(e) is not None:
+        return 1
+    from avatarforcing_client import ProtocolError, SessionClosedError
+
+    if isinstance(e, SessionClosedError | ProtocolError):
+        return 1
+    if isinstance(e, ValueError):  # bad settings, arguments or input files (ConfigError included)
+        return 2
+    if isinstance(e, OSError):  # files and folders: the message names the path
+        return 1
+    return None
+
+
+def _error_line(e: BaseException) -> str:
+    rpc = _rpc_cause(e)
+    if rpc is not None:
+        return _rpc_error_line(rpc)
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: this package's version and the SDK's (imported only when asked)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kw: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the versions of avatarforcing-serve and its SDK, then exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(version_text())
+        parser.exit()
+
+
+def version_text() -> str:
+    from avatarforcing_client import __version__ as sdk_version
+
+    from . import __version__
+
+    return f"avatarforcing-serve {__version__} (avatarforcing-client {sdk_version}, API avatarforcing.v1)"
+
+
+def cmd_version(a: argparse.Namespace) -> int:
+    print(version_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:2] == ["bench", "--gpu"]:  # the GPU benchmark has its own options (`avatarforcing bench --gpu -h`)
@@ -237,14 +321,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_gpu_bench(args[2:])
     ap = argparse.ArgumentParser(prog="avatarforcing", description="AvatarForcing Serve: real-time talking avatars")
+    ap.add_argument("--version", action=_VersionAction)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("version", help="print the versions of avatarforcing-serve and its SDK").set_defaults(
+        fn=cmd_version)
     s = sub.add_parser("serve", help="run the gRPC service (embedded defaults: no Redis, no GPU needed)")
     _add_server_args(s)
     s.set_defaults(fn=cmd_serve)
     d = sub.add_parser("demo", help="stream the bundled speech and face through the service, write an MP4")
     d.add_argument("--connect", default=None, help="address of a running server (default: start one here)")
     d.add_argument("--out", default="out/demo.mp4", type=Path, help="output MP4 (default out/demo.mp4)")
-    d.add_argument("--wav", default=None, type=Path, help="mono 16-bit WAV (default: the bundled sample)")
+    d.add_argument("--wav", default=None, type=Path,
+                   help="16-bit PCM WAV, 8 to 48 kHz, stereo mixed down (default: the bundled sample)")
     d.add_argument("--image", default=None, type=Path, help="PNG/JPEG face (default: the bundled one)")
     d.add_argument("--realtime", action="store_true", help="stream in real time (default: as fast as possible)")
     d.add_argument("--encoding", default="h264", choices=["raw", "jpeg", "h264", "fmp4"])
@@ -351,6 +439,12 @@ def main(argv: list[str] | None = None) -> int:
     dr.add_argument("--token", default=None, help="bearer token (default $AVATARFORCING_TOKEN)")
     dr.add_argument("--tls-ca", default=None, help="CA certificate (PEM) when the replica serves TLS")
     dr.set_defaults(fn=cmd_drain)
+    vw = sub.add_parser("view", help="watch the avatar live in a browser: a page per session (mic or WAV in)")
+    vw.add_argument("--host", default="127.0.0.1", help="listen address of the page (default 127.0.0.1)")
+    vw.add_argument("--port", type=int, default=8080, help="HTTP port of the page, 0 = any free port (default 8080)")
+    vw.add_argument("--target", default="127.0.0.1:50051", help="the AvatarForcing server (default 127.0.0.1:50051)")
+    vw.add_argument("--token", default=None, help="bearer token for the server (default $AVATARFORCING_TOKEN)")
+    vw.set_defaults(fn=cmd_view)
     ep = sub.add_parser("encode-prompt",
                         help="umT5 text context of a prompt for the published model (offline, once per prompt)")
     ep.add_argument("--umt5", required=True, type=Path,
@@ -371,11 +465,14 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(args)
     try:
         return int(a.fn(a) or 0)
-    except ValueError as e:  # configuration errors: one clear line, no traceback
-        if "invalid server config" not in str(e):
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a server's error status, a bad setting, a path: one line, no traceback
+        code = _error_exit(e)
+        if code is None or os.environ.get("AVATARFORCING_TRACEBACK", "") not in ("", "0"):
             raise
-        ap.error(str(e))
-        return 2
+        print(f"avatarforcing {a.cmd}: error: {_error_line(e)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":
