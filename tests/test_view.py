@@ -244,10 +244,9 @@ async def test_two_pages_play_two_live_sessions_in_chromium(shipped_app: App, vi
             assert info.active_sessions == 2 and view.sessions_live == 2
             shot1 = await one.locator("#video").screenshot()
             shot2 = await two.locator("#video").screenshot()
-            Path("/tmp/view_shot1.png").write_bytes(shot1)
-            Path("/tmp/view_shot2.png").write_bytes(shot2)
-            await one.wait_for_timeout(500)
-            later = await one.evaluate(PAGE_STATE)
+            # The video goes on advancing (the session idles on after the WAV, as REALTIME sessions do).
+            await one.wait_for_function(f"() => document.getElementById('video').currentTime > {s1['time'] + 0.5}",
+                                        timeout=30_000, polling=100)
         finally:
             await browser.close()
 
@@ -266,7 +265,6 @@ async def test_two_pages_play_two_live_sessions_in_chromium(shipped_app: App, vi
     assert s1["source"] == wav.name and s1["session"] != s2["session"]
     assert s1["rate"] == 16000 and s1["sent"] <= wav_seconds + 0.05
     assert s2["source"] == "microphone" and s2["rate"] in info.supported_sample_rates_hz and s2["sent"] > 1.0
-    assert later["time"] > s1["time"]  # still advancing
     for shot in (shot1, shot2):  # the face, not a blank element
         px = np.asarray(Image.open(io.BytesIO(shot)).convert("L"), dtype=np.float64)
         similarity = face_similarity(shot, reference)
