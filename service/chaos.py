@@ -1297,8 +1297,8 @@ class Chaos:
                 "max_counted_by_redis": self.redis_max, "max_live_on_replicas": tenant_log_max,
                 "redis_samples": self.redis_samples, "redis_samples_missed": self.redis_misses,
                 "exceeded": exceeded,
-                "note": "Redis counts the tenant's live, pending and detached (resumable) records: what the limit "
-                        "is checked against",
+                "note": "Redis counts the tenant's pending and live records (detached ones hold no quota), what the "
+                        "limit is checked against; a release Redis missed while away counts until it is replayed",
             },
             "faults_by_kind": by_kind,
             "fault_timeline": timeline,

@@ -422,3 +422,19 @@ async def test_a_paused_store_does_not_make_healthy_owners_look_dead(make_app: A
         call.cancel()
         await ch.close()
     await wait_slots_free([a, b])
+
+
+async def test_a_replica_that_never_reached_the_store_admits_no_limited_tenant(
+        make_app: AppFactory, redis_server: RedisServer) -> None:
+    """A replica started while Redis is unreachable knows nothing of a tenant's sessions elsewhere: it places
+    sessions of tenants without a limit (when it has room), never those of a tenant with one."""
+    redis_server.stop()
+    bob = "bob-token-0123456789abcdef"
+    (a,) = await replicas(make_app, redis_server, 1, max_sessions=2, auth_tokens=f"alice:{ALICE}:1,bob:{bob}")
+    async with AvatarForcingClient(addr(a), token=ALICE) as c:
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await c.create_session()
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE and "limit" in (ei.value.details() or "")
+    async with AvatarForcingClient(addr(a), token=bob) as c:
+        assert (await c.create_session()).node_id == a.node_id
+    redis_server.start()

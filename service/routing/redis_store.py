@@ -346,6 +346,7 @@ class RedisRouter(Router):
         # of the room it had left: (limit - count) // serving new sessions on each replica.
         self.tenant_counts: dict[str, int] = {}
         self.serving_nodes = 1
+        self.viewed = False  # whether a heartbeat ever returned those counts
         self.outage_admitted: dict[str, int] = {}
         # Releases that Redis did not take (it was unreachable), replayed once it answers.
         self._unreleased: dict[str, tuple[int, bool]] = {}
@@ -427,6 +428,7 @@ class RedisRouter(Router):
         flat = [_s(x) for x in res[4]]
         self.tenant_counts = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
         self.serving_nodes = max(1, int(res[5]))
+        self.viewed = True
         if missing or behind:
             await self._restore([self.local[s] for s in (*missing, *behind) if s in self.local])
         for sid in moved:
@@ -487,7 +489,9 @@ class RedisRouter(Router):
             raise StoreDown("the routing store (Redis) is unreachable and this replica has no free slot; retry "
                             "shortly")
         if tenant_limit:
-            share = (tenant_limit - self.tenant_counts.get(tenant, 0)) // self.serving_nodes
+            # A replica that has never reached the store (it started during the outage) knows nothing of the
+            # tenant's sessions elsewhere: no share at all.
+            share = (tenant_limit - self.tenant_counts.get(tenant, 0)) // self.serving_nodes if self.viewed else 0
             if self.outage_admitted.get(tenant, 0) >= share:
                 raise StoreDown(f"tenant {tenant!r} has a session limit that cannot be checked while the routing "
                                 "store (Redis) is unreachable; retry shortly")
