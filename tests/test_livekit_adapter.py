@@ -9,6 +9,7 @@ AvatarRunner, DataStreamAudioReceiver and DataStreamAudioOutput of livekit-agent
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import os
@@ -485,6 +486,12 @@ def readme_livekit_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", section.group(1), re.S)
 
 
+def readme_livekit_block(defines: str) -> str:
+    """The LiveKit section's block that defines ``defines``."""
+    (code,) = [b for b in readme_livekit_blocks() if f"def {defines}(" in b]
+    return code
+
+
 def load_snippet(code: str) -> dict[str, Any]:
     ns: dict[str, Any] = {"__name__": "readme_snippet"}
     exec(compile(code, str(README), "exec"), ns)
@@ -494,13 +501,13 @@ def load_snippet(code: str) -> dict[str, Any]:
 def test_readme_python_blocks_compile() -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert len(blocks) >= 4
-    for code in blocks:
-        compile(code, str(README), "exec")
-    assert len(readme_livekit_blocks()) == 2
+    for code in blocks:  # the AvatarSession lines run inside an agent's entrypoint: top-level await
+        compile(code, str(README), "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    assert len(readme_livekit_blocks()) == 4
 
 
 async def test_readme_speak_snippet_runs_against_a_real_server(target: str, tmp_path: Path) -> None:
-    ns = load_snippet(readme_livekit_blocks()[1])
+    ns = load_snippet(readme_livekit_block("speak"))
     wav = tmp_path / "hello.wav"
     write_wav(wav, speechlike_pcm(1.0, rate=24000), 24000)
     frames, seconds = await asyncio.wait_for(ns["speak"](target, png_bytes(), str(wav)), 20)
@@ -509,7 +516,9 @@ async def test_readme_speak_snippet_runs_against_a_real_server(target: str, tmp_
 
 # ---- a real LiveKit room ---------------------------------------------------------------------------------
 def _livekit_server_bin() -> str | None:
-    return os.environ.get("LIVEKIT_SERVER_BIN") or shutil.which("livekit-server")
+    built = ROOT / ".tools" / "bin" / "livekit-server"  # scripts/install_livekit_server.sh
+    return (os.environ.get("LIVEKIT_SERVER_BIN") or shutil.which("livekit-server")
+            or (str(built) if os.access(built, os.X_OK) else None))
 
 
 def _free_port(kind: int) -> int:
@@ -525,7 +534,8 @@ API_KEY, API_SECRET = "devkey", "avatarforcing-test-secret-0123456789abcdef"
 async def livekit_url(tmp_path: Path) -> AsyncIterator[str]:
     binary = _livekit_server_bin()
     if not binary:
-        pytest.skip("no livekit-server binary (set LIVEKIT_SERVER_BIN or put livekit-server on PATH)")
+        pytest.skip("no livekit-server binary (scripts/install_livekit_server.sh builds one into .tools/bin; "
+                    "or set LIVEKIT_SERVER_BIN, or put livekit-server on PATH)")
     port, tcp, udp = _free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_DGRAM)
     config = (f"port: {port}\nbind_addresses: ['127.0.0.1']\n"
               f"rtc: {{tcp_port: {tcp}, udp_port: {udp}, use_external_ip: false, node_ip: 127.0.0.1}}\n"
@@ -562,7 +572,7 @@ def token(identity: str, kind: str | None = None) -> str:
 async def test_real_room_agent_to_avatar_worker(livekit_url: str, target: str) -> None:
     """An agent participant streams speech (DataStreamAudioOutput) to the README's avatar worker
     (AvatarRunner + DataStreamAudioReceiver + this generator) and watches the tracks it publishes."""
-    run_avatar_worker = load_snippet(readme_livekit_blocks()[0])["run_avatar_worker"]
+    run_avatar_worker = load_snippet(readme_livekit_block("run_avatar_worker"))["run_avatar_worker"]
     agent, avatar = rtc.Room(), rtc.Room()
     video: list[tuple[float, int, int]] = []
     loud: list[float] = []

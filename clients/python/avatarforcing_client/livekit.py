@@ -1,4 +1,8 @@
-"""LiveKit Agents avatar adapter: an AvatarForcing session as a ``VideoGenerator``.
+"""LiveKit Agents avatar adapter: an AvatarForcing session as a ``VideoGenerator``, and the
+:class:`AvatarSession` that gives an agent its avatar in two lines, as LiveKit's avatar plugins do::
+
+    avatar = AvatarSession(target="localhost:50051", image=open("face.png", "rb").read())
+    await avatar.start(session, room=ctx.room)
 
 Install with ``pip install 'avatarforcing-client[livekit]'`` (this module imports
 ``livekit-agents``; ``import avatarforcing_client`` alone never does).
@@ -58,23 +62,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 try:
-    from livekit import rtc
+    from livekit import api, rtc
+    from livekit.agents.job import get_job_context
+    from livekit.agents.types import ATTRIBUTE_PUBLISH_ON_BEHALF
     from livekit.agents.voice.avatar import (
         AudioReceiver,
         AudioSegmentEnd,
         AvatarOptions,
         AvatarRunner,
+        DataStreamAudioOutput,
         DataStreamAudioReceiver,
+        QueueAudioOutput,
         VideoGenerator,
     )
+    from livekit.agents.voice.avatar import AvatarSession as _AvatarSessionBase
+    from livekit.agents.voice.io import AudioOutput
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
         "avatarforcing_client.livekit needs livekit-agents (pip install 'avatarforcing-client[livekit]')"
@@ -84,7 +95,13 @@ from .client import AvatarForcingClient, Session
 from .media import VideoDecoder
 from .v1 import avatarforcing_pb2 as pb
 
+if TYPE_CHECKING:
+    from livekit.agents.voice import AgentSession
+
 __all__ = [
+    "AvatarSession",
+    "AvatarMode",
+    "DEFAULT_AVATAR_IDENTITY",
     "AvatarForcingVideoGenerator",
     "start_avatar_runner",
     "SUPPORTED_SAMPLE_RATES",
@@ -186,6 +203,9 @@ class AvatarForcingVideoGenerator(VideoGenerator):
         self.interrupts = 0
         self.muted_blocks = 0  # blocks with real samples muted after clear_buffer
         self.samples_sent = 0  # samples (session rate) sent over the session
+        #: ``AudioOut.real_samples`` summed over every block received: the pushed samples the server
+        #: played back (after an interruption it is short of ``samples_sent`` by what the server dropped).
+        self.samples_returned = 0
         self._ensure_writer()
 
     @property
@@ -453,6 +473,7 @@ class AvatarForcingVideoGenerator(VideoGenerator):
         gap = j - self._last_block - 1 if self._last_block >= 0 else 0
         self._last_block = max(self._last_block, j)
         real = max(0, min(int(ev.real_samples), int(pcm.shape[0]) - int(ev.real_offset)))
+        self.samples_returned += real
         silent = real == 0  # only silence the server inserted
         ends = 0
         if self._draining:
@@ -530,3 +551,272 @@ async def start_avatar_runner(
     )
     await runner.start()
     return runner
+
+
+AvatarMode = Literal["in_process", "participant"]
+
+#: The identity the avatar joins the room with in ``mode="participant"``.
+DEFAULT_AVATAR_IDENTITY = "avatarforcing-avatar"
+
+
+class AvatarSession(_AvatarSessionBase):
+    """An AvatarForcing avatar for a LiveKit ``AgentSession``, as the vendor avatar plugins are::
+
+        avatar = AvatarSession(target="localhost:50051", image=open("face.png", "rb").read())
+        await avatar.start(session, room=ctx.room)  # before session.start(...)
+
+    ``start()`` opens a ``PACING_REALTIME`` session on the AvatarForcing server, wraps it in an
+    :class:`AvatarForcingVideoGenerator` run by livekit-agents' ``AvatarRunner``, and makes the
+    agent's speech go to the avatar instead of being published directly. Two modes:
+
+    - ``mode="in_process"`` (the default): the avatar runs in the agent's process and publishes its
+      video track and the re-timed audio track as the agent's own participant. The agent session's
+      audio output becomes a ``QueueAudioOutput`` the runner reads. Needs no LiveKit credentials.
+    - ``mode="participant"``: the avatar joins the room as its own participant
+      (``avatar_participant_identity``, kind ``agent``, attribute ``lk.publish_on_behalf`` = the
+      agent's identity, so frontends and the agent's RoomIO treat its tracks as the agent's), with a
+      token it mints from the API key and secret given to :meth:`start` (or ``LIVEKIT_API_KEY`` /
+      ``LIVEKIT_API_SECRET``; the URL from ``LIVEKIT_URL``). The agent's audio output becomes a
+      ``DataStreamAudioOutput`` that streams the speech to that participant, which reports
+      playback back over RPC.
+
+    Either way an interruption (the agent session clears its audio output) reaches
+    :meth:`AvatarForcingVideoGenerator.clear_buffer`, which sends ``Interrupt``: the server drops the
+    speech it has not rendered and the audio it had rendered is muted; the runner reports the
+    interrupted playback (``playback_finished`` with ``interrupted=True``) to the agent.
+
+    Args:
+        target: the AvatarForcing server (``host:port``, or several for failover; see
+            :class:`~avatarforcing_client.AvatarForcingClient`).
+        image: the face, PNG/JPEG bytes or a path to the file. Exactly one of ``image`` and ``avatar_id``.
+        avatar_id: an avatar registered with ``AvatarForcingClient.register_avatar``.
+        token: bearer token for the server (default ``$AVATARFORCING_TOKEN``).
+        mode: ``"in_process"`` or ``"participant"`` (see above).
+        avatar_participant_identity / avatar_participant_name: the avatar's participant in
+            ``mode="participant"``.
+        sample_rate: the session's rate (8000, 16000, 24000 or 48000); the agent's TTS audio is
+            resampled to it by the agent session, and the avatar publishes its audio at this rate.
+        video_encoding: how frames travel from the server (``pb.VIDEO_ENCODING_JPEG`` by default:
+            independent frames at a modest bandwidth; ``RAW_RGB24`` for a server on the same host,
+            ``H264`` for the least bandwidth).
+        seed: the session's noise seed (0: random).
+        client: an :class:`~avatarforcing_client.AvatarForcingClient` to use (not closed here)
+            instead of opening one on ``target``.
+        client_options: more keyword arguments for ``AvatarForcingClient`` (``credentials``, ...).
+        session_options: more keyword arguments for ``client.session`` (``jpeg_quality``, ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        target: str | Sequence[str] | None = None,
+        image: bytes | str | os.PathLike[str] | None = None,
+        avatar_id: str | None = None,
+        token: str | None = None,
+        mode: AvatarMode = "in_process",
+        avatar_participant_identity: str = DEFAULT_AVATAR_IDENTITY,
+        avatar_participant_name: str = "AvatarForcing avatar",
+        sample_rate: int = 24000,
+        video_encoding: int = pb.VIDEO_ENCODING_JPEG,
+        seed: int = 0,
+        client: AvatarForcingClient | None = None,
+        client_options: Mapping[str, Any] | None = None,
+        session_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in ("in_process", "participant"):
+            raise ValueError(f"mode must be 'in_process' or 'participant', got {mode!r}")
+        if (image is None) == (avatar_id is None):
+            raise ValueError("give exactly one of image= (PNG/JPEG bytes or a path) and avatar_id=")
+        if client is None and not target:
+            raise ValueError("give target= (the AvatarForcing server, host:port) or client=")
+        if sample_rate not in SUPPORTED_SAMPLE_RATES:
+            raise ValueError(f"sample_rate must be one of {SUPPORTED_SAMPLE_RATES}, got {sample_rate}")
+        if isinstance(image, (str, os.PathLike)):
+            with open(image, "rb") as f:
+                image = f.read()
+        self._target = target
+        self._image = image
+        self._avatar_id = avatar_id
+        self._token = token
+        self._mode: AvatarMode = mode
+        self._identity = avatar_participant_identity
+        self._name = avatar_participant_name
+        self._sample_rate = sample_rate
+        self._video_encoding = video_encoding
+        self._seed = seed
+        self._client = client
+        self._own_client = client is None
+        self._client_options = dict(client_options or {})
+        self._session_options = dict(session_options or {})
+
+        self._agent_identity: str | None = None
+        self._avatar_room: rtc.Room | None = None
+        self._generator: AvatarForcingVideoGenerator | None = None
+        self._runner: AvatarRunner | None = None
+        self._audio_output: AudioOutput | None = None
+        self._runner_start: asyncio.Task[None] | None = None
+        self._starting = False
+        self._closed = False
+
+    # -- the AvatarSession contract ------------------------------------------------------------
+
+    @property
+    def avatar_identity(self) -> str:
+        """The participant that publishes the avatar: the agent itself in ``mode="in_process"``."""
+        if self._mode == "participant":
+            return self._identity
+        if self._room is not None and self._room.isconnected():
+            return self._room.local_participant.identity
+        return self._agent_identity or self._identity
+
+    @property
+    def provider(self) -> str:
+        return "avatarforcing"
+
+    @property
+    def mode(self) -> AvatarMode:
+        return self._mode
+
+    @property
+    def generator(self) -> AvatarForcingVideoGenerator | None:
+        """The generator (its session, counters) once started."""
+        return self._generator
+
+    @property
+    def runner(self) -> AvatarRunner | None:
+        return self._runner
+
+    @property
+    def audio_output(self) -> AudioOutput | None:
+        """The audio output this avatar installed in the agent session (``playback_finished`` events)."""
+        return self._audio_output
+
+    @property
+    def avatar_room(self) -> rtc.Room | None:
+        """The avatar's own room connection in ``mode="participant"``."""
+        return self._avatar_room
+
+    async def start(
+        self,
+        agent_session: AgentSession,
+        room: rtc.Room,
+        *,
+        livekit_url: str | None = None,
+        livekit_api_key: str | None = None,
+        livekit_api_secret: str | None = None,
+    ) -> None:
+        """Start the avatar and route ``agent_session``'s speech to it; call before ``session.start``.
+
+        ``livekit_url``, ``livekit_api_key`` and ``livekit_api_secret`` are used in
+        ``mode="participant"`` only (default: ``LIVEKIT_URL``, ``LIVEKIT_API_KEY``,
+        ``LIVEKIT_API_SECRET``, which an agent worker has anyway).
+        """
+        if self._starting or self._closed:
+            raise RuntimeError("AvatarSession.start() may be called once; create a new AvatarSession")
+        self._starting = True
+        if self._mode == "participant":
+            url = livekit_url or os.environ.get("LIVEKIT_URL")
+            key = livekit_api_key or os.environ.get("LIVEKIT_API_KEY")
+            secret = livekit_api_secret or os.environ.get("LIVEKIT_API_SECRET")
+            missing = [n for n, v in (("livekit_url (LIVEKIT_URL)", url), ("livekit_api_key (LIVEKIT_API_KEY)", key),
+                                      ("livekit_api_secret (LIVEKIT_API_SECRET)", secret)) if not v]
+            if missing:
+                raise ValueError("AvatarSession(mode='participant') needs " + ", ".join(missing))
+        job = get_job_context(required=False)
+        room_name = ""
+        if room.isconnected():
+            self._agent_identity = room.local_participant.identity
+            room_name = room.name
+        elif job is not None:
+            self._agent_identity = job.local_participant_identity
+            room_name = job.job.room.name
+        elif self._mode == "participant":
+            raise RuntimeError("connect the agent's room before AvatarSession.start() (outside an agent job)")
+        await super().start(agent_session, room)
+        try:
+            if self._client is None:
+                self._client = AvatarForcingClient(self._target or "", token=self._token, **self._client_options)
+            self._generator = await AvatarForcingVideoGenerator.open(
+                self._client, image=self._image, avatar_id=self._avatar_id, sample_rate=self._sample_rate,
+                video_encoding=self._video_encoding, seed=self._seed, **self._session_options,
+            )
+            if self._mode == "in_process":
+                queue = QueueAudioOutput(sample_rate=self._sample_rate, wait_playback_start=True)
+                self._runner = AvatarRunner(room, audio_recv=queue, video_gen=self._generator,
+                                            options=self._generator.avatar_options())
+                await self._runner.start()
+                self._audio_output = queue
+            else:
+                assert url and key and secret and self._agent_identity
+                self._avatar_room = rtc.Room()
+                await self._avatar_room.connect(url, self._mint_token(key, secret, room_name, self._agent_identity),
+                                                rtc.RoomOptions(auto_subscribe=False))
+                receiver = DataStreamAudioReceiver(self._avatar_room, sender_identity=self._agent_identity)
+                self._runner = AvatarRunner(self._avatar_room, audio_recv=receiver, video_gen=self._generator,
+                                            options=self._generator.avatar_options())
+                if room.isconnected():
+                    await self._runner.start()
+                else:  # the receiver waits for the agent to join the room: do not hold up session.start()
+                    self._runner_start = asyncio.create_task(self._start_runner_later(self._runner),
+                                                             name="avatarforcing-runner-start")
+                self._audio_output = DataStreamAudioOutput(
+                    room, destination_identity=self._identity, sample_rate=self._sample_rate,
+                    wait_remote_track=rtc.TrackKind.KIND_VIDEO, wait_playback_start=True,
+                )
+            agent_session.output.replace_audio_tail(self._audio_output)
+        except BaseException:
+            await self.aclose()
+            raise
+        log.info("avatar started (%s): session %s, %dx%d at %g fps", self._mode, self._generator.session.session_id,
+                 self._generator.width, self._generator.height, self._generator.fps)
+
+    def _mint_token(self, key: str, secret: str, room_name: str, agent_identity: str) -> str:
+        """A token for the avatar's participant: this room only, publishing on the agent's behalf."""
+        return (
+            api.AccessToken(key, secret)
+            .with_kind("agent")
+            .with_identity(self._identity)
+            .with_name(self._name)
+            .with_grants(api.VideoGrants(room_join=True, room=room_name, can_publish=True, can_subscribe=True,
+                                         can_publish_data=True))
+            .with_attributes({ATTRIBUTE_PUBLISH_ON_BEHALF: agent_identity})
+            .to_jwt()
+        )
+
+    @staticmethod
+    async def _start_runner_later(runner: AvatarRunner) -> None:
+        try:
+            await runner.start()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the avatar could not start")
+
+    async def aclose(self) -> None:
+        """Stop the avatar: its runner, its AvatarForcing session and (``mode="participant"``) its participant."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._runner_start is not None:
+            self._runner_start.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._runner_start
+        if self._runner is not None:
+            with contextlib.suppress(Exception):
+                await self._runner.aclose()
+        if self._generator is not None:
+            with contextlib.suppress(Exception):
+                await self._generator.aclose()
+        if self._client is not None and self._own_client:
+            with contextlib.suppress(Exception):
+                await self._client.close()
+        if self._avatar_room is not None:
+            with contextlib.suppress(Exception):
+                await self._avatar_room.disconnect()
+        if self._mode == "in_process" and self._room is not None:
+            # The base class removes the avatar's participant from the room on close: in this mode
+            # that participant is the agent itself, which stays.
+            self._room.off("connection_state_changed", self._on_connection_state_changed)
+            self._room = None
+        await super().aclose()
