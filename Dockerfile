@@ -11,7 +11,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /src
 # Only what the two packages need (no .venv, .tools, out/ from a developer's tree).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY clients/python ./clients/python
 COPY avatarforcing ./avatarforcing
 COPY service ./service

@@ -18,7 +18,27 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-SUPPORTED_RATES = (8000, 16000, 24000, 48000)
+# Any rate from MIN_RATE to MAX_RATE with a whole number of samples per video frame is taken (at 25 fps: every
+# multiple of 25 Hz, 22,050 and 44,100 included) and resampled to the model's rate. SUPPORTED_RATES are the usual
+# ones, which GetServerInfo lists (those that fit the model's fps).
+MIN_RATE, MAX_RATE = 8000, 48000
+SUPPORTED_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+
+
+def rate_problem(rate: int, fps: float) -> str | None:
+    """Why ``rate`` (Hz) cannot be taken at ``fps`` frames per second, or None when it can."""
+    if not MIN_RATE <= rate <= MAX_RATE:
+        return f"sample rate {rate} Hz is not supported; use a rate from {MIN_RATE} to {MAX_RATE} Hz"
+    per_frame = rate / fps
+    if abs(per_frame - round(per_frame)) > 1e-9:
+        return (f"sample rate {rate} Hz gives {per_frame:g} samples per video frame at {fps:g} fps; use a rate with a "
+                f"whole number of samples per frame (a multiple of {fps:g} Hz, e.g. 16000, 22050, 44100 or 48000)")
+    return None
+
+
+def rates_for(fps: float) -> list[int]:
+    """The usual rates (SUPPORTED_RATES) that fit ``fps``."""
+    return [r for r in SUPPORTED_RATES if rate_problem(r, fps) is None]
 
 
 class AudioError(ValueError):
@@ -43,15 +63,13 @@ class Block:
 class AudioInput:
     def __init__(self, sample_rate: int, model_rate: int, frames_per_block: int, fps: float,
                  max_chunk_ms: float, max_buffered_s: float) -> None:
-        if sample_rate not in SUPPORTED_RATES:
-            raise AudioError(f"sample rate {sample_rate} Hz is not supported; use one of "
-                             f"{', '.join(str(r) for r in SUPPORTED_RATES)}")
+        problem = rate_problem(sample_rate, fps)
+        if problem is not None:
+            raise AudioError(problem)
         self.rate = sample_rate
         self.model_rate = model_rate
         self.in_block = round(frames_per_block * sample_rate / fps)
         self.model_block = round(frames_per_block * model_rate / fps)
-        if abs(self.in_block - frames_per_block * sample_rate / fps) > 1e-9:
-            raise AudioError(f"{sample_rate} Hz does not divide into whole samples per frame at {fps} fps")
         self.max_chunk_samples = int(max_chunk_ms * sample_rate / 1000)
         self.max_buffered = int(max_buffered_s * sample_rate)
         self._buf = np.zeros(0, dtype=np.int16)

@@ -69,12 +69,13 @@ def _server_config(a: argparse.Namespace, **extra: object) -> ServerConfig:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from .server import App, run_app
     from .telemetry import configure_logging
 
     try:
-        cfg = _server_config(a)
+        cfg = _server_config(a)  # before torch is imported: a bad setting is reported at once
         configure_logging(cfg.log_level, cfg.log_format)
+        from .server import App, run_app
+
         app = App(cfg)  # loads and checks the checkpoint: a bad one is refused before the port opens
     except (ValueError, OSError) as e:
         line = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -77,47 +77,61 @@ class ServerConfig:
     tenant_max_sessions: int = 0  # sessions per tenant over all replicas (0: no limit); per token overrides
     admin_tenants: str = "admin"  # comma list: tenants allowed to call Drain remotely
     log_level: str = "info"
-    log_json: bool = True
+    # auto: readable console lines when stderr is a terminal, JSON lines otherwise (containers, the Helm chart
+    # sets json explicitly). AVATARFORCING_LOG_JSON=1/0 (the older switch) still means json/console.
+    log_format: str = "auto"  # auto | json | console
 
     def __post_init__(self) -> None:
-        checks = [
-            (0 <= self.port < 65536, "port must be in 0..65535"),
-            (-1 <= self.metrics_port < 65536, "metrics_port must be -1 (off) or in 0..65535"),
-            (self.max_sessions >= 1, "max_sessions must be >= 1"),
-            (self.max_batch >= 1, "max_batch must be >= 1"),
-            (self.processing_budget_ms > 0, "processing_budget_ms must be > 0"),
-            (self.max_blocks_ahead >= 0, "max_blocks_ahead must be >= 0"),
-            (self.config_timeout_s > 0 and self.idle_timeout_s > 0 and self.max_session_s > 0,
-             "timeouts must be > 0"),
-            (self.max_chunk_ms > 0 and self.max_buffered_s > 0, "audio limits must be > 0"),
-            (self.queue_frames >= 4, "queue_frames must be >= 4"),
-            (self.grace_s >= 0, "grace_s must be >= 0"),
-            (self.redis_url == "" or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+        # (ok, the field(s) the rule is about, what is allowed): the first field is named with its value.
+        checks: list[tuple[bool, tuple[str, ...], str]] = [
+            (0 <= self.port < 65536, ("port",), "port must be in 0..65535"),
+            (-1 <= self.metrics_port < 65536, ("metrics_port",), "metrics_port must be -1 (off) or in 0..65535"),
+            (self.max_sessions >= 1, ("max_sessions",), "max_sessions must be >= 1"),
+            (self.max_batch >= 1, ("max_batch",), "max_batch must be >= 1"),
+            (self.threads >= 0, ("threads",), "threads must be >= 0 (0: torch's default)"),
+            (self.processing_budget_ms > 0, ("processing_budget_ms",), "processing_budget_ms must be > 0"),
+            (self.max_blocks_ahead >= 0, ("max_blocks_ahead",), "max_blocks_ahead must be >= 0"),
+            (self.config_timeout_s > 0, ("config_timeout_s",), "timeouts must be > 0"),
+            (self.idle_timeout_s > 0, ("idle_timeout_s",), "timeouts must be > 0"),
+            (self.max_session_s > 0, ("max_session_s",), "timeouts must be > 0"),
+            (self.max_chunk_ms > 0, ("max_chunk_ms",), "audio limits must be > 0"),
+            (self.max_buffered_s > 0, ("max_buffered_s",), "audio limits must be > 0"),
+            (self.queue_frames >= 4, ("queue_frames",), "queue_frames must be >= 4"),
+            (self.grace_s >= 0, ("grace_s",), "grace_s must be >= 0"),
+            (self.redis_url == "" or self.redis_url.startswith(("redis://", "rediss://", "unix://")), ("redis_url",),
              "redis_url must start with redis://, rediss:// or unix://"),
-            (0 < self.heartbeat_s < self.node_ttl_s, "heartbeat_s must be > 0 and below node_ttl_s"),
+            (0 < self.heartbeat_s < self.node_ttl_s, ("heartbeat_s", "node_ttl_s"),
+             "heartbeat_s must be > 0 and below node_ttl_s"),
             (self.session_ttl_s > self.heartbeat_s and self.reservation_ttl_s > 0 and self.resume_ttl_s > 0,
+             ("session_ttl_s", "reservation_ttl_s", "resume_ttl_s"),
              "routing TTLs must be > 0 (session_ttl_s above heartbeat_s)"),
-            (bool(self.tls_cert) == bool(self.tls_key), "tls_cert and tls_key go together"),
-            (not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca needs tls_cert and tls_key"),
-            (-1 <= self.health_port < 65536, "health_port must be -1 (off) or in 0..65535"),
-            (self.tenant_max_sessions >= 0, "tenant_max_sessions must be >= 0"),
-            (self.max_avatars >= 1 and self.tenant_max_avatars >= 0,
+            (bool(self.tls_cert) == bool(self.tls_key), ("tls_cert", "tls_key"), "tls_cert and tls_key go together"),
+            (not self.tls_client_ca or bool(self.tls_cert), ("tls_client_ca",),
+             "tls_client_ca needs tls_cert and tls_key"),
+            (-1 <= self.health_port < 65536, ("health_port",), "health_port must be -1 (off) or in 0..65535"),
+            (self.tenant_max_sessions >= 0, ("tenant_max_sessions",), "tenant_max_sessions must be >= 0"),
+            (self.max_avatars >= 1, ("max_avatars",), "max_avatars must be >= 1 and tenant_max_avatars >= 0"),
+            (self.tenant_max_avatars >= 0, ("tenant_max_avatars",),
              "max_avatars must be >= 1 and tenant_max_avatars >= 0"),
-            (self.image_rate_per_s >= 0 and self.image_burst >= 1, "image_rate_per_s must be >= 0, image_burst >= 1"),
-            (self.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}"),
-            (self.compile in ("auto", "on", "off"), f"compile must be auto, on or off, not {self.compile!r}"),
-            (self.attention in ("auto", "cudnn", "flash", "efficient", "math"),
-             f"unknown attention kernel {self.attention!r} (auto, cudnn, flash, efficient, math)"),
-            (self.log_level in ("debug", "info", "warning", "error"), f"unknown log level {self.log_level!r}"),
-            (self.decoder in ("auto", "wan", "tiny"), f"decoder must be auto, wan or tiny, not {self.decoder!r}"),
-            (self.positions in ("auto", "relative", "reference"),
-             f"positions must be auto, relative or reference, not {self.positions!r}"),
-            (self.audio_context_s == -1.0 or self.audio_context_s >= 0,
+            (self.image_rate_per_s >= 0, ("image_rate_per_s",), "image_rate_per_s must be >= 0, image_burst >= 1"),
+            (self.image_burst >= 1, ("image_burst",), "image_rate_per_s must be >= 0, image_burst >= 1"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"), ("dtype",),
+             "unknown dtype (auto, float32, bfloat16, float16)"),
+            (self.compile in ("auto", "on", "off"), ("compile",), "compile must be auto, on or off"),
+            (self.attention in ("auto", "cudnn", "flash", "efficient", "math"), ("attention",),
+             "unknown attention kernel (auto, cudnn, flash, efficient, math)"),
+            (self.log_level in ("debug", "info", "warning", "error"), ("log_level",),
+             "unknown log level (debug, info, warning, error)"),
+            (self.log_format in LOG_FORMATS, ("log_format",), "log_format must be auto, json or console"),
+            (self.decoder in ("auto", "wan", "tiny"), ("decoder",), "decoder must be auto, wan or tiny"),
+            (self.positions in ("auto", "relative", "reference"), ("positions",),
+             "positions must be auto, relative or reference"),
+            (self.audio_context_s == -1.0 or self.audio_context_s >= 0, ("audio_context_s",),
              "audio_context_s must be >= 0 (or -1: the default)"),
         ]
-        for ok, msg in checks:
+        for ok, fields, msg in checks:
             if not ok:
-                raise ValueError(f"invalid server config: {msg}")
+                raise ConfigError(msg, fields[0], getattr(self, fields[0]))
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -141,18 +155,36 @@ class ServerConfig:
 
     @classmethod
     def from_env(cls, prefix: str = "AVATARFORCING_", **overrides: Any) -> ServerConfig:
-        """Defaults, then AVATARFORCING_<FIELD> environment variables, then ``overrides``."""
+        """Defaults, then AVATARFORCING_<FIELD> environment variables, then ``overrides``.
+
+        A variable that does not parse, or a value the checks refuse, raises :class:`ConfigError` naming the
+        variable, its value and what is allowed (``AVATARFORCING_MAX_SESSIONS='abc' is not an integer``).
+        """
         kw: dict[str, Any] = {}
+        sources: dict[str, tuple[str, str]] = {}  # field -> (variable, raw value)
+        legacy = os.environ.get(prefix + "LOG_JSON")  # the older switch, before log_format
+        if legacy is not None and os.environ.get(prefix + "LOG_FORMAT") is None:
+            kw["log_format"] = "json" if _parse_bool(prefix + "LOG_JSON", legacy) else "console"
+            sources["log_format"] = (prefix + "LOG_JSON", legacy)
         for f in dataclasses.fields(cls):
-            raw = os.environ.get(prefix + f.name.upper())
+            name = prefix + f.name.upper()
+            raw = os.environ.get(name)
             if raw is None:
                 continue
-            typ: Any = type(f.default)
-            kw[f.name] = raw.lower() in ("1", "true", "yes") if typ is bool else typ(raw)
+            kw[f.name] = _parse(name, raw, type(f.default))
+            sources[f.name] = (name, raw)
         kw.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**kw)
+        for k in overrides:
+            if overrides[k] is not None:
+                sources.pop(k, None)
+        try:
+            return cls(**kw)
+        except ConfigError as e:
+            if e.field in sources:
+                raise e.from_source(*sources[e.field]) from None
+            raise
 
-    def to_json(self) -> str:
+    def to_dict(self) -> dict[str, Any]:
         """The configuration for the log, secrets redacted (tokens, a password in redis_url)."""
         d = dataclasses.asdict(self)
         if d["auth_tokens"]:
@@ -160,4 +192,55 @@ class ServerConfig:
         u = urllib.parse.urlsplit(d["redis_url"])
         if u.password:
             d["redis_url"] = u._replace(netloc=f"{u.username or ''}:***@{u.hostname}:{u.port}").geturl()
-        return json.dumps(d, sort_keys=True)
+        return d
+
+    def non_defaults(self) -> dict[str, Any]:
+        """Only the settings that differ from the defaults (redacted as :meth:`to_dict`)."""
+        base = dataclasses.asdict(ServerConfig())
+        return {k: v for k, v in self.to_dict().items() if getattr(self, k) != base[k]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+LOG_FORMATS = ("auto", "json", "console")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+class ConfigError(ValueError):
+    """A setting that does not parse or is not allowed. ``str(e)`` is one line for a person: the setting (the
+    environment variable when it came from one), its value and what is allowed."""
+
+    def __init__(self, message: str, field: str | None = None, value: Any = None, source: str | None = None,
+                 prefix: bool = True) -> None:
+        self.message, self.field, self.value, self.source = message, field, value, source
+        text = message
+        if field is not None:
+            text = f"{message} (got {source or field}={value!r})"
+        super().__init__(f"invalid server config: {text}" if prefix else text)
+
+    def from_source(self, variable: str, raw: str) -> ConfigError:
+        return ConfigError(self.message, self.field, raw, variable)
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    v = raw.strip().lower()
+    if v in _TRUE or v in _FALSE:
+        return v in _TRUE
+    raise ConfigError(f"{name}={raw!r} is not a boolean (use 1/0, true/false, yes/no or on/off)", prefix=False)
+
+
+def _parse(name: str, raw: str, typ: type) -> Any:
+    if typ is bool:
+        return _parse_bool(name, raw)
+    if typ is int:
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not an integer", prefix=False) from None
+    if typ is float:
+        try:
+            return float(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a number", prefix=False) from None
+    return raw

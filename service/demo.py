@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import math
 import time
 from pathlib import Path
@@ -15,14 +16,14 @@ ENCODINGS = {"raw": pb.VIDEO_ENCODING_RAW_RGB24, "jpeg": pb.VIDEO_ENCODING_JPEG,
 
 
 def _assets_dir() -> Path:
-    import avatarforcing
-
-    return Path(avatarforcing.__file__).resolve().parent / "assets"
+    """The engine package's assets, found without importing it (that would import torch)."""
+    spec = importlib.util.find_spec("avatarforcing")
+    assert spec is not None and spec.origin is not None, "the avatarforcing package is not installed"
+    return Path(spec.origin).resolve().parent / "assets"
 
 
 async def run_demo(a: argparse.Namespace) -> int:
     from .cli import _server_config
-    from .server import App
     from .telemetry import configure_logging
 
     wav = a.wav or _assets_dir() / "speech_16k.wav"
@@ -43,6 +44,8 @@ async def run_demo(a: argparse.Namespace) -> int:
         cfg = _server_config(a, port=a.port if a.port is not None else 0,
                              metrics_port=a.metrics_port if a.metrics_port is not None else -1)
         configure_logging(cfg.log_level, cfg.log_format)
+        from .server import App  # torch: only once the settings are known to be good
+
         app = App(cfg)
         await app.start()
         target = f"{cfg.host}:{app.port}"

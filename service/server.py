@@ -827,7 +827,8 @@ async def run_app(app: App) -> None:
     """Runs until cancelled or signalled, then shuts down gracefully."""
     import signal
 
-    await app.start()
+    # The handlers go in before the start, so that a signal that comes while it starts (or right after the
+    # "serving" line) is a graceful stop too, not the default action (killed by SIGTERM).
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -835,6 +836,7 @@ async def run_app(app: App) -> None:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
+    await app.start()
     try:
         await stop.wait()
     finally:

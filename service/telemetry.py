@@ -1,13 +1,22 @@
-"""Prometheus metrics (one registry per server) and structlog JSON logging."""
+"""Prometheus metrics (one registry per server) with the replica's probes, and structlog logging (readable
+console lines on a terminal, JSON lines otherwise)."""
 
 from __future__ import annotations
 
 import logging
+import socket
 import sys
+import threading
+from collections.abc import Callable, Iterable
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+# Counters and histograms would each export a `_created` series (a timestamp nobody graphs): not served.
+disable_created_metrics()
 
 _LAT = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.1, 1.25, 1.5, 2.0,
         3.0, 5.0, 10.0)
@@ -71,10 +80,30 @@ class Metrics:
                                       "(always 1 with in-process routing)", registry=r)
         self.draining = Gauge(p + "draining", "1 once this replica drains or shuts down", registry=r)
         self._http: Any = None
+        # Readiness for /readyz: the server sets it (True while its health is SERVING: not before it has started,
+        # not while it drains or stops).
+        self.ready: Callable[[], bool] = lambda: False
 
     def serve_http(self, host: str, port: int) -> int:
-        """Starts the /metrics HTTP endpoint; returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        """Starts the HTTP endpoint in a thread; returns the bound port. Paths: ``/metrics`` (Prometheus),
+        ``/healthz`` (200 while the process runs), ``/readyz`` (200 while SERVING, 503 while draining, stopping or
+        not yet started); 404 elsewhere."""
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "")
+            if path == "/metrics":
+                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            if path == "/healthz":
+                return _text(start_response, "200 OK", "ok\n")
+            if path == "/readyz":
+                if self.ready():
+                    return _text(start_response, "200 OK", "SERVING\n")
+                return _text(start_response, "503 Service Unavailable", "NOT_SERVING\n")
+            return _text(start_response, "404 Not Found", "not found: /metrics, /healthz and /readyz are served\n")
+
+        server = make_server(host, port, app, _Server6 if ":" in host else _Server, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         self._http = server
         return int(server.server_port)
 
@@ -85,19 +114,67 @@ class Metrics:
             self._http = None
 
 
-def configure_logging(level: str = "info", json_logs: bool = True) -> None:
+def _text(start_response: Callable[..., Any], status: str, body: str) -> list[bytes]:
+    data = body.encode()
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+class _Server(ThreadingWSGIServer):
+    address_family = socket.AF_INET
+
+
+class _Server6(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # probes every few seconds: not logged
+        pass
+
+
+_format = "json"
+
+
+def log_format() -> str:
+    """The format :func:`configure_logging` chose: ``json`` or ``console``."""
+    return _format
+
+
+def resolve_log_format(fmt: str | bool) -> str:
+    """``auto`` -> ``console`` when stderr is a terminal, else ``json``; a bool (the older ``log_json``) too."""
+    if isinstance(fmt, bool):
+        return "json" if fmt else "console"
+    if fmt == "auto":
+        isatty = getattr(sys.stderr, "isatty", None)
+        return "console" if isatty is not None and isatty() else "json"
+    if fmt not in ("json", "console"):
+        raise ValueError(f"log format must be auto, json or console, not {fmt!r}")
+    return fmt
+
+
+def configure_logging(level: str = "info", fmt: str | bool = "auto") -> str:
+    """Sets up structlog (and the standard library's logging) on stderr; returns the format chosen."""
+    global _format
+    _format = resolve_log_format(fmt)
     lvl = getattr(logging, level.upper())
     logging.basicConfig(level=lvl, stream=sys.stderr, format="%(message)s")
-    renderer: Any = structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
+    tail: list[Any]
+    if _format == "json":
+        tail = [structlog.processors.TimeStamper(fmt="iso", utc=True), structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer()]
+    else:  # the console renderer formats exceptions itself
+        isatty = getattr(sys.stderr, "isatty", None)
+        tail = [structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
+                structlog.dev.ConsoleRenderer(colors=bool(isatty is not None and isatty()))]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
+            *tail,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    return _format

@@ -48,7 +48,7 @@ async def make_app() -> AsyncIterator[Callable[..., App]]:
     loaded = random_init("tiny")
 
     async def factory(**kw: object) -> App:
-        base = {"port": 0, "metrics_port": 0, "max_sessions": 4, "grace_s": 0.5, "log_json": True}
+        base = {"port": 0, "metrics_port": 0, "max_sessions": 4, "grace_s": 0.5, "log_format": "json"}
         base.update(kw)
         app = App(ServerConfig(**base), loaded=loaded)  # type: ignore[arg-type]
         await app.start()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from avatarforcing_service.audio_in import AudioError, AudioInput, AudioOverflowError
+from avatarforcing_service.audio_in import AudioError, AudioInput, AudioOverflowError, rate_problem, rates_for
 
 
 def make(rate: int = 16000, **kw: float) -> AudioInput:
@@ -13,8 +13,11 @@ def make(rate: int = 16000, **kw: float) -> AudioInput:
 
 
 def test_rejects_bad_chunks_and_rates() -> None:
-    with pytest.raises(AudioError, match="44100 Hz is not supported"):
-        make(44100)
+    for bad in (7999, 96000):
+        with pytest.raises(AudioError, match=f"{bad} Hz is not supported; use a rate from 8000 to 48000 Hz"):
+            make(bad)
+    with pytest.raises(AudioError, match="22051 Hz gives 882.04 samples per video frame at 25 fps"):
+        make(22051)
     a = make()
     with pytest.raises(AudioError, match="whole number"):
         a.push(b"\0\0\0", 0.0)
@@ -60,7 +63,16 @@ def test_clear_drops_buffered_audio() -> None:
     assert a.take_block().real_samples == 0
 
 
-@pytest.mark.parametrize("rate", [8000, 24000, 48000])
+def test_any_rate_with_whole_samples_per_frame_is_taken() -> None:
+    # espeak-ng's 22,050 Hz and CD audio's 44,100 Hz included: every multiple of 25 Hz from 8 to 48 kHz at 25 fps.
+    assert all(rate_problem(r, 25.0) is None for r in range(8000, 48001, 25))
+    assert [r for r in range(8000, 48001) if rate_problem(r, 25.0) is None] == list(range(8000, 48001, 25))
+    assert rates_for(25.0) == [8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000]
+    assert rates_for(30.0) == [12000, 22050, 24000, 44100, 48000]  # 16,000 / 30 is no whole number
+    assert make(22050).in_block == 4 * 882 and make(44100).in_block == 4 * 1764
+
+
+@pytest.mark.parametrize("rate", [8000, 8025, 11025, 22050, 24000, 32000, 44100, 48000])
 def test_resampled_stream_is_continuous(rate: int) -> None:
     a = make(rate)
     t = np.arange(rate) / rate

@@ -102,10 +102,20 @@ def _write_raw_wav(path: Path, channels: int, width: int) -> None:
         w.writeframes(b"\x01" * (channels * width * 100))
 
 
+def test_read_wav_mixes_stereo_down(tmp_path: Path) -> None:
+    # The Go SDK's DecodeWAV gives the same samples for the same frames (TestDecodeWAVStereoIsMixedDown).
+    frames = np.array([[100, 200], [-3, -2], [1, 2], [32767, 32767], [-32768, -32768], [-32768, 32767]], np.int16)
+    with wave.open(str(tmp_path / "stereo.wav"), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(44100)
+        w.writeframes(frames.astype("<i2").tobytes())
+    y, rate = read_wav(tmp_path / "stereo.wav")
+    assert rate == 44100 and y.dtype == np.int16
+    assert y.tolist() == [150, -3, 2, 32767, -32768, -1]
+
+
 def test_read_wav_errors(tmp_path: Path) -> None:
-    _write_raw_wav(tmp_path / "stereo.wav", 2, 2)
-    with pytest.raises(ValueError, match="mono"):
-        read_wav(tmp_path / "stereo.wav")
     _write_raw_wav(tmp_path / "u8.wav", 1, 1)
     with pytest.raises(ValueError, match="16-bit"):
         read_wav(tmp_path / "u8.wav")

@@ -317,7 +317,8 @@ async def test_stream_that_never_sends_config(make_app: AppFactory) -> None:
 @pytest.mark.parametrize("kw,match", [
     ({"enc": 9}, "video encoding 9 is not supported"),
     ({"enc": pb.VIDEO_ENCODING_UNSPECIFIED}, "VIDEO_ENCODING_H264"),
-    ({"rate": 44100}, "sample rate 44100 Hz is not supported"),
+    ({"rate": 96000}, "sample rate 96000 Hz is not supported; use a rate from 8000 to 48000 Hz"),
+    ({"rate": 22051}, "whole number of samples per frame"),
     ({"pacing": 7}, "pacing 7 is unknown"),
     ({"jpeg_quality": 500}, "jpeg_quality"),
 ])

@@ -3,8 +3,12 @@ package avatarforcing_test
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
+	"fmt"
+	"math"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -167,6 +171,69 @@ func TestE2EWholeUtteranceASAP(t *testing.T) {
 	t.Logf("%d frames, %d Stats, %d bytes of H.264", frames, stats, h264.Len())
 	if err := s.Close(); err != nil {
 		t.Errorf("Close() after End = %v", err)
+	}
+}
+
+// espeak-ng's default 22050 Hz mono WAV and a 44.1 kHz stereo WAV (mixed down by ReadWAV) go through
+// the real server at their own rates: one frame per 1/25 s of audio, AudioOut back at the file's rate.
+func TestE2EWAVAt22050MonoAnd44100Stereo(t *testing.T) {
+	c := dialTest(t)
+	for _, tc := range []struct{ rate, channels int }{{22050, 1}, {44100, 2}} {
+		t.Run(fmt.Sprintf("%d-Hz-%dch", tc.rate, tc.channels), func(t *testing.T) {
+			ctx := testCtx(t, 60*time.Second)
+			n := tc.rate * 6 / 5 // 1.2 s: 30 frames' worth, 7.5 blocks of 4
+			var pcm []byte
+			for i := 0; i < n; i++ {
+				v := int16(8000 * math.Sin(2*math.Pi*220*float64(i)/float64(tc.rate)))
+				for ch := 0; ch < tc.channels; ch++ {
+					pcm = binary.LittleEndian.AppendUint16(pcm, uint16(v))
+				}
+			}
+			data, err := avatarforcing.EncodeWAV(pcm, tc.rate)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// EncodeWAV writes mono headers: patch channels, byte rate and block align for stereo.
+			binary.LittleEndian.PutUint16(data[22:24], uint16(tc.channels))
+			binary.LittleEndian.PutUint32(data[28:32], uint32(tc.rate*2*tc.channels))
+			binary.LittleEndian.PutUint16(data[32:34], uint16(2*tc.channels))
+			path := filepath.Join(t.TempDir(), "in.wav")
+			if err := os.WriteFile(path, data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			w, err := avatarforcing.ReadWAV(path)
+			if err != nil || w.SampleRate != tc.rate || w.Samples() != n {
+				t.Fatalf("ReadWAV = %v, %v; want %d mono samples at %d Hz", w, err, n, tc.rate)
+			}
+			s, err := c.StartSession(ctx, avatarforcing.SessionOptions{Image: readFile(t, facePNG), SampleRate: w.SampleRate,
+				VideoEncoding: pb.VideoEncoding_VIDEO_ENCODING_JPEG, Pacing: pb.Pacing_PACING_ASAP})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			if got := s.Started().AudioSampleRateHz; got != uint32(tc.rate) {
+				t.Fatalf("SessionStarted.AudioSampleRateHz = %d, want %d", got, tc.rate)
+			}
+			go func() {
+				if _, err := s.StreamWAV(ctx, path, false); err == nil {
+					_ = s.EndOfAudio(ctx)
+				}
+			}()
+			frames, audio := 0, 0
+			for ev := range s.Events() {
+				if ev.Frame != nil {
+					frames++
+				} else if ev.Audio != nil {
+					audio += len(ev.Audio.Data) / 2
+				}
+			}
+			if err := s.Err(); err != nil {
+				t.Fatal(err)
+			}
+			if frames != 32 || audio != frames*tc.rate/25 {
+				t.Fatalf("%d frames and %d AudioOut samples; want 32 frames (8 blocks) and %d samples", frames, audio, 32*tc.rate/25)
+			}
+		})
 	}
 }
 

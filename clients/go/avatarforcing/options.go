@@ -7,9 +7,18 @@ import (
 	pb "github.com/avatarforcing/serve/clients/go/avatarforcingv1"
 )
 
-// SupportedSampleRates are the input sample rates the service accepts (PCM16LE, mono). The
-// server resamples to the model's rate; AudioOut comes back at the session's rate.
-var SupportedSampleRates = []int{8000, 16000, 24000, 48000}
+// The service takes PCM16LE mono audio at any rate from MinSampleRate to MaxSampleRate that
+// gives a whole number of samples per video frame at the model's fps (at 25 fps: any multiple
+// of 25 Hz, 22050 and 44100 included) and resamples it to the model's rate; AudioOut comes back
+// at the session's rate. The server refuses other rates with INVALID_ARGUMENT.
+const (
+	MinSampleRate = 8000
+	MaxSampleRate = 48000
+)
+
+// SupportedSampleRates are the usual rates; any other in MinSampleRate..MaxSampleRate with a
+// whole number of samples per frame is taken too.
+var SupportedSampleRates = []int{8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000}
 
 // DefaultSampleRate is used when SessionOptions.SampleRate is 0.
 const DefaultSampleRate = 16000
@@ -28,8 +37,9 @@ type SessionOptions struct {
 	// AvatarID is an id returned by Client.RegisterAvatar (on the same replica).
 	AvatarID string
 
-	// SampleRate of the PCM16LE mono audio you will send: 8000, 16000, 24000 or 48000
-	// (0: 16000). AudioOut comes back at the same rate.
+	// SampleRate of the PCM16LE mono audio you will send: 8000 to 48000 Hz with a whole
+	// number of samples per video frame (at 25 fps: 16000, 22050, 24000, 44100, 48000, ...;
+	// 0: 16000). AudioOut comes back at the same rate.
 	SampleRate int
 	// VideoEncoding of VideoFrame.data (0: VIDEO_ENCODING_H264).
 	VideoEncoding pb.VideoEncoding
@@ -97,9 +107,9 @@ func (o SessionOptions) normalized() (SessionOptions, error) {
 	if o.SampleRate == 0 {
 		o.SampleRate = DefaultSampleRate
 	}
-	if !supportedRate(o.SampleRate) {
-		return o, invalid("SessionOptions.SampleRate %d Hz is not supported; use one of %v (resample the audio) or 0 for %d",
-			o.SampleRate, SupportedSampleRates, DefaultSampleRate)
+	if o.SampleRate < MinSampleRate || o.SampleRate > MaxSampleRate {
+		return o, invalid("SessionOptions.SampleRate %d Hz is not supported; use a rate from %d to %d Hz (e.g. %v; resample the audio) or 0 for %d",
+			o.SampleRate, MinSampleRate, MaxSampleRate, SupportedSampleRates, DefaultSampleRate)
 	}
 	if o.VideoEncoding == pb.VideoEncoding_VIDEO_ENCODING_UNSPECIFIED {
 		o.VideoEncoding = pb.VideoEncoding_VIDEO_ENCODING_H264
@@ -129,15 +139,6 @@ func (o SessionOptions) normalized() (SessionOptions, error) {
 		o.EventBuffer = defaultEventBuffer
 	}
 	return o, nil
-}
-
-func supportedRate(r int) bool {
-	for _, s := range SupportedSampleRates {
-		if r == s {
-			return true
-		}
-	}
-	return false
 }
 
 // config builds the SessionConfig of normalized options.

@@ -45,7 +45,8 @@ func TestStartSessionValidatesBeforeAnyRPC(t *testing.T) {
 		{"no reference", avatarforcing.SessionOptions{}, "set Image"},
 		{"empty image", avatarforcing.SessionOptions{Image: []byte{}}, "Image is empty"},
 		{"both references", avatarforcing.SessionOptions{Image: png, AvatarID: "av_1"}, "exactly one of Image and AvatarID"},
-		{"sample rate", avatarforcing.SessionOptions{Image: png, SampleRate: 44100}, "SampleRate 44100 Hz is not supported; use one of [8000 16000 24000 48000]"},
+		{"sample rate", avatarforcing.SessionOptions{Image: png, SampleRate: 96000}, "SampleRate 96000 Hz is not supported; use a rate from 8000 to 48000 Hz"},
+		{"low sample rate", avatarforcing.SessionOptions{Image: png, SampleRate: 7999}, "SampleRate 7999 Hz is not supported"},
 		{"negative sample rate", avatarforcing.SessionOptions{Image: png, SampleRate: -1}, "SampleRate -1"},
 		{"jpeg quality", avatarforcing.SessionOptions{Image: png, JPEGQuality: 101}, "JPEGQuality 101 is out of range; use 1..100"},
 		{"video encoding", avatarforcing.SessionOptions{Image: png, VideoEncoding: 42}, "VideoEncoding 42 is unknown"},
@@ -81,7 +82,8 @@ func TestStartSessionAcceptsEverySupportedRate(t *testing.T) {
 	c, _ := countingClient(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	for _, rate := range append([]int{0}, avatarforcing.SupportedSampleRates...) {
+	// espeak-ng's 22050 Hz and 44100 Hz among them; 8025 is an unusual rate the server takes at 25 fps.
+	for _, rate := range append([]int{0, 8025}, avatarforcing.SupportedSampleRates...) {
 		_, err := c.StartSession(ctx, avatarforcing.SessionOptions{AvatarID: "av_1", SampleRate: rate,
 			VideoEncoding: pb.VideoEncoding_VIDEO_ENCODING_FMP4, Pacing: pb.Pacing_PACING_ASAP, JPEGQuality: 100})
 		if errors.Is(err, avatarforcing.ErrInvalidArgument) {

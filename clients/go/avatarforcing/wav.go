@@ -6,12 +6,14 @@ import (
 	"os"
 )
 
-// WAV is a decoded mono 16-bit PCM WAV file.
+// WAV is a decoded 16-bit PCM WAV file, mono (a file with several channels is mixed down).
 type WAV struct {
 	// SampleRate in Hz.
 	SampleRate int
-	// PCM holds the samples, signed 16-bit little-endian (what SendAudio takes).
+	// PCM holds the mono samples, signed 16-bit little-endian (what SendAudio takes).
 	PCM []byte
+	// Channels is how many channels the file held (PCM is their mix-down when more than 1).
+	Channels int
 }
 
 // Samples is the number of samples in w.
@@ -22,7 +24,7 @@ const (
 	wavFormatExtensible = 0xFFFE
 )
 
-// ReadWAV reads a mono 16-bit PCM WAV file; see [DecodeWAV].
+// ReadWAV reads a 16-bit PCM WAV file, mono or mixed down to mono; see [DecodeWAV].
 func ReadWAV(path string) (*WAV, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
@@ -35,10 +37,12 @@ func ReadWAV(path string) (*WAV, error) {
 	return w, nil
 }
 
-// DecodeWAV decodes a RIFF/WAVE file holding mono, signed 16-bit PCM (format tag 1, or
-// WAVE_FORMAT_EXTENSIBLE with the PCM sub-format). Anything else is rejected with an error
-// that wraps ErrInvalidArgument and says what the data holds; no resampling or channel mixing
-// is done. A trailing odd byte in the data chunk is ignored.
+// DecodeWAV decodes a RIFF/WAVE file holding signed 16-bit PCM (format tag 1, or
+// WAVE_FORMAT_EXTENSIBLE with the PCM sub-format). A file with several channels (stereo) is
+// mixed down to mono: each sample is the mean of the channels, rounded half away from zero.
+// Anything else is rejected with an error that wraps ErrInvalidArgument and says what the data
+// holds; no resampling is done (the service takes 8 to 48 kHz, 22050 and 44100 included). A
+// trailing partial sample frame in the data chunk is ignored.
 func DecodeWAV(data []byte) (*WAV, error) {
 	if len(data) < 12 || string(data[0:4]) != "RIFF" || string(data[8:12]) != "WAVE" {
 		return nil, invalid("not a WAV file (no RIFF/WAVE header); send mono 16-bit PCM WAV")
@@ -46,6 +50,7 @@ func DecodeWAV(data []byte) (*WAV, error) {
 	var (
 		fmtSeen  bool
 		rate     int
+		channels int
 		pcmBytes []byte
 		dataSeen bool
 	)
@@ -66,7 +71,7 @@ func DecodeWAV(data []byte) (*WAV, error) {
 				return nil, invalid("WAV fmt chunk is %d bytes, expected at least 16", size)
 			}
 			tag := binary.LittleEndian.Uint16(body[0:2])
-			channels := int(binary.LittleEndian.Uint16(body[2:4]))
+			channels = int(binary.LittleEndian.Uint16(body[2:4]))
 			rate = int(binary.LittleEndian.Uint32(body[4:8]))
 			bits := int(binary.LittleEndian.Uint16(body[14:16]))
 			if tag == wavFormatExtensible && size >= 26 {
@@ -75,8 +80,8 @@ func DecodeWAV(data []byte) (*WAV, error) {
 			if tag != wavFormatPCM {
 				return nil, invalid("WAV sample format %#x is not integer PCM (3 is float); convert it to signed 16-bit PCM", tag)
 			}
-			if channels != 1 {
-				return nil, invalid("WAV file has %d channels; mix it down to mono", channels)
+			if channels < 1 {
+				return nil, invalid("WAV file has %d channels", channels)
 			}
 			if bits != 16 {
 				return nil, invalid("WAV file has %d-bit samples; convert it to signed 16-bit PCM", bits)
@@ -89,7 +94,8 @@ func DecodeWAV(data []byte) (*WAV, error) {
 			if !fmtSeen {
 				return nil, invalid("WAV data chunk comes before the fmt chunk")
 			}
-			pcmBytes = body[:size&^1]
+			frame := 2 * channels
+			pcmBytes = body[:size-size%frame]
 			dataSeen = true
 		}
 		if dataSeen {
@@ -107,7 +113,32 @@ func DecodeWAV(data []byte) (*WAV, error) {
 	if !dataSeen {
 		return nil, invalid("WAV file has no data chunk")
 	}
-	return &WAV{SampleRate: rate, PCM: pcmBytes}, nil
+	if channels > 1 {
+		pcmBytes = mixDown(pcmBytes, channels)
+	}
+	return &WAV{SampleRate: rate, PCM: pcmBytes, Channels: channels}, nil
+}
+
+// mixDown averages interleaved PCM16LE frames of n channels into mono PCM16LE.
+func mixDown(pcm []byte, n int) []byte {
+	frames := len(pcm) / (2 * n)
+	out := make([]byte, 2*frames)
+	for i := 0; i < frames; i++ {
+		sum := 0
+		for c := 0; c < n; c++ {
+			off := 2 * (i*n + c)
+			sum += int(int16(binary.LittleEndian.Uint16(pcm[off:])))
+		}
+		// The mean, rounded half away from zero (as the Python SDK's read_wav).
+		var m int
+		if sum >= 0 {
+			m = (2*sum + n) / (2 * n)
+		} else {
+			m = -((-2*sum + n) / (2 * n))
+		}
+		binary.LittleEndian.PutUint16(out[2*i:], uint16(int16(m)))
+	}
+	return out
 }
 
 // EncodeWAV returns a mono 16-bit PCM WAV file holding pcm (PCM16LE) at sampleRate Hz; useful

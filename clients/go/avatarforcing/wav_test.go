@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -45,7 +46,6 @@ func TestDecodeWAV(t *testing.T) {
 	}{
 		{"mono 16-bit", wavBytes(1, 1, 16000, 16, nil, pcm), 16000, ""},
 		{"extra chunk", wavBytes(1, 1, 48000, 16, list, pcm), 48000, ""},
-		{"stereo", wavBytes(1, 2, 16000, 16, nil, pcm), 0, "2 channels; mix it down to mono"},
 		{"8-bit", wavBytes(1, 1, 16000, 8, nil, pcm), 0, "8-bit samples; convert it to signed 16-bit PCM"},
 		{"float", wavBytes(3, 1, 16000, 32, nil, pcm), 0, "not integer PCM"},
 		{"not a wav", []byte("ID3\x04 an mp3 file"), 0, "not a WAV file"},
@@ -68,6 +68,29 @@ func TestDecodeWAV(t *testing.T) {
 				t.Fatalf("DecodeWAV = rate %d, pcm % x", w.SampleRate, w.PCM)
 			}
 		})
+	}
+}
+
+func TestDecodeWAVStereoIsMixedDown(t *testing.T) {
+	// A 44.1 kHz stereo file: each mono sample is the mean of the two channels, rounded half away
+	// from zero (the Python SDK's read_wav gives the same samples: tests/test_client_sdk.py).
+	var pcm []byte
+	for _, lr := range [][2]int16{{100, 200}, {-3, -2}, {1, 2}, {32767, 32767}, {-32768, -32768}, {-32768, 32767}} {
+		pcm = binary.LittleEndian.AppendUint16(pcm, uint16(lr[0]))
+		pcm = binary.LittleEndian.AppendUint16(pcm, uint16(lr[1]))
+	}
+	pcm = append(pcm, 7, 0) // half a frame at the end: ignored
+	w, err := avatarforcing.DecodeWAV(wavBytes(1, 2, 44100, 16, nil, pcm))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []int16
+	for i := 0; i+1 < len(w.PCM); i += 2 {
+		got = append(got, int16(binary.LittleEndian.Uint16(w.PCM[i:])))
+	}
+	want := []int16{150, -3, 2, 32767, -32768, -1}
+	if w.SampleRate != 44100 || w.Channels != 2 || w.Samples() != len(want) || fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("DecodeWAV(stereo) = %d Hz, %d channels, samples %v; want 44100 Hz, 2 channels, %v", w.SampleRate, w.Channels, got, want)
 	}
 }
 

@@ -248,7 +248,8 @@ func (EndReason) EnumDescriptor() ([]byte, []int) {
 type AudioFormat struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	Encoding AudioEncoding          `protobuf:"varint,1,opt,name=encoding,proto3,enum=avatarforcing.v1.AudioEncoding" json:"encoding,omitempty"`
-	// 8000, 16000, 24000 or 48000.
+	// Any rate from 8000 to 48000 Hz with a whole number of samples per video frame at the
+	// model's fps (at 25 fps: every multiple of 25 Hz; 16000, 22050, 44100 and 48000 among them).
 	SampleRateHz uint32 `protobuf:"varint,2,opt,name=sample_rate_hz,json=sampleRateHz,proto3" json:"sample_rate_hz,omitempty"`
 	// Must be 1.
 	Channels      uint32 `protobuf:"varint,3,opt,name=channels,proto3" json:"channels,omitempty"`
@@ -1804,16 +1805,18 @@ func (x *StreamInfo) GetLookaheadMs() float64 {
 }
 
 type ServerInfo struct {
-	state                   protoimpl.MessageState `protogen:"open.v1"`
-	Version                 string                 `protobuf:"bytes,1,opt,name=version,proto3" json:"version,omitempty"`
-	Model                   *ModelInfo             `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
-	Stream                  *StreamInfo            `protobuf:"bytes,3,opt,name=stream,proto3" json:"stream,omitempty"`
-	CapacitySessions        uint32                 `protobuf:"varint,4,opt,name=capacity_sessions,json=capacitySessions,proto3" json:"capacity_sessions,omitempty"`
-	FreeSlots               uint32                 `protobuf:"varint,5,opt,name=free_slots,json=freeSlots,proto3" json:"free_slots,omitempty"`
-	ActiveSessions          uint32                 `protobuf:"varint,6,opt,name=active_sessions,json=activeSessions,proto3" json:"active_sessions,omitempty"`
-	SupportedSampleRatesHz  []uint32               `protobuf:"varint,7,rep,packed,name=supported_sample_rates_hz,json=supportedSampleRatesHz,proto3" json:"supported_sample_rates_hz,omitempty"`
-	SupportedVideoEncodings []VideoEncoding        `protobuf:"varint,8,rep,packed,name=supported_video_encodings,json=supportedVideoEncodings,proto3,enum=avatarforcing.v1.VideoEncoding" json:"supported_video_encodings,omitempty"`
-	RegisteredAvatars       uint32                 `protobuf:"varint,9,opt,name=registered_avatars,json=registeredAvatars,proto3" json:"registered_avatars,omitempty"`
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	Version          string                 `protobuf:"bytes,1,opt,name=version,proto3" json:"version,omitempty"`
+	Model            *ModelInfo             `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
+	Stream           *StreamInfo            `protobuf:"bytes,3,opt,name=stream,proto3" json:"stream,omitempty"`
+	CapacitySessions uint32                 `protobuf:"varint,4,opt,name=capacity_sessions,json=capacitySessions,proto3" json:"capacity_sessions,omitempty"`
+	FreeSlots        uint32                 `protobuf:"varint,5,opt,name=free_slots,json=freeSlots,proto3" json:"free_slots,omitempty"`
+	ActiveSessions   uint32                 `protobuf:"varint,6,opt,name=active_sessions,json=activeSessions,proto3" json:"active_sessions,omitempty"`
+	// The usual input rates that fit the model's fps; any rate AudioFormat.sample_rate_hz describes
+	// is taken.
+	SupportedSampleRatesHz  []uint32        `protobuf:"varint,7,rep,packed,name=supported_sample_rates_hz,json=supportedSampleRatesHz,proto3" json:"supported_sample_rates_hz,omitempty"`
+	SupportedVideoEncodings []VideoEncoding `protobuf:"varint,8,rep,packed,name=supported_video_encodings,json=supportedVideoEncodings,proto3,enum=avatarforcing.v1.VideoEncoding" json:"supported_video_encodings,omitempty"`
+	RegisteredAvatars       uint32          `protobuf:"varint,9,opt,name=registered_avatars,json=registeredAvatars,proto3" json:"registered_avatars,omitempty"`
 	// This replica's id in the routing registry and the address clients are sent to.
 	NodeId  string `protobuf:"bytes,10,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
 	Address string `protobuf:"bytes,11,opt,name=address,proto3" json:"address,omitempty"`

@@ -3,8 +3,10 @@
 The service takes signed 16-bit little-endian mono PCM (``AUDIO_ENCODING_PCM16LE``). These
 helpers read and write such WAV files with the standard library's :mod:`wave` module and cut
 sample arrays into fixed-duration chunks of PCM bytes, ready for
-:meth:`avatarforcing_client.Session.send_audio`. No resampling or channel mixing is done: a
-file in any other format is rejected with a :class:`ValueError` that says what it holds.
+:meth:`avatarforcing_client.Session.send_audio`. A WAV file with several channels (stereo) is
+mixed down to mono (the mean of its channels); no resampling is done (the server takes any rate
+from 8 to 48 kHz with a whole number of samples per video frame, 22,050 and 44,100 Hz included).
+A file that is not 16-bit PCM is rejected with a :class:`ValueError` that says what it holds.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ _PCM_DTYPE = np.dtype("<i2")
 
 
 def read_wav(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
-    """Read a mono 16-bit PCM WAV file.
+    """Read a 16-bit PCM WAV file, mono or with several channels (mixed down to mono).
 
-    Returns ``(samples, sample_rate)`` where ``samples`` is a 1-D ``int16`` array.
+    Returns ``(samples, sample_rate)`` where ``samples`` is a 1-D ``int16`` array: the file's
+    samples, or for a stereo (multi-channel) file the mean of its channels, rounded half away
+    from zero.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is not a PCM WAV file, or is not mono, or is not 16-bit.
+        ValueError: the file is not a PCM WAV file, or is not 16-bit.
     """
     try:
         with wave.open(os.fspath(path), "rb") as w:
@@ -35,11 +39,8 @@ def read_wav(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
             width = w.getsampwidth()
             rate = w.getframerate()
             n = w.getnframes()
-            if channels != 1:
-                raise ValueError(
-                    f"{os.fspath(path)}: expected a mono WAV file, got {channels} channels "
-                    "(mix it down to one channel first)"
-                )
+            if channels < 1:
+                raise ValueError(f"{os.fspath(path)}: WAV file with {channels} channels")
             if width != 2:
                 raise ValueError(
                     f"{os.fspath(path)}: expected 16-bit PCM samples, got {8 * width}-bit "
@@ -50,8 +51,13 @@ def read_wav(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
         raise ValueError(f"{os.fspath(path)}: not a PCM WAV file ({e})") from e
     except EOFError as e:
         raise ValueError(f"{os.fspath(path)}: truncated or empty WAV file") from e
-    usable = len(data) - (len(data) % 2)
+    frame = 2 * channels
+    usable = len(data) - (len(data) % frame)
     samples = np.frombuffer(data[:usable], dtype=_PCM_DTYPE).astype(np.int16)
+    if channels > 1:  # mix down: the mean of the channels, rounded half away from zero (as the Go SDK)
+        total = samples.reshape(-1, channels).astype(np.int64).sum(axis=1)
+        mean = (2 * np.abs(total) + channels) // (2 * channels)
+        samples = (np.sign(total) * mean).astype(np.int16)
     return samples, rate
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import numbers
 import os
 import random
 import time
@@ -446,8 +447,11 @@ class AvatarForcingClient:
         is awaited).
 
         Args:
-            sample_rate: sample rate of the PCM16LE mono audio you will send (8000, 16000,
-                24000 or 48000); ``AudioOut`` comes back at the same rate.
+            sample_rate: sample rate of the PCM16LE mono audio you will send: any rate from
+                8000 to 48000 Hz with a whole number of samples per video frame at the model's
+                fps (at 25 fps a multiple of 25 Hz: 16000, 22050, 24000, 44100, 48000...; the
+                server refuses others with INVALID_ARGUMENT). The server resamples to the
+                model's rate; ``AudioOut`` comes back at this rate.
             video_encoding: a ``pb.VideoEncoding`` value for the returned frames.
             pacing: ``pb.PACING_REALTIME`` (wall-clock frames, idles on silence) or
                 ``pb.PACING_ASAP`` (as fast as possible; the stream ends after end_of_audio).
@@ -468,8 +472,13 @@ class AvatarForcingClient:
             raise ValueError("image must be non-empty PNG or JPEG bytes")
         if avatar_id is not None and (not isinstance(avatar_id, str) or not avatar_id):
             raise ValueError("avatar_id must be a non-empty string")
-        if sample_rate <= 0:
-            raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Integral) or not (
+            8000 <= int(sample_rate) <= 48000
+        ):
+            raise ValueError(
+                f"sample_rate must be an integer from 8000 to 48000 Hz (16000, 22050, 24000, 44100, 48000...), "
+                f"got {sample_rate!r}"
+            )
         if not 0 <= jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in 0..100, got {jpeg_quality}")
         if seed < 0:
@@ -1054,10 +1063,11 @@ class Session:
         chunk_ms: int = 20,
         end: bool = True,
     ) -> int:
-        """Send a mono 16-bit WAV file in ``chunk_ms`` chunks (see :meth:`stream_pcm`).
+        """Send a 16-bit PCM WAV file in ``chunk_ms`` chunks (see :meth:`stream_pcm`).
 
-        The file's sample rate must equal the session's; no resampling is done. Returns the
-        number of samples sent.
+        A stereo (multi-channel) file is mixed down to mono (:func:`read_wav`). The file's sample
+        rate must equal the session's (open the session with ``sample_rate=`` the file's rate);
+        no resampling is done here. Returns the number of samples sent.
         """
         samples, rate = await asyncio.to_thread(read_wav, path)
         if rate != self.sample_rate:

@@ -25,7 +25,7 @@ from .v1 import avatarforcing_pb2 as pb
 if TYPE_CHECKING:
     from .client import Event, Session
 
-__all__ = ["VideoDecoder", "decode_video_frames", "Mp4Writer", "RecordingStats", "record_session"]
+__all__ = ["VideoDecoder", "decode_video_frames", "Mp4Writer", "RecordingStats", "record_session", "ensure_parent_dir"]
 
 
 def _import_av() -> Any:
@@ -36,6 +36,20 @@ def _import_av() -> Any:
             "PyAV is needed for this (pip install 'avatarforcing-client[mp4]' or pip install av)"
         ) from e
     return av
+
+
+# Sample rates the AAC encoder takes; audio at any other rate is resampled to the next one up when written.
+_AAC_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
+
+
+def ensure_parent_dir(path: str | os.PathLike[str]) -> None:
+    """Create the folder ``path`` goes into; an :class:`OSError` that cannot names ``path`` and the folder."""
+    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create the folder for {os.fspath(path)}: {e.strerror}",
+                      e.filename or parent) from None
 
 
 def _encoding_name(encoding: int) -> str:
@@ -216,6 +230,8 @@ class Mp4Writer:
         self.width = int(width)
         self.height = int(height)
         self.sample_rate = int(sample_rate)
+        # AAC takes only some rates: any other is resampled to the next one up (at close).
+        self._aac_rate = next((r for r in _AAC_RATES if r >= self.sample_rate), _AAC_RATES[-1])
         self._decoder = VideoDecoder(encoding, width, height, init_segment)
         self._rate = Fraction(self.fps).limit_denominator(1001)
         self._frame_tb = 1 / self._rate
@@ -229,7 +245,11 @@ class Mp4Writer:
         self.audio_samples = 0
         self._closed = False
 
-        self._container = av.open(self.path, "w", format="mp4")
+        ensure_parent_dir(self.path)  # the folder is created; when it cannot be, the error names the path
+        try:
+            self._container = av.open(self.path, "w", format="mp4")
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write {self.path}: {e.strerror or e}", self.path) from None
         try:
             v = self._container.add_stream("libx264", rate=self._rate)
             # yuv420p needs even dimensions; PyAV rescales frames to the stream's size.
@@ -238,7 +258,7 @@ class Mp4Writer:
             v.pix_fmt = "yuv420p"
             v.codec_context.time_base = self._frame_tb
             v.options = {"crf": str(crf), "preset": preset}
-            a = self._container.add_stream("aac", rate=self.sample_rate, layout="mono")
+            a = self._container.add_stream("aac", rate=self._aac_rate, layout="mono")
             a.bit_rate = int(audio_bitrate)
         except BaseException:
             self._container.close()
@@ -349,6 +369,16 @@ class Mp4Writer:
             out[start : start + samples.size] = samples
         return out
 
+    def _resample(self, audio: np.ndarray) -> np.ndarray:
+        """The whole timeline at the AAC rate, of the same duration."""
+        r = self._av.AudioResampler(format="s16", layout="mono", rate=self._aac_rate)
+        af = self._av.AudioFrame.from_ndarray(audio.reshape(1, -1), format="s16", layout="mono")
+        af.sample_rate = self.sample_rate
+        parts = [f.to_ndarray().reshape(-1) for f in (*r.resample(af), *r.resample(None))]
+        out = np.concatenate(parts) if parts else np.zeros(0, np.int16)
+        want = round(audio.size * self._aac_rate / self.sample_rate)
+        return np.concatenate([out, np.zeros(max(0, want - out.size), np.int16)])[:want].astype(np.int16)
+
     def close(self) -> None:
         """Flush the decoder and encoders, write the audio track and finish the file."""
         if self._closed:
@@ -358,13 +388,15 @@ class Mp4Writer:
                 self._encode_rgb(rgb)
             self._mux(self._vstream.encode(None), 1)
             audio = self._audio_timeline()
-            step = self.sample_rate  # one second per frame; the encoder re-chunks
+            if self._aac_rate != self.sample_rate and audio.size:
+                audio = self._resample(audio)
+            step = self._aac_rate  # one second per frame; the encoder re-chunks
             for start in range(0, audio.size, step):
                 chunk = audio[start : start + step]
                 af = self._av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
-                af.sample_rate = self.sample_rate
+                af.sample_rate = self._aac_rate
                 af.pts = start
-                af.time_base = Fraction(1, self.sample_rate)
+                af.time_base = Fraction(1, self._aac_rate)
                 self._mux(self._astream.encode(af), 0)
             self._mux(self._astream.encode(None), 0)
         finally:

@@ -138,8 +138,8 @@ class SyncClient:
         chunk_ms: int = 20,
         timeout: float | None = None,
     ) -> RecordingStats:
-        """Animate ``image`` (bytes or a file path) or ``avatar_id`` with a mono 16-bit WAV file
-        and write the result to ``out_mp4``.
+        """Animate ``image`` (bytes or a file path) or ``avatar_id`` with a 16-bit PCM WAV file
+        (stereo is mixed down) and write the result to ``out_mp4`` (its folder is created).
 
         The session is opened at the WAV's sample rate. With ``PACING_ASAP`` (default) the audio
         is sent as fast as possible and recording stops at the server's ``End``; with
