@@ -190,7 +190,7 @@ PAGE_STATE = """() => {
           latency: s.started && s.started.latency_ms, sent: s.sentSeconds, source: s.source, rate: s.sampleRate,
           speech: s.speechSecondsScheduled, audio: s.audioSecondsScheduled, stats: s.serverStats,
           paused: v.paused, table: document.getElementById('stats').innerText, s2s: s.speechToScreenMeanMs,
-          s2sCount: s.speechToScreenCount,
+          s2sCount: s.speechToScreenCount, s2p: s.speechToPageMeanMs,
           buffered: v.buffered.length ? v.buffered.end(v.buffered.length - 1) - v.currentTime : 0,
           lateBlocks: s.audioBlocksLate, catchUps: s.catchUps, gaps: s.frameGaps, jitter: s.avOffsetMs};
 }"""
@@ -258,7 +258,8 @@ async def test_two_pages_play_two_live_sessions_in_chromium(shipped_app: App, vi
         assert s["speech"] > 0.5, s  # the session's speech came back and was scheduled in WebAudio
         assert s["latency"] > 0 and "latency (server)" in s["table"] and "buffered" in s["table"], s
         assert s["s2sCount"] > 0 and s["s2s"] > 0, s  # frames showing the speech sent were displayed
-        print(f"page {s['source']}: speech to screen {s['s2s']:.0f} ms over {s['s2sCount']} frames "
+        print(f"page {s['source']}: speech to screen {s['s2s']:.0f} ms over {s['s2sCount']} frames, to page "
+              f"{s['s2p']:.0f} ms "
               f"(server latency {s['latency']:.0f} ms), "
               f"buffered {s['buffered']:.2f} s, decoded {s['decoded']} of {s['received']} frames, "
               f"{s['lateBlocks']} late audio blocks, {s['catchUps']} catch-ups, {s['gaps']} missing frames")

@@ -16,7 +16,7 @@
 
   const START_BUFFER_S = 0.25;   // start playing once this much video is buffered
   const TARGET_BUFFER_S = 0.3;   // where a live catch-up jumps to
-  const MAX_BUFFER_S = 1.5;      // more than this buffered ahead: jump forward (live)
+  const MAX_BUFFER_S = 1.0;      // more than this buffered ahead: jump forward (live)
   const AUDIO_AHEAD_S = 0.6;     // schedule audio at most this far ahead of the video clock
   const SEND_AHEAD_S = 0.2;      // a WAV is sent in real time, this much ahead
   const CHUNK_S = 0.04;          // audio message size page -> server
@@ -29,8 +29,10 @@
     // Speech to screen: from a sample being spoken (captured by the microphone, or due in the WAV played out in
     // real time) to the frame that shows it being displayed; the latest value and the mean over the session.
     speechToScreenMs: null, speechToScreenMeanMs: null, speechToScreenCount: 0,
+    // The same to the frame's arrival in the page: the rest of speech to screen is the page's own buffering.
+    speechToPageMeanMs: null, speechToPageCount: 0,
   });
-  let sentSamples = 0, sendLog = [], speechMap = [], s2sSum = 0;
+  let sentSamples = 0, sendLog = [], speechMap = [], s2sSum = 0, s2pSum = 0;
 
   let ws = null, mediaSource = null, sb = null, codec = "";
   let appendQueue = [];
@@ -363,14 +365,20 @@
     }
   }
 
+  // When the client's sample shown at media time `t` was spoken (performance.now() time), or null for silence.
+  function spokenAt(t) {
+    const m = speechMap.find((e) => e.t0 <= t && t < e.t1);
+    if (!m || !view.started) return null;
+    const k = m.k0 + (t - m.t0) * view.started.audio_sample_rate_hz;
+    const sent = sendLog.find((e) => e.start <= k && k < e.end);
+    return sent ? sent.at + ((k - sent.start) / view.sampleRate) * 1000 : null;
+  }
+
   function onVideoFrame(now, meta) {
     video.requestVideoFrameCallback(onVideoFrame);
-    const m = speechMap.find((e) => e.t0 <= meta.mediaTime && meta.mediaTime < e.t1);
-    if (!m || !view.started) return;
-    const k = m.k0 + (meta.mediaTime - m.t0) * view.started.audio_sample_rate_hz;
-    const sent = sendLog.find((e) => e.start <= k && k < e.end);
-    if (!sent) return;
-    const ms = meta.expectedDisplayTime - (sent.at + ((k - sent.start) / view.sampleRate) * 1000);
+    const at = spokenAt(meta.mediaTime);
+    if (at === null) return;
+    const ms = meta.expectedDisplayTime - at;
     view.speechToScreenMs = ms;
     view.speechToScreenCount++;
     s2sSum += ms;
@@ -413,6 +421,12 @@
       view.framesReceived++;
       if (view.lastIndex >= 0 && header.i > view.lastIndex + 1) view.frameGaps += header.i - view.lastIndex - 1;
       view.lastIndex = header.i;
+      const at = spokenAt(header.i / view.started.fps);
+      if (at !== null) {
+        view.speechToPageCount++;
+        s2pSum += performance.now() - at;
+        view.speechToPageMeanMs = s2pSum / view.speechToPageCount;
+      }
       appendQueue.push({ data: payload });
     } else if (kind === 3) {   // one block's audio
       queueAudio(header, payload);
@@ -433,8 +447,9 @@
     resetMedia();
     Object.assign(view, { error: null, end: null, started: null, framesReceived: 0, frameGaps: 0, lastIndex: -1,
                           audioBlocks: 0, audioSecondsScheduled: 0, speechSecondsScheduled: 0, sentSeconds: 0,
-                          speechToScreenMs: null, speechToScreenMeanMs: null, speechToScreenCount: 0 });
-    sentSamples = 0; sendLog = []; speechMap = []; s2sSum = 0;
+                          speechToScreenMs: null, speechToScreenMeanMs: null, speechToScreenCount: 0,
+                          speechToPageMeanMs: null, speechToPageCount: 0 });
+    sentSamples = 0; sendLog = []; speechMap = []; s2sSum = 0; s2pSum = 0;
     setState("connecting", "connecting...");
     $("start").disabled = true;
     try {
@@ -443,7 +458,7 @@
       gain = audioOut.createGain();
       gain.connect(audioOut.destination);
       audioOut.resume().catch(() => {});
-      if (!view.info) view.info = await (await fetch("api/info")).json();
+      if (!view.info || view.info.error) view.info = await (await fetch("api/info")).json();
       const face = params.get("avatar") ? "avatar" : params.get("face") ? "url"
         : document.querySelector("input[name=face]:checked").value;
       const startMsg = { type: "start", utterance_id: "view" };
@@ -533,6 +548,7 @@
       ["video", st.width ? `${st.width}x${st.height} @ ${st.fps} fps, ${st.codec}` : "-"],
       ["latency (server)", st.latency_ms !== undefined ? `${st.latency_ms.toFixed(0)} ms (look-ahead ${st.lookahead_ms.toFixed(0)} ms)` : "-"],
       ["speech to screen", view.speechToScreenMs === null ? "-" : `${view.speechToScreenMs.toFixed(0)} ms (mean ${view.speechToScreenMeanMs.toFixed(0)} ms over ${view.speechToScreenCount} frames; expected ${(st.latency_ms + buffered * 1000).toFixed(0)} ms)`],
+      ["speech to page", view.speechToPageMeanMs === null ? "-" : `${view.speechToPageMeanMs.toFixed(0)} ms mean (frames received; the rest is the page's buffer)`],
       ["frames received", `${view.framesReceived} (${view.frameGaps} missing)`],
       ["frames decoded", q.totalVideoFrames !== undefined ? `${q.totalVideoFrames} (${q.droppedVideoFrames} dropped)` : "-"],
       ["video time", `${video.currentTime.toFixed(2)} s`],
@@ -564,7 +580,8 @@
   view.start = start;
   fetch("api/info").then((r) => r.json()).then((info) => {
     view.info = info;
-    if (info.error) setState("idle", `the server does not answer: ${info.error.code}: ${info.error.message}`, true);
+    if (info.error && view.state === "idle")
+      setState("idle", `the server does not answer yet: ${info.error.code}: ${info.error.message}`, true);
   }).catch(() => {});
   if (params.get("speech")) {
     const r = document.querySelector(`input[name=speech][value=${params.get("speech")}]`);
