@@ -441,6 +441,34 @@ def test_mp4_writer_h264_input(tmp_path: Path) -> None:
     assert n_video == 10 and abs(audio_s - 0.4) < 0.15
 
 
+def test_mp4_writer_creates_its_folders_or_names_the_path(tmp_path: Path) -> None:
+    out = tmp_path / "not" / "yet" / "there.mp4"
+    with Mp4Writer(out, FPS, W, H, 16000) as w:
+        for ev in _synthetic_events(8):
+            w.add_event(ev)
+    assert _read_back(out)[0] == 8
+    (tmp_path / "a-file").write_text("")
+    blocked = tmp_path / "a-file" / "sub" / "x.mp4"
+    with pytest.raises(OSError, match=f"cannot create the folder for {blocked}: Not a directory"):
+        Mp4Writer(blocked, FPS, W, H, 16000)
+
+
+def test_mp4_writer_audio_at_a_rate_aac_does_not_take(tmp_path: Path) -> None:
+    # 8,025 Hz (a rate the server takes at 25 fps) is no AAC rate: written at 11,025 Hz, same duration.
+    out = tmp_path / "8025.mp4"
+    t = np.arange(8025) / 8025
+    with Mp4Writer(out, FPS, W, H, 8025) as w:
+        for i in range(25):
+            w.add_rgb(np.zeros((H, W, 3), np.uint8), i)
+        w.add_audio((np.sin(2 * np.pi * 440 * t) * 8000).astype(np.int16), 0)
+    with av.open(str(out)) as c:
+        assert c.streams.audio[0].codec_context.sample_rate == 11025
+        pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+    assert abs(pcm.shape[0] / 11025 - 1.0) < 0.1
+    spectrum = np.abs(np.fft.rfft(pcm[2048:2048 + 8192]))
+    assert abs(np.argmax(spectrum) * 11025 / 8192 - 440) < 5  # the tone kept its pitch
+
+
 class _FakeSession:
     """Just what record_session uses: started, sample_rate, video_encoding and events()."""
 
