@@ -364,11 +364,12 @@ def analyze_replica_logs(logs: Iterable[ReplicaLog]) -> dict[str, Any]:
                      "overlap found with them is marked suspected_only)")
     if skipped:
         notes.append(f"{skipped} log line(s) that are not JSON were skipped")
-    # Largest number of one tenant's sessions open at once on the replicas (stream lifetimes, merged per session).
+    # Largest number of one tenant's sessions streaming at once on the replicas (the same intervals as for doubled
+    # sessions, merged per session: a stream left open on a frozen replica after its client moved on sends nothing).
     per_tenant: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)
     for ss in by_sid.values():
         tenant = next((t for t in (_tenant_of(x.utterance_id) for x in ss) if t), None)
-        spans = sorted(x for x in (s.lifetime() for s in ss) if x is not None)
+        spans = sorted(x for x in (s.interval() for s in ss) if x is not None)
         merged: list[list[float]] = []
         for lo, hi in spans:
             if merged and lo <= merged[-1][1]:

@@ -187,6 +187,9 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
                     await app.confirm_ownership()
                 if session.failure is not None:  # failed (moved away, say) with frames still queued: none goes out
                     raise session.failure
+                if item.frames:  # when this replica decided to send it (the send may end after a freeze)
+                    session.last_frame_ts = time.time()
+                    session.first_frame_ts = session.first_frame_ts or session.last_frame_ts
                 yield item.msg
                 if item.frames:
                     app.on_frame_sent(session, item)
@@ -760,10 +763,8 @@ class App:
         m = self.metrics
         m.frames_emitted.inc()
         m.queue_depth.observe(s.out.frames)
-        s.last_frame_ts = time.time()
         if s.first_frame_at is None:
             s.first_frame_at = now
-            s.first_frame_ts = s.last_frame_ts
             m.time_to_first_frame.observe(now - s.t_start)
         elif s.last_frame_at is not None:
             m.inter_frame_gap.observe(now - s.last_frame_at)
