@@ -76,7 +76,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -85,6 +84,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .failover_bench import _free_port, _port_up
 
 FAULT_KINDS: tuple[str, ...] = ("replica-kill", "replica-stop", "redis-kill", "redis-pause", "redis-flush",
                                 "client-cancel", "conn-loss")
@@ -117,24 +118,6 @@ def _popen(argv: Sequence[str], *, env: dict[str, str] | None = None, stderr: An
     # Own session: a Ctrl-C in the terminal reaches only this process, which then stops its children in order.
     return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=stderr, start_new_session=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _port_up(port: int, timeout: float) -> None:
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        try:
-            _r, w = await asyncio.open_connection("127.0.0.1", port)
-            w.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout:g} s")
 
 
 def parse_range(text: str, name: str) -> tuple[float, float]:

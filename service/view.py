@@ -50,6 +50,8 @@ from aiohttp import WSMsgType, web
 
 from avatarforcing_client import AvatarForcingClient, SessionClosedError, pb
 
+from .codecs import _find_box, _iter_boxes
+
 __all__ = ["KIND_AUDIO", "KIND_FRAME", "KIND_INIT", "ViewServer", "avc_codec", "pack", "run_view"]
 
 KIND_INIT = 1
@@ -72,22 +74,6 @@ def pack(kind: int, header: dict[str, Any], payload: bytes) -> bytes:
     return struct.pack(">BI", kind, len(h)) + h + payload
 
 
-def _boxes(data: bytes, start: int, end: int):
-    pos = start
-    while pos + 8 <= end:
-        size, kind = struct.unpack_from(">I4s", data, pos)
-        header = 8
-        if size == 1:
-            (size,) = struct.unpack_from(">Q", data, pos + 8)
-            header = 16
-        elif size == 0:
-            size = end - pos
-        if size < header or pos + size > end:
-            raise ValueError(f"invalid MP4 box {kind!r} at offset {pos}")
-        yield kind, pos + header, pos + size
-        pos += size
-
-
 def avc_codec(init_segment: bytes) -> str:
     """The RFC 6381 codec of the H.264 track in an MP4 init segment, e.g. ``avc1.42C01E``.
 
@@ -95,22 +81,14 @@ def avc_codec(init_segment: bytes) -> str:
     ``moov/trak/mdia/minf/stbl/stsd/avc1``. Raises ``ValueError`` when there is none.
     """
     data = bytes(init_segment)
-    path = [b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stsd"]
-    start, end = 0, len(data)
-    for name in path:
-        for kind, body, stop in _boxes(data, start, end):
-            if kind == name:
-                start, end = body, stop
-                break
-        else:
-            raise ValueError(f"no {name.decode()} box in the init segment")
-    # stsd: version/flags (4), entry_count (4), then sample entries; a visual sample entry has
-    # 78 bytes of fields before its child boxes.
-    for kind, body, stop in _boxes(data, start + 8, end):
+    off, size = _find_box(data, [b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stsd"])
+    # stsd: header (8), version/flags (4), entry_count (4), then sample entries; a visual sample entry has
+    # 78 bytes of fields after its header before its child boxes.
+    for kind, eoff, esize in _iter_boxes(data, off + 16, off + size):
         if kind in (b"avc1", b"avc3"):
-            for child, cbody, cstop in _boxes(data, body + 78, stop):
-                if child == b"avcC" and cstop - cbody >= 4:
-                    profile, compat, level = data[cbody + 1], data[cbody + 2], data[cbody + 3]
+            for child, coff, csize in _iter_boxes(data, eoff + 8 + 78, eoff + esize):
+                if child == b"avcC" and csize >= 12:
+                    profile, compat, level = data[coff + 9], data[coff + 10], data[coff + 11]
                     return f"{kind.decode()}.{profile:02X}{compat:02X}{level:02X}"
             raise ValueError("no avcC box in the init segment's sample entry")
     raise ValueError("the init segment has no H.264 (avc1/avc3) sample entry")
