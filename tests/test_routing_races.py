@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from avatarforcing_client import AvatarForcingClient, pb
+from avatarforcing_service.server import App
 from avatarforcing_service.session import Session
 
 from .cluster import RedisServer
@@ -48,6 +49,11 @@ def record(redis: RedisServer, sid: str) -> dict[str, str]:
         r.close()
 
 
+def owner_and_other(p: pb.CreateSessionResponse, a: App, b: App) -> tuple[App, App]:
+    """The replica the placement ``p`` chose, and the other one."""
+    return (a, b) if p.node_id == a.node_id else (b, a)
+
+
 async def started(call: Any) -> pb.SessionStarted:
     resp = await call.read()
     assert resp.HasField("started"), resp
@@ -71,8 +77,7 @@ async def test_reattach_to_the_same_owner_is_never_released_by_the_old_stream(
     a.hooks["release_route"] = hold
     async with AvatarForcingClient(addr(a)) as c:
         p = await c.create_session()
-        owner = a if p.node_id == a.node_id else b
-        other = b if owner is a else a
+        owner, other = owner_and_other(p, a, b)
         owner.hooks["release_route"] = hold
         cfg = config(png, session_id=p.session_id, session_token=p.session_token)
         ch1, call1 = await open_raw(p.address, cfg)
@@ -200,8 +205,7 @@ async def test_a_frozen_owner_is_detected_by_its_silent_heartbeat(make_app: AppF
     a, b = await replicas(make_app, redis_server, 2, max_sessions=2)
     async with AvatarForcingClient(addr(a)) as c:
         p = await c.create_session()
-        owner = a if p.node_id == a.node_id else b
-        other = b if owner is a else a
+        owner, other = owner_and_other(p, a, b)
         ch, call = await open_raw(p.address, config(png, session_id=p.session_id, session_token=p.session_token))
         await started(call)
         # The owner's event loop "freezes": no heartbeat, though its port still accepts connections.
@@ -229,8 +233,7 @@ async def test_resume_while_redis_is_paused_answers_unavailable_then_moves(
     a, b = await replicas(make_app, redis_server, 2, max_sessions=2)
     async with AvatarForcingClient(addr(a)) as c:
         p = await c.create_session()
-        owner = a if p.node_id == a.node_id else b
-        other = b if owner is a else a
+        owner, other = owner_and_other(p, a, b)
         ch, call = await open_raw(p.address, config(png, session_id=p.session_id, session_token=p.session_token))
         await started(call)
         assert redis_server.proc is not None
@@ -281,8 +284,7 @@ async def test_registered_avatars_survive_flushall(make_app: AppFactory, redis_s
         aid = await c.register_avatar(png, "face")
         assert aid == await c.register_avatar(png, "face")  # content-derived: the same image, the same id
         p = await c.create_session()
-        owner = a if p.node_id == a.node_id else b
-        other = b if owner is a else a
+        owner, other = owner_and_other(p, a, b)
         cfg = pb.SessionConfig(avatar_id=aid, session_id=p.session_id, session_token=p.session_token,
                                pacing=pb.PACING_REALTIME, video_encoding=pb.VIDEO_ENCODING_JPEG)
         ch, call = await open_raw(p.address, cfg)
@@ -374,8 +376,7 @@ async def test_a_replica_that_stood_still_sends_no_frame_before_confirming_owner
     a, b = await replicas(make_app, redis_server, 2, max_sessions=2)
     async with AvatarForcingClient(addr(a)) as c:
         p = await c.create_session()
-        owner = a if p.node_id == a.node_id else b
-        other = b if owner is a else a
+        owner, other = owner_and_other(p, a, b)
         ch, call = await open_raw(p.address, config(png, session_id=p.session_id, session_token=p.session_token))
         await started(call)
         await next_frame(call)
@@ -405,8 +406,7 @@ async def test_a_paused_store_does_not_make_healthy_owners_look_dead(make_app: A
     a, b = await replicas(make_app, redis_server, 2, max_sessions=2)
     async with AvatarForcingClient(addr(a)) as c:
         p = await c.create_session()
-        owner = a if p.node_id == a.node_id else b
-        other = b if owner is a else a
+        owner, other = owner_and_other(p, a, b)
         ch, call = await open_raw(p.address, config(png, session_id=p.session_id, session_token=p.session_token))
         await started(call)
         assert redis_server.proc is not None
