@@ -12,10 +12,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 # Only what the two packages need (no .venv, .tools, out/ from a developer's tree).
 COPY pyproject.toml README.md LICENSE ./
+COPY proto/python ./proto/python
 COPY clients/python ./clients/python
 COPY avatarforcing ./avatarforcing
 COPY service ./service
-RUN pip install ./clients/python . \
+COPY tools ./tools
+RUN pip install ./proto/python ./clients/python . \
     && useradd --uid 10001 --user-group --home-dir /tmp --no-create-home --shell /usr/sbin/nologin avatarforcing
 
 # Non-root (the chart's securityContext runs as 10001 with a read-only root filesystem and /tmp as an

@@ -15,13 +15,15 @@ demo: setup
 serve: setup
 	$(BIN)/avatarforcing serve
 
-# Every check CI runs: generated code up to date (Python and Go), lint, types, the Go SDK's tests
+# Every check CI runs: generated code up to date (Python and Go), lint, types, the layers (.importlinter),
+# the Go SDK's tests
 # (against a real server), the whole pytest suite.
 test: setup
 	PYTHON=$(BIN)/python scripts/gen_proto.sh --check
 	PYTHON=$(BIN)/python scripts/gen_go.sh --check
 	$(BIN)/ruff check .
-	$(BIN)/mypy avatarforcing service clients/python/avatarforcing_client
+	$(BIN)/mypy avatarforcing service tools clients/python/avatarforcing_client proto/python/avatarforcing_proto
+	$(BIN)/lint-imports
 	cd clients/go && go vet ./... && AVATARFORCING_PYTHON=$(abspath $(BIN))/python go test ./...
 	@# livekit-server for the LiveKit adapter's real-room test; without it that one test skips, saying why.
 	-scripts/install_livekit_server.sh
@@ -30,7 +32,8 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy avatarforcing service clients/python/avatarforcing_client
+	$(BIN)/mypy avatarforcing service tools clients/python/avatarforcing_client proto/python/avatarforcing_proto
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/avatarforcing bench

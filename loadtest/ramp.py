@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from avatarforcing_service.bench import free_port, wait_port
+from avatarforcing_tools.common import free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     proc = None
     if a.host is None:
         port, mport = free_port(), free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "avatarforcing_service.cli", "serve", "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "avatarforcing_tools.cli", "serve", "--port", str(port),
                                  "--metrics-port", str(mport), "--max-sessions", str(max(levels)),
                                  "--log-level", "warning"], stderr=subprocess.DEVNULL)
         host, metrics_url = f"127.0.0.1:{port}", f"http://127.0.0.1:{mport}/metrics"

@@ -26,7 +26,7 @@ if ((${#missing[@]})); then
 fi
 
 stamp=$venv/.avatarforcing-installed
-want=$(cat pyproject.toml clients/python/pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml clients/python/pyproject.toml proto/python/pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
 if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
   exit 0
 fi
@@ -36,7 +36,7 @@ if [[ ! -x $venv/bin/python ]]; then
 fi
 echo "[bootstrap] installing Python packages (torch is large: the first run takes a few minutes)"
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -e "$root/clients/python[mp4,pipecat]" -e "$root[dev]"
+"$venv/bin/python" -m pip install -q -e "$root/proto/python" -e "$root/clients/python[mp4,pipecat]" -e "$root[dev]"
 # tests/test_pipecat.py: pipecat-ai without its protobuf<7 pin (its other dependencies come with the SDK's
 # `pipecat` extra above; see clients/python/pyproject.toml).
 "$venv/bin/python" -m pip install -q --no-deps "pipecat-ai==1.14.0"

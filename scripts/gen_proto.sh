@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Regenerates the Python protocol code from proto/ into the Python SDK.
+# Regenerates the Python protocol code from proto/ into the protocol package (proto/python, avatarforcing_proto), which the server and the Python SDK both import.
 # Usage: scripts/gen_proto.sh [--check]   (--check: fail when the committed code is stale)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-$root/.venv/bin/python}
-dest=$root/clients/python/avatarforcing_client/v1
+dest=$root/proto/python/avatarforcing_proto/v1
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 "$py" -m grpc_tools.protoc -I "$root/proto" \

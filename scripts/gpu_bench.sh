@@ -15,9 +15,16 @@ if [[ -n "${WHEELS:-}" ]]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONPATH=$PWD:$PWD/clients/python${PYTHONPATH:+:$PYTHONPATH}
+# The packages under their import names, from this checkout (no install on the device machine).
+pp=$(mktemp -d)
+ln -s "$PWD/avatarforcing" "$pp/avatarforcing"
+ln -s "$PWD/service" "$pp/avatarforcing_service"
+ln -s "$PWD/tools" "$pp/avatarforcing_tools"
+ln -s "$PWD/clients/python/avatarforcing_client" "$pp/avatarforcing_client"
+ln -s "$PWD/proto/python/avatarforcing_proto" "$pp/avatarforcing_proto"
+export PYTHONPATH=$pp${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
   --format=csv 2>&1 | tee "$OUT/gpu-bench.log" || true
 # shellcheck disable=SC2086
-"$PY" -m avatarforcing.gpubench --out "$OUT/gpu-bench.json" ${ARGS:-} 2>&1 | tee -a "$OUT/gpu-bench.log"
+"$PY" -m avatarforcing_tools.gpubench --out "$OUT/gpu-bench.json" ${ARGS:-} 2>&1 | tee -a "$OUT/gpu-bench.log"

@@ -30,15 +30,10 @@ import numpy as np
 from PIL import Image
 
 from avatarforcing_client import AvatarForcingClient, pb
+from avatarforcing_tools.common import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ALICE, BOB = "alice-flood-token-0123456789abcdef", "bob-stream-token-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def big_jpeg(i: int, side: int = 4096) -> bytes:
@@ -146,7 +141,7 @@ def main() -> int:
                AVATARFORCING_IMAGE_RATE_PER_S=str(a.image_rate), AVATARFORCING_MAX_IMAGE_BYTES=str(32 << 20))
     with tempfile.TemporaryDirectory() as d:
         log = Path(d) / "server.log"
-        proc = subprocess.Popen([sys.executable, "-m", "avatarforcing_service.cli", "serve", "--host", "127.0.0.1",
+        proc = subprocess.Popen([sys.executable, "-m", "avatarforcing_tools.cli", "serve", "--host", "127.0.0.1",
                                  "--port", str(port), "--metrics-port", "-1", "--device", "cpu"],
                                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
         try:

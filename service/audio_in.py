@@ -18,11 +18,14 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
+from avatarforcing_proto.wire import COMMON_SAMPLE_RATES_HZ, MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ
+
 # Any rate from MIN_RATE to MAX_RATE with a whole number of samples per video frame is taken (at 25 fps: every
 # multiple of 25 Hz, 22,050 and 44,100 included) and resampled to the model's rate. SUPPORTED_RATES are the usual
 # ones, which GetServerInfo lists (those that fit the model's fps).
-MIN_RATE, MAX_RATE = 8000, 48000
-SUPPORTED_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+# All three are wire constants (proto/avatarforcing/v1/avatarforcing.proto).
+MIN_RATE, MAX_RATE = MIN_SAMPLE_RATE_HZ, MAX_SAMPLE_RATE_HZ
+SUPPORTED_RATES = COMMON_SAMPLE_RATES_HZ
 
 
 def rate_problem(rate: int, fps: float) -> str | None:

@@ -39,7 +39,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from avatarforcing_client.v1 import avatarforcing_pb2 as pb
+from avatarforcing_proto.v1 import avatarforcing_pb2 as pb
 
 __all__ = [
     "SUPPORTED_ENCODINGS",

@@ -22,7 +22,7 @@ import structlog
 
 from avatarforcing import AnchorState, StreamEngine
 from avatarforcing.engine import SlotResult
-from avatarforcing_client.v1 import avatarforcing_pb2 as pb
+from avatarforcing_proto.v1 import avatarforcing_pb2 as pb
 
 from .audio_in import Block
 from .session import OutItem, Session, SessionFailure

@@ -20,8 +20,9 @@ from avatarforcing import NoFreeSlotError, StreamEngine
 from avatarforcing.checkpoint import LoadedModel, choose_decoder, drift_floor, load_default
 from avatarforcing.model import count_parameters
 from avatarforcing.text_context import load_context
-from avatarforcing_client.v1 import avatarforcing_pb2 as pb
-from avatarforcing_client.v1 import avatarforcing_pb2_grpc as pb_grpc
+from avatarforcing_proto.v1 import avatarforcing_pb2 as pb
+from avatarforcing_proto.v1 import avatarforcing_pb2_grpc as pb_grpc
+from avatarforcing_proto.wire import RETRY_AFTER_TRAILER, retry_trailers
 
 from . import __version__
 from .audio_in import MAX_RATE, MIN_RATE, AudioError, AudioInput, AudioOverflowError, rate_problem, rates_for
@@ -87,9 +88,7 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
         except (ImageError, ValueError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except RateLimited as e:
-            ms = str(int(e.retry_after_s * 1000) + 1)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e),
-                                (("retry-after-ms", ms), ("grpc-retry-pushback-ms", ms)))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), retry_trailers(e.retry_after_s))
         # Other replicas load the avatar from the routing store (or the avatar volume) when a session names it.
         await self.app.store_avatar(avatar)
         c = self.app.engine.cfg
@@ -683,7 +682,7 @@ class App:
                 raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
             except RateLimited as e:
                 raise SessionFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e),
-                                     (("retry-after-ms", str(int(e.retry_after_s * 1000) + 1)),)) from None
+                                     retry_trailers(e.retry_after_s)) from None
         else:
             raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
                                  "SessionConfig needs a reference: reference_image (PNG/JPEG bytes) or avatar_id")
@@ -774,9 +773,8 @@ class App:
             m.frame_latency.observe(now - item.arrival)
 
     def trailers_for(self, e: SessionFailure) -> tuple[tuple[str, str], ...]:
-        if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            ms = str(int(self.timeline.block_s * 1000 * 4))
-            return (*e.trailers, ("grpc-retry-pushback-ms", ms), ("retry-after-ms", ms))
+        if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not any(k == RETRY_AFTER_TRAILER for k, _ in e.trailers):
+            return (*e.trailers, *retry_trailers(self.timeline.block_s * 4))
         return e.trailers
 
     def server_info(self, tenant: Tenant | None = None) -> pb.ServerInfo:

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from avatarforcing_client.v1 import avatarforcing_pb2 as pb
+from avatarforcing_proto.v1 import avatarforcing_pb2 as pb
 
 from .audio_in import AudioInput, Block
 from .codecs import FrameEncoder

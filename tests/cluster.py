@@ -19,13 +19,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from avatarforcing_tools.common import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_port(port: int, up: bool, timeout: float) -> None:
@@ -134,7 +130,7 @@ def start_replica(redis_url: str, node_id: str, logdir: Path, *, max_sessions: i
                AVATARFORCING_LOG_LEVEL="info", **(extra_env or {}))
     log = logdir / f"{node_id}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "avatarforcing_service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "avatarforcing_tools.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
          "--metrics-port", "-1", "--max-sessions", str(max_sessions), "--threads", "1", "--preset", "tiny",
          "--device", "cpu", "--grace", "1"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from avatarforcing_service.chaos import FAULT_KINDS, ReplicaLog, analyze_replica_logs, parse_faults, parse_range
+from avatarforcing_tools.chaos import FAULT_KINDS, ReplicaLog, analyze_replica_logs, parse_faults, parse_range
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def test_chaos_run_loses_doubles_and_leaks_nothing(tmp_path: Path) -> None:
     out = tmp_path / "chaos.json"
     forced = ["replica-kill", "replica-stop", "redis-kill", "redis-flush"]
     r = subprocess.run(
-        [sys.executable, "-m", "avatarforcing_service.cli", "bench", "--chaos", "--duration", "60", "--replicas", "2",
+        [sys.executable, "-m", "avatarforcing_tools.cli", "bench", "--chaos", "--duration", "60", "--replicas", "2",
          "--sessions", "2", "--fault-every", "6:8", "--faults", ",".join(forced), "--fault-order", "cycle",
          "--seed", "13", "--session-s", "15:40", "--out", str(out), "--logs", str(tmp_path / "logs")],
         cwd=ROOT, capture_output=True, text=True, timeout=840)

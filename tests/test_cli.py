@@ -11,7 +11,7 @@ import av
 
 
 def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "avatarforcing_service.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "avatarforcing_tools.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 

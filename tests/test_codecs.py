@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from avatarforcing_client.media import decode_video_frames
-from avatarforcing_client.v1 import avatarforcing_pb2 as pb
+from avatarforcing_proto.v1 import avatarforcing_pb2 as pb
 from avatarforcing_service.codecs import (
     SUPPORTED_ENCODINGS,
     EncodedFrame,

@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 import yaml
 
-from avatarforcing_service import cli
 from avatarforcing_service.config import ServerConfig
 from avatarforcing_service.server import App
+from avatarforcing_tools import cli
+from avatarforcing_tools.common import server_config
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -94,7 +95,7 @@ def test_server_environment_is_real_settings_that_load(compose: dict[str, Any],
     entry, exposed = dockerfile()
     assert entry[:2] == ["avatarforcing", "serve"]
     a = parse_cli([*entry[1:], *server.get("command", [])], "serve", monkeypatch)
-    cfg = cli._server_config(a)
+    cfg = server_config(a)
     assert cfg.host == "0.0.0.0" and cfg.log_format == "json"
     assert cfg.redis_url == "redis://redis:6379/0" and cfg.redis_url.split("//")[1].split(":")[0] in compose["services"]
     ports = container_ports(server)

@@ -18,11 +18,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from avatarforcing import SlotError, StreamConfig, StreamEngine, model_preset
 from avatarforcing.flops import decoder_flops, pass_flops, step_flops
-from avatarforcing.gpubench import REFERENCE_STREAM
-from avatarforcing.gpubench import run as gpubench
 from avatarforcing.model import AvatarDiT, Prefix
 from avatarforcing.rope import RopeTable
 from avatarforcing.vae import TinyAutoencoder
+from avatarforcing_tools.gpubench import REFERENCE_STREAM
+from avatarforcing_tools.gpubench import run as gpubench
 
 # A reduced model with every part the 1.3B one has (text cross-attention, audio in the middle blocks).
 CFG = model_preset("tiny", text_dim=32, text_len=8, layers=3, audio_layers=(1, 2))

@@ -35,7 +35,7 @@ from avatarforcing_service.server import App
 from .conftest import png_bytes, speechlike_pcm
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "avatarforcing_service.cli"]
+CLI = [sys.executable, "-m", "avatarforcing_tools.cli"]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 AppFactory = Callable[..., Awaitable[App]]
 ALICE = "alice-token-0123456789abcdef"

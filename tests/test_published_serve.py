@@ -17,9 +17,9 @@ from avatarforcing.engine import StreamEngine
 from avatarforcing.published import convert_dit, read_student
 from avatarforcing.vae import to_pixels
 from avatarforcing_client import pb
-from avatarforcing_service.cli import main as cli
 from avatarforcing_service.config import ServerConfig
 from avatarforcing_service.server import App
+from avatarforcing_tools.cli import main as cli
 from tests.published_replica import TINY_ALPHA, write_published
 from tests.test_server import EOA, audio_reqs, cfg, collect, gen, kinds
 
@@ -137,7 +137,7 @@ async def test_converted_checkpoint_serves_a_session_over_grpc(published: tuple[
     await app.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
-            from avatarforcing_client.v1 import avatarforcing_pb2_grpc as pb_grpc
+            from avatarforcing_proto.v1 import avatarforcing_pb2_grpc as pb_grpc
 
             info = await pb_grpc.AvatarForcingStub(ch).GetServerInfo(pb.GetServerInfoRequest())
         assert info.model.name == "avatarforcing-1.3b" and info.model.checkpoint == out.name  # no paths to tenants

@@ -338,7 +338,7 @@ async def test_resume_on_one_node_continues_frame_and_audio_positions(make_app: 
 async def test_drain_command(make_app: AppFactory) -> None:
     app = await make_app()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "avatarforcing_service.cli", "drain", "--target", addr(app), "--deadline", "0.5",
+        sys.executable, "-m", "avatarforcing_tools.cli", "drain", "--target", addr(app), "--deadline", "0.5",
         "--wait", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, err.decode()[-2000:]

@@ -28,7 +28,7 @@ from avatarforcing.text_context import (
     save_context,
     wan_umt5_to_transformers,
 )
-from avatarforcing_service.cli import main as cli_main
+from avatarforcing_tools.cli import main as cli_main
 
 TEXT_LEN = 24
 D_MODEL = 32

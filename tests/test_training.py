@@ -192,7 +192,7 @@ def test_checkpoint_round_trip_keeps_latent_stats(tmp_path: Path):
 @pytest.mark.timeout(600)
 def test_train_and_eval_commands_smoke(tmp_path: Path):
     run = tmp_path / "run"
-    cli = [sys.executable, "-m", "avatarforcing_service.cli"]
+    cli = [sys.executable, "-m", "avatarforcing_tools.cli"]
     r = subprocess.run(cli + ["train", "--run", str(run), "--budget", "smoke", "--no-progress", "--threads", "2"],
                        capture_output=True, text=True, timeout=500)
     assert r.returncode == 0, r.stderr[-3000:]

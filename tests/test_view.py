@@ -32,7 +32,7 @@ from avatarforcing_client import AvatarForcingClient, pb, read_wav
 from avatarforcing_service.codecs import make_encoder
 from avatarforcing_service.config import ServerConfig
 from avatarforcing_service.server import App
-from avatarforcing_service.view import KIND_AUDIO, KIND_FRAME, KIND_INIT, ViewServer, avc_codec, pack
+from avatarforcing_tools.view import KIND_AUDIO, KIND_FRAME, KIND_INIT, ViewServer, avc_codec, pack
 
 from .conftest import png_bytes, speechlike_pcm
 
@@ -178,7 +178,7 @@ async def test_bridge_reports_bad_requests_and_server_errors(make_app: AppFactor
 
 
 def test_cli_view_help() -> None:
-    out = subprocess.run([sys.executable, "-m", "avatarforcing_service.cli", "view", "--help"],
+    out = subprocess.run([sys.executable, "-m", "avatarforcing_tools.cli", "view", "--help"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--target" in out.stdout and "--port" in out.stdout
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-OWNER_ADDRESS_KEY = "avatarforcing-owner-address"
+from avatarforcing_proto.wire import OWNER_ADDRESS_TRAILER as OWNER_ADDRESS_KEY
 
 PENDING, LIVE, DETACHED = "pending", "live", "detached"
 SERVING, DRAINING, STALLED = "serving", "draining", "stalled"

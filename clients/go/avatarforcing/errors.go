@@ -11,9 +11,6 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// ownerAddressKey is the trailer of FAILED_PRECONDITION naming the replica that owns a session.
-const ownerAddressKey = "avatarforcing-owner-address"
-
 var (
 	// ErrInvalidArgument is wrapped by every error that rejects a caller's argument before
 	// anything is sent (bad SessionOptions, an odd-length PCM buffer, a WAV file in the wrong
@@ -72,7 +69,7 @@ func RetryAfter(err error) (time.Duration, bool) {
 	if !errors.As(err, &se) {
 		return 0, false
 	}
-	for _, key := range []string{"retry-after-ms", "grpc-retry-pushback-ms"} {
+	for _, key := range []string{retryAfterKey, grpcPushbackKey} {
 		v := se.Trailer.Get(key)
 		if len(v) == 0 {
 			continue

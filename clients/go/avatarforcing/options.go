@@ -11,14 +11,7 @@ import (
 // gives a whole number of samples per video frame at the model's fps (at 25 fps: any multiple
 // of 25 Hz, 22050 and 44100 included) and resamples it to the model's rate; AudioOut comes back
 // at the session's rate. The server refuses other rates with INVALID_ARGUMENT.
-const (
-	MinSampleRate = 8000
-	MaxSampleRate = 48000
-)
-
-// SupportedSampleRates are the usual rates; any other in MinSampleRate..MaxSampleRate with a
-// whole number of samples per frame is taken too.
-var SupportedSampleRates = []int{8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000}
+// The bounds and the usual rates are wire constants (wire.go).
 
 // DefaultSampleRate is used when SessionOptions.SampleRate is 0.
 const DefaultSampleRate = 16000

@@ -140,7 +140,7 @@ func (s *testServer) start() {
 		return
 	}
 	s.logPath = logf.Name()
-	args := append([]string{"-m", "avatarforcing_service.cli", "serve",
+	args := append([]string{"-m", "avatarforcing_tools.cli", "serve",
 		"--host", "127.0.0.1", "--port", strconv.Itoa(port), "--metrics-port", "-1",
 		"--max-sessions", "4", "--log-level", "warning"}, s.args...)
 	cmd := exec.Command(py, args...)

@@ -15,6 +15,7 @@ package avatarforcingv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	descriptorpb "google.golang.org/protobuf/types/descriptorpb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -2195,11 +2196,79 @@ func (x *DrainResponse) GetDeadlineS() float64 {
 	return 0
 }
 
+var file_avatarforcing_v1_avatarforcing_proto_extTypes = []protoimpl.ExtensionInfo{
+	{
+		ExtendedType:  (*descriptorpb.FileOptions)(nil),
+		ExtensionType: (*string)(nil),
+		Field:         51001,
+		Name:          "avatarforcing.v1.owner_address_trailer",
+		Tag:           "bytes,51001,opt,name=owner_address_trailer",
+		Filename:      "avatarforcing/v1/avatarforcing.proto",
+	},
+	{
+		ExtendedType:  (*descriptorpb.FileOptions)(nil),
+		ExtensionType: (*string)(nil),
+		Field:         51002,
+		Name:          "avatarforcing.v1.retry_after_trailer",
+		Tag:           "bytes,51002,opt,name=retry_after_trailer",
+		Filename:      "avatarforcing/v1/avatarforcing.proto",
+	},
+	{
+		ExtendedType:  (*descriptorpb.FileOptions)(nil),
+		ExtensionType: (*uint32)(nil),
+		Field:         51003,
+		Name:          "avatarforcing.v1.min_sample_rate_hz",
+		Tag:           "varint,51003,opt,name=min_sample_rate_hz",
+		Filename:      "avatarforcing/v1/avatarforcing.proto",
+	},
+	{
+		ExtendedType:  (*descriptorpb.FileOptions)(nil),
+		ExtensionType: (*uint32)(nil),
+		Field:         51004,
+		Name:          "avatarforcing.v1.max_sample_rate_hz",
+		Tag:           "varint,51004,opt,name=max_sample_rate_hz",
+		Filename:      "avatarforcing/v1/avatarforcing.proto",
+	},
+	{
+		ExtendedType:  (*descriptorpb.FileOptions)(nil),
+		ExtensionType: ([]uint32)(nil),
+		Field:         51005,
+		Name:          "avatarforcing.v1.common_sample_rates_hz",
+		Tag:           "varint,51005,rep,packed,name=common_sample_rates_hz",
+		Filename:      "avatarforcing/v1/avatarforcing.proto",
+	},
+}
+
+// Extension fields to descriptorpb.FileOptions.
+var (
+	// Trailer of a FAILED_PRECONDITION answer to Stream: the address of the replica that owns the
+	// session. Reconnect there with the same session id and token.
+	//
+	// optional string owner_address_trailer = 51001;
+	E_OwnerAddressTrailer = &file_avatarforcing_v1_avatarforcing_proto_extTypes[0]
+	// Trailer of RESOURCE_EXHAUSTED and UNAVAILABLE answers: milliseconds to wait before retrying
+	// (gRPC's own grpc-retry-pushback-ms carries the same value for its retry policy).
+	//
+	// optional string retry_after_trailer = 51002;
+	E_RetryAfterTrailer = &file_avatarforcing_v1_avatarforcing_proto_extTypes[1]
+	// SessionConfig.sample_rate_hz: the lowest and highest rates accepted (a rate must also give a
+	// whole number of samples per video frame).
+	//
+	// optional uint32 min_sample_rate_hz = 51003;
+	E_MinSampleRateHz = &file_avatarforcing_v1_avatarforcing_proto_extTypes[2]
+	// optional uint32 max_sample_rate_hz = 51004;
+	E_MaxSampleRateHz = &file_avatarforcing_v1_avatarforcing_proto_extTypes[3]
+	// The usual rates, each accepted at 25 fps; a client offers these to its users.
+	//
+	// repeated uint32 common_sample_rates_hz = 51005;
+	E_CommonSampleRatesHz = &file_avatarforcing_v1_avatarforcing_proto_extTypes[4]
+)
+
 var File_avatarforcing_v1_avatarforcing_proto protoreflect.FileDescriptor
 
 const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"\n" +
-	"$avatarforcing/v1/avatarforcing.proto\x12\x10avatarforcing.v1\"\x8c\x01\n" +
+	"$avatarforcing/v1/avatarforcing.proto\x12\x10avatarforcing.v1\x1a google/protobuf/descriptor.proto\"\x8c\x01\n" +
 	"\vAudioFormat\x12;\n" +
 	"\bencoding\x18\x01 \x01(\x0e2\x1f.avatarforcing.v1.AudioEncodingR\bencoding\x12$\n" +
 	"\x0esample_rate_hz\x18\x02 \x01(\rR\fsampleRateHz\x12\x1a\n" +
@@ -2392,7 +2461,12 @@ const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"\x0eRegisterAvatar\x12'.avatarforcing.v1.RegisterAvatarRequest\x1a(.avatarforcing.v1.RegisterAvatarResponse\x12U\n" +
 	"\rGetServerInfo\x12&.avatarforcing.v1.GetServerInfoRequest\x1a\x1c.avatarforcing.v1.ServerInfo\x12`\n" +
 	"\rCreateSession\x12&.avatarforcing.v1.CreateSessionRequest\x1a'.avatarforcing.v1.CreateSessionResponse\x12H\n" +
-	"\x05Drain\x12\x1e.avatarforcing.v1.DrainRequest\x1a\x1f.avatarforcing.v1.DrainResponseBKZIgithub.com/avatarforcing/serve/clients/go/avatarforcingv1;avatarforcingv1b\x06proto3"
+	"\x05Drain\x12\x1e.avatarforcing.v1.DrainRequest\x1a\x1f.avatarforcing.v1.DrainResponse:R\n" +
+	"\x15owner_address_trailer\x12\x1c.google.protobuf.FileOptions\x18\xb9\x8e\x03 \x01(\tR\x13ownerAddressTrailer:N\n" +
+	"\x13retry_after_trailer\x12\x1c.google.protobuf.FileOptions\x18\xba\x8e\x03 \x01(\tR\x11retryAfterTrailer:K\n" +
+	"\x12min_sample_rate_hz\x12\x1c.google.protobuf.FileOptions\x18\xbb\x8e\x03 \x01(\rR\x0fminSampleRateHz:K\n" +
+	"\x12max_sample_rate_hz\x12\x1c.google.protobuf.FileOptions\x18\xbc\x8e\x03 \x01(\rR\x0fmaxSampleRateHz:S\n" +
+	"\x16common_sample_rates_hz\x12\x1c.google.protobuf.FileOptions\x18\xbd\x8e\x03 \x03(\rR\x13commonSampleRatesHzB\xa2\x01\xca\xf3\x18\x1bavatarforcing-owner-address\xd2\xf3\x18\x0eretry-after-ms\xd8\xf3\x18\xc0>\xe0\xf3\x18\x80\xf7\x02\xea\xf3\x18\x17\xc0>\x91V\xe0]\x80}\xa2\xac\x01\xc0\xbb\x01\x80\xfa\x01\xc4\xd8\x02\x80\xf7\x02ZIgithub.com/avatarforcing/serve/clients/go/avatarforcingv1;avatarforcingv1b\x06proto3"
 
 var (
 	file_avatarforcing_v1_avatarforcing_proto_rawDescOnce sync.Once
@@ -2409,33 +2483,34 @@ func file_avatarforcing_v1_avatarforcing_proto_rawDescGZIP() []byte {
 var file_avatarforcing_v1_avatarforcing_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
 var file_avatarforcing_v1_avatarforcing_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_avatarforcing_v1_avatarforcing_proto_goTypes = []any{
-	(AudioEncoding)(0),             // 0: avatarforcing.v1.AudioEncoding
-	(VideoEncoding)(0),             // 1: avatarforcing.v1.VideoEncoding
-	(Pacing)(0),                    // 2: avatarforcing.v1.Pacing
-	(EndReason)(0),                 // 3: avatarforcing.v1.EndReason
-	(*AudioFormat)(nil),            // 4: avatarforcing.v1.AudioFormat
-	(*SessionConfig)(nil),          // 5: avatarforcing.v1.SessionConfig
-	(*AudioChunk)(nil),             // 6: avatarforcing.v1.AudioChunk
-	(*Interrupt)(nil),              // 7: avatarforcing.v1.Interrupt
-	(*EndOfAudio)(nil),             // 8: avatarforcing.v1.EndOfAudio
-	(*KeepAlive)(nil),              // 9: avatarforcing.v1.KeepAlive
-	(*StreamRequest)(nil),          // 10: avatarforcing.v1.StreamRequest
-	(*SessionStarted)(nil),         // 11: avatarforcing.v1.SessionStarted
-	(*VideoFrame)(nil),             // 12: avatarforcing.v1.VideoFrame
-	(*AudioOut)(nil),               // 13: avatarforcing.v1.AudioOut
-	(*Stats)(nil),                  // 14: avatarforcing.v1.Stats
-	(*End)(nil),                    // 15: avatarforcing.v1.End
-	(*StreamResponse)(nil),         // 16: avatarforcing.v1.StreamResponse
-	(*RegisterAvatarRequest)(nil),  // 17: avatarforcing.v1.RegisterAvatarRequest
-	(*RegisterAvatarResponse)(nil), // 18: avatarforcing.v1.RegisterAvatarResponse
-	(*GetServerInfoRequest)(nil),   // 19: avatarforcing.v1.GetServerInfoRequest
-	(*ModelInfo)(nil),              // 20: avatarforcing.v1.ModelInfo
-	(*StreamInfo)(nil),             // 21: avatarforcing.v1.StreamInfo
-	(*ServerInfo)(nil),             // 22: avatarforcing.v1.ServerInfo
-	(*CreateSessionRequest)(nil),   // 23: avatarforcing.v1.CreateSessionRequest
-	(*CreateSessionResponse)(nil),  // 24: avatarforcing.v1.CreateSessionResponse
-	(*DrainRequest)(nil),           // 25: avatarforcing.v1.DrainRequest
-	(*DrainResponse)(nil),          // 26: avatarforcing.v1.DrainResponse
+	(AudioEncoding)(0),               // 0: avatarforcing.v1.AudioEncoding
+	(VideoEncoding)(0),               // 1: avatarforcing.v1.VideoEncoding
+	(Pacing)(0),                      // 2: avatarforcing.v1.Pacing
+	(EndReason)(0),                   // 3: avatarforcing.v1.EndReason
+	(*AudioFormat)(nil),              // 4: avatarforcing.v1.AudioFormat
+	(*SessionConfig)(nil),            // 5: avatarforcing.v1.SessionConfig
+	(*AudioChunk)(nil),               // 6: avatarforcing.v1.AudioChunk
+	(*Interrupt)(nil),                // 7: avatarforcing.v1.Interrupt
+	(*EndOfAudio)(nil),               // 8: avatarforcing.v1.EndOfAudio
+	(*KeepAlive)(nil),                // 9: avatarforcing.v1.KeepAlive
+	(*StreamRequest)(nil),            // 10: avatarforcing.v1.StreamRequest
+	(*SessionStarted)(nil),           // 11: avatarforcing.v1.SessionStarted
+	(*VideoFrame)(nil),               // 12: avatarforcing.v1.VideoFrame
+	(*AudioOut)(nil),                 // 13: avatarforcing.v1.AudioOut
+	(*Stats)(nil),                    // 14: avatarforcing.v1.Stats
+	(*End)(nil),                      // 15: avatarforcing.v1.End
+	(*StreamResponse)(nil),           // 16: avatarforcing.v1.StreamResponse
+	(*RegisterAvatarRequest)(nil),    // 17: avatarforcing.v1.RegisterAvatarRequest
+	(*RegisterAvatarResponse)(nil),   // 18: avatarforcing.v1.RegisterAvatarResponse
+	(*GetServerInfoRequest)(nil),     // 19: avatarforcing.v1.GetServerInfoRequest
+	(*ModelInfo)(nil),                // 20: avatarforcing.v1.ModelInfo
+	(*StreamInfo)(nil),               // 21: avatarforcing.v1.StreamInfo
+	(*ServerInfo)(nil),               // 22: avatarforcing.v1.ServerInfo
+	(*CreateSessionRequest)(nil),     // 23: avatarforcing.v1.CreateSessionRequest
+	(*CreateSessionResponse)(nil),    // 24: avatarforcing.v1.CreateSessionResponse
+	(*DrainRequest)(nil),             // 25: avatarforcing.v1.DrainRequest
+	(*DrainResponse)(nil),            // 26: avatarforcing.v1.DrainResponse
+	(*descriptorpb.FileOptions)(nil), // 27: google.protobuf.FileOptions
 }
 var file_avatarforcing_v1_avatarforcing_proto_depIdxs = []int32{
 	0,  // 0: avatarforcing.v1.AudioFormat.encoding:type_name -> avatarforcing.v1.AudioEncoding
@@ -2457,20 +2532,25 @@ var file_avatarforcing_v1_avatarforcing_proto_depIdxs = []int32{
 	20, // 16: avatarforcing.v1.ServerInfo.model:type_name -> avatarforcing.v1.ModelInfo
 	21, // 17: avatarforcing.v1.ServerInfo.stream:type_name -> avatarforcing.v1.StreamInfo
 	1,  // 18: avatarforcing.v1.ServerInfo.supported_video_encodings:type_name -> avatarforcing.v1.VideoEncoding
-	10, // 19: avatarforcing.v1.AvatarForcing.Stream:input_type -> avatarforcing.v1.StreamRequest
-	17, // 20: avatarforcing.v1.AvatarForcing.RegisterAvatar:input_type -> avatarforcing.v1.RegisterAvatarRequest
-	19, // 21: avatarforcing.v1.AvatarForcing.GetServerInfo:input_type -> avatarforcing.v1.GetServerInfoRequest
-	23, // 22: avatarforcing.v1.AvatarForcing.CreateSession:input_type -> avatarforcing.v1.CreateSessionRequest
-	25, // 23: avatarforcing.v1.AvatarForcing.Drain:input_type -> avatarforcing.v1.DrainRequest
-	16, // 24: avatarforcing.v1.AvatarForcing.Stream:output_type -> avatarforcing.v1.StreamResponse
-	18, // 25: avatarforcing.v1.AvatarForcing.RegisterAvatar:output_type -> avatarforcing.v1.RegisterAvatarResponse
-	22, // 26: avatarforcing.v1.AvatarForcing.GetServerInfo:output_type -> avatarforcing.v1.ServerInfo
-	24, // 27: avatarforcing.v1.AvatarForcing.CreateSession:output_type -> avatarforcing.v1.CreateSessionResponse
-	26, // 28: avatarforcing.v1.AvatarForcing.Drain:output_type -> avatarforcing.v1.DrainResponse
-	24, // [24:29] is the sub-list for method output_type
-	19, // [19:24] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
+	27, // 19: avatarforcing.v1.owner_address_trailer:extendee -> google.protobuf.FileOptions
+	27, // 20: avatarforcing.v1.retry_after_trailer:extendee -> google.protobuf.FileOptions
+	27, // 21: avatarforcing.v1.min_sample_rate_hz:extendee -> google.protobuf.FileOptions
+	27, // 22: avatarforcing.v1.max_sample_rate_hz:extendee -> google.protobuf.FileOptions
+	27, // 23: avatarforcing.v1.common_sample_rates_hz:extendee -> google.protobuf.FileOptions
+	10, // 24: avatarforcing.v1.AvatarForcing.Stream:input_type -> avatarforcing.v1.StreamRequest
+	17, // 25: avatarforcing.v1.AvatarForcing.RegisterAvatar:input_type -> avatarforcing.v1.RegisterAvatarRequest
+	19, // 26: avatarforcing.v1.AvatarForcing.GetServerInfo:input_type -> avatarforcing.v1.GetServerInfoRequest
+	23, // 27: avatarforcing.v1.AvatarForcing.CreateSession:input_type -> avatarforcing.v1.CreateSessionRequest
+	25, // 28: avatarforcing.v1.AvatarForcing.Drain:input_type -> avatarforcing.v1.DrainRequest
+	16, // 29: avatarforcing.v1.AvatarForcing.Stream:output_type -> avatarforcing.v1.StreamResponse
+	18, // 30: avatarforcing.v1.AvatarForcing.RegisterAvatar:output_type -> avatarforcing.v1.RegisterAvatarResponse
+	22, // 31: avatarforcing.v1.AvatarForcing.GetServerInfo:output_type -> avatarforcing.v1.ServerInfo
+	24, // 32: avatarforcing.v1.AvatarForcing.CreateSession:output_type -> avatarforcing.v1.CreateSessionResponse
+	26, // 33: avatarforcing.v1.AvatarForcing.Drain:output_type -> avatarforcing.v1.DrainResponse
+	29, // [29:34] is the sub-list for method output_type
+	24, // [24:29] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	19, // [19:24] is the sub-list for extension extendee
 	0,  // [0:19] is the sub-list for field type_name
 }
 
@@ -2504,13 +2584,14 @@ func file_avatarforcing_v1_avatarforcing_proto_init() {
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_avatarforcing_v1_avatarforcing_proto_rawDesc), len(file_avatarforcing_v1_avatarforcing_proto_rawDesc)),
 			NumEnums:      4,
 			NumMessages:   23,
-			NumExtensions: 0,
+			NumExtensions: 5,
 			NumServices:   1,
 		},
 		GoTypes:           file_avatarforcing_v1_avatarforcing_proto_goTypes,
 		DependencyIndexes: file_avatarforcing_v1_avatarforcing_proto_depIdxs,
 		EnumInfos:         file_avatarforcing_v1_avatarforcing_proto_enumTypes,
 		MessageInfos:      file_avatarforcing_v1_avatarforcing_proto_msgTypes,
+		ExtensionInfos:    file_avatarforcing_v1_avatarforcing_proto_extTypes,
 	}.Build()
 	File_avatarforcing_v1_avatarforcing_proto = out.File
 	file_avatarforcing_v1_avatarforcing_proto_goTypes = nil

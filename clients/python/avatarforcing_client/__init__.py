@@ -10,6 +10,9 @@ re-timed audio that goes with them come back.
 - ``pb`` / ``pb_grpc``: the generated protobuf and gRPC modules of ``avatarforcing.v1``.
 """
 
+from avatarforcing_proto.v1 import avatarforcing_pb2 as pb
+from avatarforcing_proto.v1 import avatarforcing_pb2_grpc as pb_grpc
+
 from .audio import pcm_chunks, pcm_to_samples, read_wav, samples_to_pcm, write_wav
 from .client import (
     DEFAULT_CHANNEL_OPTIONS,
@@ -23,8 +26,6 @@ from .client import (
 )
 from .media import Mp4Writer, RecordingStats, VideoDecoder, decode_video_frames, record_session
 from .sync import SyncClient
-from .v1 import avatarforcing_pb2 as pb
-from .v1 import avatarforcing_pb2_grpc as pb_grpc
 
 __version__ = "0.1.0"
 

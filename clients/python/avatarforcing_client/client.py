@@ -54,9 +54,11 @@ from typing import Any, TypeAlias
 import grpc
 import grpc.aio
 
+from avatarforcing_proto.v1 import avatarforcing_pb2 as pb
+from avatarforcing_proto.v1 import avatarforcing_pb2_grpc as pb_grpc
+from avatarforcing_proto.wire import OWNER_ADDRESS_TRAILER, RETRY_AFTER_TRAILER
+
 from .audio import pcm_chunks, read_wav
-from .v1 import avatarforcing_pb2 as pb
-from .v1 import avatarforcing_pb2_grpc as pb_grpc
 
 __all__ = [
     "AvatarForcingClient",
@@ -112,8 +114,6 @@ def _merge_options(*groups: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any],
 _CLOSE_WAIT_S = 1.0
 #: Per-attempt deadline of a CreateSession (and of re-registering an avatar) inside placement/resume.
 _PLACEMENT_ATTEMPT_S = 2.0
-#: Trailing metadata of FAILED_PRECONDITION: the replica that owns the session.
-OWNER_ADDRESS_KEY = "avatarforcing-owner-address"
 _RETRY_PLACEMENT = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
                     grpc.StatusCode.DEADLINE_EXCEEDED)
 #: Unary-call failures after which the next target is tried (the target is unreachable or silent).
@@ -135,7 +135,7 @@ def _trailer(e: grpc.aio.AioRpcError, key: str) -> str | None:
 
 
 def _retry_after(e: grpc.aio.AioRpcError, default: float) -> float:
-    v = _trailer(e, "retry-after-ms")
+    v = _trailer(e, RETRY_AFTER_TRAILER)
     try:
         return float(v) / 1000 if v else default
     except ValueError:
@@ -683,7 +683,7 @@ class Session:
                 self.address = address
                 return started, call
             except grpc.aio.AioRpcError as e:
-                owner = _trailer(e, OWNER_ADDRESS_KEY) if e.code() == grpc.StatusCode.FAILED_PRECONDITION else None
+                owner = _trailer(e, OWNER_ADDRESS_TRAILER) if e.code() == grpc.StatusCode.FAILED_PRECONDITION else None
                 if owner is None and e.code() not in _RETRY_PLACEMENT:
                     raise
                 if target and e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

@@ -91,9 +91,10 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "avatarforcing_client.livekit needs livekit-agents (pip install 'avatarforcing-client[livekit]')"
     ) from e
 
+from avatarforcing_proto.v1 import avatarforcing_pb2 as pb
+
 from .client import AvatarForcingClient, Session
 from .media import VideoDecoder
-from .v1 import avatarforcing_pb2 as pb
 
 if TYPE_CHECKING:
     from livekit.agents.voice import AgentSession

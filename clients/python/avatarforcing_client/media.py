@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .v1 import avatarforcing_pb2 as pb
+from avatarforcing_proto.v1 import avatarforcing_pb2 as pb
 
 if TYPE_CHECKING:
     from .client import Event, Session

@@ -81,9 +81,10 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "&& pip install --no-deps pipecat-ai==1.14.0"
     ) from e
 
+from avatarforcing_proto.v1 import avatarforcing_pb2 as pb
+
 from .client import AvatarForcingClient, Session
 from .media import VideoDecoder
-from .v1 import avatarforcing_pb2 as pb
 
 __all__ = ["AvatarForcingVideoService", "INTERRUPTION_FRAMES"]
 

@@ -24,10 +24,11 @@ from typing import Any, TypeVar
 
 import grpc
 
+from avatarforcing_proto.v1 import avatarforcing_pb2 as pb
+
 from .audio import pcm_chunks, read_wav
 from .client import AvatarForcingClient, Event
 from .media import RecordingStats, record_session
-from .v1 import avatarforcing_pb2 as pb
 
 __all__ = ["SyncClient"]
 

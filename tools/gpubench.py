@@ -31,15 +31,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import attention as attn
-from .attention import BACKENDS as ATTENTION_BACKENDS
-from .config import ModelConfig, StreamConfig, model_preset
-from .engine import StreamEngine
-from .flops import step_flops
-from .model import AvatarDiT
-from .report import print_table as _table
-from .vae import TinyAutoencoder
-from .wan_vae import WanVAE
+from avatarforcing import attention as attn
+from avatarforcing.attention import BACKENDS as ATTENTION_BACKENDS
+from avatarforcing.config import ModelConfig, StreamConfig, model_preset
+from avatarforcing.engine import StreamEngine
+from avatarforcing.flops import step_flops
+from avatarforcing.model import AvatarDiT
+from avatarforcing.report import print_table as _table
+from avatarforcing.vae import TinyAutoencoder
+from avatarforcing.wan_vae import WanVAE
 
 REFERENCE_STREAM = StreamConfig(block_frames=4, window_blocks=4, level_steps=(200, 400, 800, 1000))
 SMOKE_STREAM = StreamConfig(block_frames=2, window_blocks=2, level_steps=(500, 1000))
@@ -276,7 +276,7 @@ def _encoder_factory(encoding: str, cfg: ModelConfig) -> tuple[Callable[[], Any]
         return None, None
     try:
         from avatarforcing_client import pb
-        from service.codecs import make_encoder
+        from avatarforcing_service.codecs import make_encoder
     except Exception as e:  # no PyAV / protobuf here: end to end without encoding, and say so
         return None, f"encoder unavailable: {type(e).__name__}: {e}"
     code = {"h264": pb.VIDEO_ENCODING_H264, "jpeg": pb.VIDEO_ENCODING_JPEG}[encoding]
@@ -400,9 +400,9 @@ def published(device: torch.device, opts: dict[str, Any], steps: int, encoding: 
     """The published model's configuration end to end at 480x832 (random weights in its layout: timing does not
     depend on them): wav2vec2-base features on a sliding window, the umT5 context's cross-attention, the
     transformer, and Wan's VAE decode with each slot's cache; then the same with the small decoder."""
-    from .published import published_config, published_stream
-    from .wan_vae import WanVAEConfig
-    from .wav2vec import Wav2VecFeatures
+    from avatarforcing.published import published_config, published_stream
+    from avatarforcing.wan_vae import WanVAEConfig
+    from avatarforcing.wav2vec import Wav2VecFeatures
 
     if smoke:
         cfg = published_config(256, 4, 2, 384, 48, 128, 32, height=64, width=96)

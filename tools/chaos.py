@@ -85,7 +85,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .failover_bench import _free_port, _port_up
+from .common import assets_dir, free_port, port_up
 
 FAULT_KINDS: tuple[str, ...] = ("replica-kill", "replica-stop", "redis-kill", "redis-pause", "redis-flush",
                                 "client-cancel", "conn-loss")
@@ -417,7 +417,7 @@ class _Cluster:
         self.env = env
         self.max_sessions = max_sessions
         self.threads = threads
-        self.redis_port = _free_port()
+        self.redis_port = free_port()
         self.redis: subprocess.Popen[bytes] | None = None
         self.redis_stopped = False
         self.replicas: list[_Replica] = []
@@ -432,7 +432,7 @@ class _Cluster:
                              "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no",
                              "--loglevel", "warning"])
         self.redis_stopped = False
-        await _port_up(self.redis_port, 20)
+        await port_up(self.redis_port, 20)
 
     def kill_redis(self) -> None:
         if self.redis is not None and self.redis.poll() is None:
@@ -446,12 +446,12 @@ class _Cluster:
 
     def spawn(self) -> _Replica:
         self.n += 1
-        node_id, port = f"chaos-{self.n}", _free_port()
+        node_id, port = f"chaos-{self.n}", free_port()
         env = dict(self.env, AVATARFORCING_REDIS_URL=self.redis_url, AVATARFORCING_NODE_ID=node_id)
         log = self.logdir / f"{node_id}.log"
         with log.open("wb") as f:
             proc = _popen(
-                [sys.executable, "-m", "avatarforcing_service.cli", "serve", "--host", "127.0.0.1", "--port",
+                [sys.executable, "-m", "avatarforcing_tools.cli", "serve", "--host", "127.0.0.1", "--port",
                  str(port), "--metrics-port", "-1", "--max-sessions", str(self.max_sessions), "--threads",
                  str(self.threads), "--preset", "tiny", "--device", "cpu", "--grace", "1"],
                 env=env, stderr=f)
@@ -1087,18 +1087,17 @@ class Chaos:
     async def run(self) -> dict[str, Any]:
         from avatarforcing_client import AvatarForcingClient, read_wav
 
-        from .demo import _assets_dir
 
         cfg = self.cfg
         redis_bin = shutil.which("redis-server") or "/usr/bin/redis-server"
         if not Path(redis_bin).exists():
             raise SystemExit("redis-server is not installed (scripts/bootstrap.sh installs the Debian package)")
-        samples, rate = read_wav(_assets_dir() / "speech_16k.wav")
+        samples, rate = read_wav(assets_dir() / "speech_16k.wav")
         assert rate == 16000
         pcm = samples.astype("<i2").tobytes()
         step = int(rate * _CHUNK_S) * 2
         self.chunks = [pcm[i:i + step] for i in range(0, len(pcm) - step + 1, step)]
-        self.image = (_assets_dir() / "reference_face.png").read_bytes()
+        self.image = (assets_dir() / "reference_face.png").read_bytes()
         work = Path(tempfile.mkdtemp(prefix="af-chaos-"))
         logdir = cfg.logs or work / "logs"
         logdir.mkdir(parents=True, exist_ok=True)

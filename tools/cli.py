@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import os
 import sys
 from pathlib import Path
 
-from .config import ServerConfig
+from avatarforcing_service.config import ServerConfig
+
+from .common import server_config
 
 
 def _add_server_args(p: argparse.ArgumentParser) -> None:
@@ -61,20 +62,14 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                         f"{d.image_rate_per_s:g}, bursts of {d.image_burst})")
 
 
-def _server_config(a: argparse.Namespace, **extra: object) -> ServerConfig:
-    names = {f.name for f in dataclasses.fields(ServerConfig)}
-    kw = {k: v for k, v in vars(a).items() if k in names and v is not None}
-    kw.update({k: v for k, v in extra.items() if v is not None})
-    return ServerConfig.from_env(**kw)
-
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from .telemetry import configure_logging
+    from avatarforcing_service.telemetry import configure_logging
 
     try:
-        cfg = _server_config(a)  # before torch is imported: a bad setting is reported at once
+        cfg = server_config(a)  # before torch is imported: a bad setting is reported at once
         configure_logging(cfg.log_level, cfg.log_format)
-        from .server import App, run_app
+        from avatarforcing_service.server import App, run_app
 
         app = App(cfg)  # loads and checks the checkpoint: a bad one is refused before the port opens
     except (ValueError, OSError) as e:
@@ -182,7 +177,7 @@ def cmd_drain(a: argparse.Namespace) -> int:
 
 
 def cmd_view(a: argparse.Namespace) -> int:
-    """Serves the live page (service/static/view.html) and bridges each page to one session."""
+    """Serves the live page (tools/static/view.html) and bridges each page to one session."""
     from .view import run_view
 
     try:
@@ -304,8 +299,7 @@ class _VersionAction(argparse.Action):
 
 def version_text() -> str:
     from avatarforcing_client import __version__ as sdk_version
-
-    from . import __version__
+    from avatarforcing_service import __version__
 
     return f"avatarforcing-serve {__version__} (avatarforcing-client {sdk_version}, API avatarforcing.v1)"
 
@@ -318,7 +312,7 @@ def cmd_version(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:2] == ["bench", "--gpu"]:  # the GPU benchmark has its own options (`avatarforcing bench --gpu -h`)
-        from avatarforcing.gpubench import run as run_gpu_bench
+        from .gpubench import run as run_gpu_bench
 
         return run_gpu_bench(args[2:])
     ap = argparse.ArgumentParser(prog="avatarforcing", description="AvatarForcing Serve: real-time talking avatars")
@@ -361,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead: random faults (kill -9 and SIGSTOP of replicas, Redis killed, paused, flushed, "
                         "clients cancelling, connections lost) under live sessions for --duration; counts sessions "
                         "lost, doubled (from the replicas' logs) and routing records leaked; exit 1 unless all 0 "
-                        "(service/chaos.py; --resume-timeout applies too)")
+                        "(tools/chaos.py; --resume-timeout applies too)")
     b.add_argument("--duration", type=float, default=1800.0, help="--chaos: seconds of chaos (default 1800)")
     b.add_argument("--fault-every", default="10:30", metavar="MIN:MAX",
                    help="--chaos: seconds between faults, uniform in MIN:MAX (default 10:30)")

@@ -4,30 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import math
 import time
 from pathlib import Path
 
 from avatarforcing_client import AvatarForcingClient, pb, read_wav, record_session
 
+from .common import assets_dir, server_config
+
 ENCODINGS = {"raw": pb.VIDEO_ENCODING_RAW_RGB24, "jpeg": pb.VIDEO_ENCODING_JPEG, "h264": pb.VIDEO_ENCODING_H264,
              "fmp4": pb.VIDEO_ENCODING_FMP4}
 
 
-def _assets_dir() -> Path:
-    """The engine package's assets, found without importing it (that would import torch)."""
-    spec = importlib.util.find_spec("avatarforcing")
-    assert spec is not None and spec.origin is not None, "the avatarforcing package is not installed"
-    return Path(spec.origin).resolve().parent / "assets"
-
 
 async def run_demo(a: argparse.Namespace) -> int:
-    from .cli import _server_config
-    from .telemetry import configure_logging
+    from avatarforcing_service.telemetry import configure_logging
 
-    wav = a.wav or _assets_dir() / "speech_16k.wav"
-    image = a.image or _assets_dir() / "reference_face.png"
+    wav = a.wav or assets_dir() / "speech_16k.wav"
+    image = a.image or assets_dir() / "reference_face.png"
     out: Path = a.out
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -41,10 +35,10 @@ async def run_demo(a: argparse.Namespace) -> int:
     if a.connect:
         target = a.connect
     else:
-        cfg = _server_config(a, port=a.port if a.port is not None else 0,
+        cfg = server_config(a, port=a.port if a.port is not None else 0,
                              metrics_port=a.metrics_port if a.metrics_port is not None else -1)
         configure_logging(cfg.log_level, cfg.log_format)
-        from .server import App  # torch: only once the settings are known to be good
+        from avatarforcing_service.server import App  # torch: only once the settings are known to be good
 
         app = App(cfg)
         await app.start()

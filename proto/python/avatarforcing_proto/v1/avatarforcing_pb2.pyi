@@ -1,3 +1,4 @@
+from google.protobuf import descriptor_pb2 as _descriptor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -50,6 +51,16 @@ END_REASON_CLIENT_CLOSED: EndReason
 END_REASON_IDLE_TIMEOUT: EndReason
 END_REASON_MAX_DURATION: EndReason
 END_REASON_SERVER_SHUTDOWN: EndReason
+OWNER_ADDRESS_TRAILER_FIELD_NUMBER: _ClassVar[int]
+owner_address_trailer: _descriptor.FieldDescriptor
+RETRY_AFTER_TRAILER_FIELD_NUMBER: _ClassVar[int]
+retry_after_trailer: _descriptor.FieldDescriptor
+MIN_SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
+min_sample_rate_hz: _descriptor.FieldDescriptor
+MAX_SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
+max_sample_rate_hz: _descriptor.FieldDescriptor
+COMMON_SAMPLE_RATES_HZ_FIELD_NUMBER: _ClassVar[int]
+common_sample_rates_hz: _descriptor.FieldDescriptor
 
 class AudioFormat(_message.Message):
     __slots__ = ("encoding", "sample_rate_hz", "channels")

@@ -42,15 +42,15 @@ import json
 import struct
 import sys
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import grpc
 from aiohttp import WSMsgType, web
 
 from avatarforcing_client import AvatarForcingClient, SessionClosedError, pb
+from avatarforcing_service.codecs import _find_box, _iter_boxes
 
-from .codecs import _find_box, _iter_boxes
+from .common import assets_dir
 
 __all__ = ["KIND_AUDIO", "KIND_FRAME", "KIND_INIT", "ViewServer", "avc_codec", "pack", "run_view"]
 
@@ -160,11 +160,6 @@ def _parse_start(text: str) -> dict[str, Any]:
     return kw
 
 
-def _assets_dir() -> Path:
-    import avatarforcing
-
-    return Path(avatarforcing.__file__).resolve().parent / "assets"
-
 
 class ViewServer:
     """The page and the WebSocket bridge, on one HTTP port.
@@ -228,7 +223,7 @@ class ViewServer:
 
     @staticmethod
     def _static_bytes(name: str) -> bytes:
-        return resources.files("avatarforcing_service").joinpath("static", name).read_bytes()
+        return resources.files("avatarforcing_tools").joinpath("static", name).read_bytes()
 
     async def _index(self, request: web.Request) -> web.Response:
         return web.Response(body=self._static_bytes("view.html"), content_type="text/html", charset="utf-8",
@@ -243,7 +238,7 @@ class ViewServer:
 
     async def _asset(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        path = _assets_dir() / name
+        path = assets_dir() / name
         kind = ASSET_TYPES.get(path.suffix.lower())
         if kind is None or "/" in name or name.startswith(".") or not path.is_file():
             raise web.HTTPNotFound(text=f"no asset {name!r}")
@@ -266,7 +261,7 @@ class ViewServer:
             "supported_sample_rates_hz": list(info.supported_sample_rates_hz),
             "capacity_sessions": info.capacity_sessions,
             "free_slots": info.free_slots,
-            "assets": sorted(p.name for p in _assets_dir().iterdir() if p.suffix.lower() in ASSET_TYPES),
+            "assets": sorted(p.name for p in assets_dir().iterdir() if p.suffix.lower() in ASSET_TYPES),
         })
 
     # -- the bridge ---------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import datetime as dt
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from avatarforcing.report import print_table as _table
+
+from .common import assets_dir, free_port, wait_port
 
 
 def _pct(xs: list[float] | np.ndarray, q: float) -> float:
@@ -127,11 +128,6 @@ def bench_long(latent_frames: int) -> dict[str, Any]:
             "step_change_pct": change, "step_ms_by_tenth": segments, "rss_bytes_at_30": r0, "rss_bytes_at_end": r1}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def _histogram_quantile(body: str, name: str, q: float) -> float:
     from prometheus_client.parser import text_string_to_metric_families
@@ -155,10 +151,9 @@ def _histogram_quantile(body: str, name: str, q: float) -> float:
 async def _run_sessions(target: str, n: int, seconds: float, warmup: float) -> dict[str, Any]:
     from avatarforcing_client import AvatarForcingClient, pb, read_wav
 
-    from .demo import _assets_dir
 
-    wav, rate = read_wav(_assets_dir() / "speech_16k.wav")
-    image = (_assets_dir() / "reference_face.png").read_bytes()
+    wav, rate = read_wav(assets_dir() / "speech_16k.wav")
+    image = (assets_dir() / "reference_face.png").read_bytes()
     gaps: list[float] = []
     counts: list[int] = []
     dropped: list[int] = []
@@ -207,7 +202,7 @@ def bench_server(max_sessions: int, quick: bool, threads: int | None) -> dict[st
     best = 0
     for n in levels:
         port, mport = free_port(), free_port()
-        cmd = [sys.executable, "-m", "avatarforcing_service.cli", "serve", "--port", str(port), "--metrics-port",
+        cmd = [sys.executable, "-m", "avatarforcing_tools.cli", "serve", "--port", str(port), "--metrics-port",
                str(mport), "--max-sessions", str(n), "--log-level", "warning"]
         if threads:
             cmd += ["--threads", str(threads)]
@@ -245,19 +240,6 @@ def bench_server(max_sessions: int, quick: bool, threads: int | None) -> dict[st
     print(f"  largest number of real-time sessions (p99 gap <= 80 ms, >= 95% of frames, none dropped): {best}")
     return {"levels": results, "max_realtime_sessions": best, "seconds_per_level": seconds}
 
-
-def wait_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 120.0) -> None:
-    """Waits until something listens on 127.0.0.1:port; fails early if ``proc`` exits."""
-    t = time.monotonic()
-    while time.monotonic() - t < timeout:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"server did not listen on {port} within {timeout} s")
 
 
 def run_bench(a: argparse.Namespace) -> int:

@@ -20,7 +20,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,23 +30,7 @@ from typing import Any
 
 import numpy as np
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _port_up(port: int, timeout: float) -> None:
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        try:
-            _r, w = await asyncio.open_connection("127.0.0.1", port)
-            w.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+from .common import assets_dir, free_port, port_up
 
 
 @dataclass
@@ -77,7 +60,7 @@ class _Cluster:
         self.workdir = workdir
         self.max_sessions = max_sessions
         self.threads = threads
-        self.redis_port = _free_port()
+        self.redis_port = free_port()
         self.redis: subprocess.Popen[bytes] | None = None
         self.replicas: list[_Replica] = []
         self.n = 0
@@ -90,15 +73,15 @@ class _Cluster:
         self.redis = subprocess.Popen(
             [self.redis_bin, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
              "no", "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        await _port_up(self.redis_port, 20)
+        await port_up(self.redis_port, 20)
 
     def spawn(self) -> _Replica:
         self.n += 1
-        node_id, port = f"bench-{self.n}", _free_port()
+        node_id, port = f"bench-{self.n}", free_port()
         env = dict(os.environ, AVATARFORCING_REDIS_URL=self.redis_url, AVATARFORCING_NODE_ID=node_id,
                    AVATARFORCING_LOG_LEVEL="warning", OMP_NUM_THREADS=str(self.threads))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "avatarforcing_service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "avatarforcing_tools.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
              "--metrics-port", "-1", "--max-sessions", str(self.max_sessions), "--threads", str(self.threads),
              "--grace", "1"], env=env, stdout=subprocess.DEVNULL, stderr=(self.workdir / f"{node_id}.log").open("wb"))
         r = _Replica(node_id, port, proc)
@@ -150,13 +133,12 @@ def _commandstats(port: int) -> dict[str, int]:
 async def run_failover(a: argparse.Namespace) -> dict[str, Any]:
     from avatarforcing_client import AvatarForcingClient, pb, read_wav
 
-    from .demo import _assets_dir
 
     redis_bin = shutil.which("redis-server") or "/usr/bin/redis-server"
     if not Path(redis_bin).exists():
         raise SystemExit("redis-server is not installed (scripts/bootstrap.sh installs the Debian package)")
-    samples, rate = read_wav(_assets_dir() / "speech_16k.wav")
-    image = (_assets_dir() / "reference_face.png").read_bytes()
+    samples, rate = read_wav(assets_dir() / "speech_16k.wav")
+    image = (assets_dir() / "reference_face.png").read_bytes()
     pcm = samples.astype("<i2").tobytes()
     chunk = rate // 50 * 2  # 20 ms
     work = Path(tempfile.mkdtemp(prefix="af-failover-"))
@@ -285,7 +267,7 @@ async def run_failover(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print(res: dict[str, Any]) -> None:
-    from .bench import _table
+    from avatarforcing.report import print_table as _table
 
     k = res["kill_to_first_resumed_frame_s"]
 
