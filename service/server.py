@@ -19,18 +19,18 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from avatarforcing import StreamEngine
 from avatarforcing.checkpoint import LoadedModel, choose_decoder, drift_floor, load_default
 from avatarforcing.model import count_parameters
-from avatarforcing.text_context import load_context
 from avatarforcing_proto.v1 import avatarforcing_pb2 as pb
 from avatarforcing_proto.v1 import avatarforcing_pb2_grpc as pb_grpc
 from avatarforcing_proto.wire import RETRY_AFTER_TRAILER, retry_trailers
 
 from . import __version__, messages
 from .audio_in import AudioError, AudioOverflowError, rates_for
-from .avatars import Avatar, AvatarDir, AvatarRegistry, RateLimited, TenantRateLimiter, content_digest, decode_pool
+from .avatar_source import AvatarSource
+from .avatars import Avatar, AvatarRegistry, RateLimited
 from .codecs import SUPPORTED_ENCODINGS, UnsupportedEncodingError
 from .config import ServerConfig
 from .failure import SessionFailure
-from .images import ImageError, load_reference_image
+from .images import ImageError
 from .opening import SessionOpener
 from .ownership import FreezeGuard
 from .routing import LocalRouter, NodeInfo, Router, RoutingError, RoutingLimits
@@ -46,7 +46,6 @@ from .security import (
     server_credentials,
 )
 from .session import Session, Timeline
-from .spec import SessionSpec
 from .telemetry import Metrics, log_format
 from .wire import add_guarded_servicer
 
@@ -289,12 +288,7 @@ class App:
         self.health_server: grpc.aio.Server | None = None
         self.health_port = -1
         self._drain_task: asyncio.Task[None] | None = None
-        self.avatars = AvatarRegistry(cfg.max_avatars, cfg.tenant_max_avatars)
-        self.avatar_dir = AvatarDir(cfg.avatar_dir) if cfg.avatar_dir else None
-        # Decoding an image costs up to a second of CPU (4096x4096): rate-limited per tenant, run one at a time
-        # on a low-priority thread, so that one tenant's uploads cannot stall the other sessions' frames.
-        self.image_rate = TenantRateLimiter(cfg.image_rate_per_s, cfg.image_burst, "new images")
-        self._decode_pool = decode_pool()
+        self.avatar_source = AvatarSource(cfg, self.engine)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -343,6 +337,7 @@ class App:
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.cfg.host}:{self.cfg.port}")
         self.router = self._make_router()
+        self.avatar_source.attach(self.router, self.scheduler.in_engine)
         await self.server.start()
         if self.cfg.health_port >= 0:  # plaintext health only, for probes that cannot speak TLS
             self.health_server = grpc.aio.server()
@@ -357,7 +352,7 @@ class App:
         await self.router.start()
         self.metrics.routing_store_up.set_function(lambda: float(self.router.healthy))
         self._opener = SessionOpener(self.engine, self.scheduler, self.router, self.cfg, self.timeline, self.metrics,
-                                     self.owned, self._resolve_avatar, self._hook)
+                                     self.owned, self.avatar_source.for_session, self._hook)
         self._watchdog = asyncio.create_task(self.watchdog(), name="watchdog")
         self.freeze.start()
         log.info("serving", address=f"{self.cfg.host}:{self.port}", metrics_port=self.metrics_port,
@@ -507,73 +502,30 @@ class App:
         e = self.engine
         return e.frames_per_block * (e.L - 1) / e.cfg.fps * 1000
 
+    @property
+    def avatars(self) -> AvatarRegistry:
+        return self.avatar_source.registry
+
+    @avatars.setter
+    def avatars(self, registry: AvatarRegistry) -> None:
+        self.avatar_source.registry = registry
+
     async def avatar_from_image(self, data: bytes, name: str = "", tenant: str = DEFAULT_TENANT,
                                 avatar_id: str | None = None, text_context: bytes = b"",
                                 rate_limited: bool = True) -> Avatar:
-        """The avatar of a face (and, for a model with a text context, of a prompt's context file).
-
-        An image this tenant registered before is not decoded again. A new one counts against the tenant's image
-        rate (``rate_limited``: not for an avatar the server itself reloads from a store), and is decoded on the
-        low-priority decode thread, not on the event loop.
-        """
-        loop = asyncio.get_running_loop()
-        digest = await loop.run_in_executor(self._decode_pool, content_digest, data, text_context)
-        known = self.avatars.by_digest(digest, tenant)
-        if known is not None and avatar_id in (None, known.id):
-            return known
-        if rate_limited:
-            self.image_rate.take(tenant)
-        c = self.engine.cfg
-        ctx = None
-        if text_context:
-            if not self.engine.per_slot_text:
-                raise ValueError(f"this server's model ({c.name}) has no text prompt: register the avatar "
-                                 "without text_context")
-            ctx = load_context(text_context, text_len=c.text_len, text_dim=c.text_dim, name="the uploaded context")
-        img = await loop.run_in_executor(
-            self._decode_pool, lambda: load_reference_image(data, c.width, c.height, max_bytes=self.cfg.max_image_bytes,
-                                                            max_pixels=self.cfg.max_image_pixels))
-        anchor = await self.scheduler.in_engine(self.engine.prepare_anchor, img, ctx)
-        avatar = self.avatars.add(name, anchor, digest, tenant, avatar_id, image=data, text_context=text_context)
-        log.info("avatar registered", avatar_id=avatar.id, name=name, tenant=tenant)
-        return avatar
+        """The avatar of a face (and of a prompt's context file): see :meth:`AvatarSource.from_image`."""
+        return await self.avatar_source.from_image(data, name, tenant, avatar_id, text_context, rate_limited)
 
     async def store_avatar(self, avatar: Avatar) -> None:
         """Makes ``avatar`` loadable by every replica: the routing store, and the shared avatar volume if set."""
-        await self.router.put_avatar(avatar.id, avatar.tenant, avatar.image, avatar.text_context)
-        if self.avatar_dir is not None:
-            try:
-                await asyncio.to_thread(self.avatar_dir.put, avatar.id, avatar.tenant, avatar.image,
-                                        avatar.text_context)
-            except OSError as e:
-                log.warning("could not write the avatar to the avatar volume", avatar_id=avatar.id, error=str(e))
+        await self.avatar_source.store(avatar)
 
     async def load_avatar(self, avatar_id: str, tenant: str) -> Avatar | None:
         """An avatar registered on another replica (or before a restart): from the routing store, else the volume."""
-        stored = await self.router.get_avatar(avatar_id, tenant)
-        if stored is None and self.avatar_dir is not None:
-            stored = await asyncio.to_thread(self.avatar_dir.get, avatar_id, tenant)
-            if stored is not None:  # back into the store for the next replica
-                await self.router.put_avatar(avatar_id, tenant, *stored)
-        if stored is None:
-            return None
-        try:
-            return await self.avatar_from_image(stored[0], "", tenant, avatar_id, text_context=stored[1],
-                                                rate_limited=False)
-        except ValueError as e:  # ImageError, or a context this model cannot take
-            raise SessionFailure(grpc.StatusCode.INTERNAL, f"stored avatar {avatar_id} is unusable: {e}") from None
+        return await self.avatar_source.load(avatar_id, tenant)
 
     async def _store_lost(self) -> None:
-        """The routing store came back without our records (restarted empty, FLUSHALL): the avatars of the sessions
-        streaming here go back in, so that they can still resume on another replica."""
-        seen: set[str] = set()
-        for s in list(self.owned.values()):
-            a = self.avatars.get(s.avatar_id, s.tenant)
-            if a is not None and a.id not in seen and a.image:
-                seen.add(a.id)
-                await self.router.put_avatar(a.id, a.tenant, a.image, a.text_context)
-        if seen:
-            log.info("avatars of live sessions written back to the routing store", count=len(seen))
+        await self.avatar_source.restore([(s.avatar_id, s.tenant) for s in list(self.owned.values())])
 
     async def open_session(self, sc: pb.SessionConfig, tenant: Tenant | None = None) -> Session:
         """The session a stream's SessionConfig asks for, opened on this replica (see :mod:`.opening`)."""
@@ -582,25 +534,6 @@ class App:
             raise SessionFailure(grpc.StatusCode.UNAVAILABLE, "this replica is shutting down; connect to another")
         assert self._opener is not None, "App.start() first"
         return await self._opener.open(sc, tenant.name, self.tenant_limit(tenant))
-
-    async def _resolve_avatar(self, spec: SessionSpec, tenant: str) -> Avatar:
-        """The avatar a session names: registered (here, or on another replica), or sent as its reference image."""
-        if spec.reference == "avatar_id":
-            avatar = self.avatars.get(spec.avatar_id, tenant)
-            if avatar is None:  # registered on another replica: its image is in the routing store
-                avatar = await self.load_avatar(spec.avatar_id, tenant)
-            if avatar is None:
-                raise SessionFailure(grpc.StatusCode.NOT_FOUND,
-                                     f"avatar {spec.avatar_id!r} is not registered (or was removed); register it "
-                                     "again with RegisterAvatar (the same image gets the same id) or send "
-                                     "reference_image")
-            return avatar
-        try:
-            return await self.avatar_from_image(spec.reference_image, "", tenant)
-        except ImageError as e:
-            raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        except RateLimited as e:
-            raise SessionFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), retry_trailers(e.retry_after_s)) from None
 
     def started_message(self, s: Session) -> pb.SessionStarted:
         c = self.engine.cfg
