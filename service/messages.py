@@ -25,7 +25,8 @@ def session_started(*, session_id: str, fps: float, width: int, height: int, fra
                     node_id: str, first_frame_index: int) -> pb.SessionStarted:
     return pb.SessionStarted(
         session_id=session_id, fps=fps, width=width, height=height, frames_per_block=frames_per_block,
-        lookahead_ms=lookahead_ms, latency_ms=latency_ms, video_encoding=video_encoding, init_segment=init_segment,
+        lookahead_ms=lookahead_ms, latency_ms=latency_ms, init_segment=init_segment,
+        video_encoding=video_encoding,  # type: ignore[arg-type]  # a SessionSpec's checked VideoEncoding value
         audio_sample_rate_hz=audio_sample_rate_hz, avatar_id=avatar_id, idle_timeout_ms=idle_timeout_ms,
         session_token=session_token, node_id=node_id, first_frame_index=first_frame_index)
 
