@@ -58,6 +58,8 @@ class SessionOpener:
         sid, epoch, token = await self._route(spec, tenant, tenant_limit)
         await self.hook("attached")
         await self._supersede(sid, epoch)
+        # The record's undo is armed from the slot step on, as before this module existed: a stream cancelled while
+        # it superseded an older one leaves its record to the sweeper rather than detaching it here.
         async with contextlib.AsyncExitStack() as undo:
             route = _RouteUndo(self.router, sid, epoch)
             undo.push_async_callback(route)
