@@ -1,5 +1,10 @@
 """The scheduler: earliest deadline first, one batched engine step at a time, off the event loop.
 
+Each engine step is pick -> run -> apply: :meth:`Scheduler._pick` chooses the batch (and collects the slots that
+interrupts asked to clear), :meth:`Scheduler._run_step` runs it in the engine thread, and
+:meth:`Scheduler._apply` hands each result to its session and dispatches the encodes. Sessions change their own
+state (their methods); the messages they queue are built in ``messages``, so this module knows no protobuf.
+
 Each wake-up it collects the sessions whose next block is due (REALTIME: the deadline is near,
 or a full block of audio is waiting and the session is not too far ahead; ASAP: a block of audio
 is waiting or the tail must be flushed), sorts them by deadline, and runs up to ``max_batch`` of
@@ -22,10 +27,10 @@ import structlog
 
 from avatarforcing import AnchorState, StreamEngine
 from avatarforcing.engine import SlotResult
-from avatarforcing_proto.v1 import avatarforcing_pb2 as pb
 
 from .audio_in import Block
-from .session import OutItem, Session, SessionFailure
+from .failure import SessionFailure
+from .session import Session
 from .telemetry import Metrics
 
 T = TypeVar("T")
@@ -71,14 +76,15 @@ class Scheduler:
         The work runs in its own task: a handler cancelled while releasing (the client went away)
         cannot interrupt it half way and leak the slot.
         """
-        if s.release_task is None:
-            s.released = True
-            s.ending = True
+        def start() -> asyncio.Task[None]:
             self.sessions.pop(s.id, None)
-            s.release_task = asyncio.create_task(self._release(s), name=f"release-{s.id}")
-            self._tasks.add(s.release_task)
-            s.release_task.add_done_callback(self._tasks.discard)
-        await asyncio.shield(s.release_task)
+            return asyncio.create_task(self._release(s), name=f"release-{s.id}")
+
+        task, new = s.begin_release(start)
+        if new:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        await asyncio.shield(task)
 
     async def _release(self, s: Session) -> None:
         while s.in_flight:  # its slot is in the running step: free it after
@@ -115,8 +121,8 @@ class Scheduler:
         horizon = 0.25 * self.engine.frames_per_block / self.engine.cfg.fps
         while not self._stopped:
             now = time.monotonic()
-            ready = [s for s in self.sessions.values() if s.ready(now, horizon)]
-            if not ready:
+            batch = self._pick(now, horizon)
+            if not batch:
                 wake = min((s.next_wake(horizon) for s in self.sessions.values()), default=float("inf"))
                 self._kick.clear()
                 try:
@@ -124,15 +130,20 @@ class Scheduler:
                 except TimeoutError:
                     pass
                 continue
-            ready.sort(key=Session.deadline)
-            batch = ready[: self.max_batch]
             try:
                 await self._step(batch)
             except Exception as e:  # never let one bad batch stop every session's stream
                 log.exception("scheduler step failed")
                 for s in batch:
-                    s.in_flight = False
-                    s.fail(SessionFailure(grpc.StatusCode.INTERNAL, f"internal error while stepping: {e}"))
+                    s.step_failed(SessionFailure(grpc.StatusCode.INTERNAL, f"internal error while stepping: {e}"))
+
+    def _pick(self, now: float, horizon: float) -> list[Session]:
+        """The sessions of the next step: those due, earliest deadline first, at most ``max_batch``."""
+        ready = [s for s in self.sessions.values() if s.ready(now, horizon)]
+        if not ready:
+            return ready
+        ready.sort(key=Session.deadline)
+        return ready[: self.max_batch]
 
     def progressing(self, stall_s: float = 5.0) -> bool:
         """False when a step has been due for ``stall_s`` and none finished: the engine is wedged (a hung
@@ -144,68 +155,53 @@ class Scheduler:
         return now - self.last_step_at < stall_s
 
     async def _step(self, batch: list[Session]) -> None:
-        blocks = [s.take_block() for s in batch]
-        clears = [s for s in self.sessions.values() if s.clear_requested and not s.released]
-        for s in clears:
-            s.clear_requested = False
-        for s in batch:
-            s.in_flight = True
+        blocks = [s.start_step() for s in batch]
+        # Interrupts of any session (stepped now or not) clear their slot's audio before this step runs.
+        clear_slots = [s.slot for s in self.sessions.values() if s.take_clear_request()]
         pcm = np.stack([b.pcm_model for b in blocks])
         slots = [s.slot for s in batch]
-        clear_slots = [s.slot for s in clears]
+        t0 = time.perf_counter()
+        try:
+            results = await self._run_step(slots, pcm, clear_slots)
+        except Exception as e:  # a broken step fails its sessions, not the server
+            log.exception("engine step failed", batch=[s.id for s in batch])
+            for s in batch:
+                s.step_failed(SessionFailure(grpc.StatusCode.INTERNAL,
+                                             f"the engine failed on this session's step: {e}"))
+            return
+        dt = time.perf_counter() - t0
+        self.last_step_at = time.monotonic()
+        self.metrics.step_duration.observe(dt)
+        self.metrics.batch_size.observe(len(batch))
+        self._apply(batch, results, blocks)
 
+    async def _run_step(self, slots: list[int], pcm: np.ndarray, clear_slots: list[int]) -> list[SlotResult]:
+        """One engine step in the engine thread, after clearing the audio of the interrupted slots."""
         def work() -> list[SlotResult]:
             for c in clear_slots:
                 if self.engine.is_allocated(c):
                     self.engine.clear_audio(c)
             return self.engine.step(slots, pcm)
 
-        t0 = time.perf_counter()
-        try:
-            results = await self.in_engine(work)
-        except Exception as e:  # a broken step fails its sessions, not the server
-            log.exception("engine step failed", batch=[s.id for s in batch])
-            for s in batch:
-                s.in_flight = False
-                s.fail(SessionFailure(grpc.StatusCode.INTERNAL, f"the engine failed on this session's step: {e}"))
-            return
-        dt = time.perf_counter() - t0
-        self.last_step_at = time.monotonic()
-        self.metrics.step_duration.observe(dt)
-        self.metrics.batch_size.observe(len(batch))
+        return await self.in_engine(work)
+
+    def _apply(self, batch: list[Session], results: list[SlotResult], blocks: list[Block]) -> None:
+        """Hands each session its step's result; an emitted block goes to the encoders."""
         for s, r, b in zip(batch, results, blocks, strict=True):
-            s.steps += 1
-            s.in_flight = False
+            blk = s.step_done(r.emitted_block is not None)
             self.metrics.silence_inserted.inc((b.pcm_in.shape[0] - b.real_samples) / s.audio.rate)
-            if r.emitted_block is not None:
-                blk = s.pending.popleft()
+            if blk is not None:
                 t = asyncio.create_task(self._deliver(s, r, blk))
                 self._tasks.add(t)
                 t.add_done_callback(self._tasks.discard)
 
-    def _check_drift(self, s: Session) -> None:
-        """Flags a session whose recent anchor similarity fell below the checkpoint's calibrated floor."""
-        if self.drift_floor is None or len(s.recent_sim) < (s.recent_sim.maxlen or 0):
-            return
-        mean = sum(s.recent_sim) / len(s.recent_sim)
-        if mean < self.drift_floor and not s.drifting:
-            s.drifting = True
-            self.metrics.drift_alerts.inc()
-            log.warning("session drifting: anchor similarity below the calibrated floor", session_id=s.id,
-                        similarity=round(mean, 4), floor=round(self.drift_floor, 4))
-        elif mean >= self.drift_floor and s.drifting:
-            s.drifting = False
-
     async def _deliver(self, s: Session, r: SlotResult, blk: Block) -> None:
         """Encodes an emitted block and queues its audio and frames in order."""
         async with s.deliver_lock:  # FIFO: blocks of one session are delivered in order
-            if s.ending or s.released:
+            if not s.accepts_output():
                 return
             assert r.frames is not None and r.emitted_block is not None
-            j = r.emitted_block + s.block_offset  # resumed sessions continue the client's block numbering
-            fpb = s.fpb
-            a_off = s.block_offset * s.audio.in_block
-            dropped = s.make_room(fpb)
+            dropped = s.make_room(s.fpb)
             if dropped:
                 self.metrics.frames_dropped.inc(dropped)
             t0 = time.perf_counter()
@@ -220,25 +216,14 @@ class Scheduler:
             self.metrics.blocks_emitted.inc()
             if r.anchor_similarity is not None:
                 self.metrics.anchor_similarity.observe(r.anchor_similarity)
-                s.recent_sim.append(r.anchor_similarity)
-                self._check_drift(s)
-            spf = s.audio.in_block // fpb
-            first = j * fpb
-            s.out.put(OutItem(pb.StreamResponse(audio=pb.AudioOut(
-                block_index=j, start_sample=blk.start_sample + a_off, data=blk.pcm_in.astype("<i2").tobytes(),
-                silent=blk.real_samples == 0, real_samples=blk.real_samples, real_offset=blk.real_offset,
-                source_end_sample=blk.source_end)),
-                block=j, due=s.frame_due(first)))
-            for i, ef in enumerate(encoded):
-                n = first + i
-                a0 = blk.start_sample + a_off + i * spf
-                msg = pb.StreamResponse(frame=pb.VideoFrame(
-                    index=n, pts_us=round(n * 1e6 / s.timeline.fps), audio_start_sample=a0,
-                    audio_end_sample=a0 + spf, data=ef.data, keyframe=ef.keyframe, block_index=j))
-                s.out.put(OutItem(msg, frames=1, block=j, due=s.frame_due(n),
-                                  arrival=blk.newest_arrival if blk.real_samples else None))
-            if (j + 1) * fpb // int(s.timeline.fps) != j * fpb // int(s.timeline.fps):
-                s.out.put(OutItem(s.stats(), block=j, due=s.frame_due(first + fpb - 1)))
-            s.delivered_block = r.emitted_block
-            s.maybe_finish()
+                self._drift_alert(s, s.observe_similarity(r.anchor_similarity, self.drift_floor))
+            s.queue_block(r.emitted_block, blk, encoded)
         self.kick()  # backpressured sessions may be ready again
+
+    def _drift_alert(self, s: Session, mean: float | None) -> None:
+        """A session whose recent anchor similarity just fell below the checkpoint's calibrated floor."""
+        if mean is None or self.drift_floor is None:
+            return
+        self.metrics.drift_alerts.inc()
+        log.warning("session drifting: anchor similarity below the calibrated floor", session_id=s.id,
+                    similarity=round(mean, 4), floor=round(self.drift_floor, 4))

@@ -16,20 +16,23 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from avatarforcing import NoFreeSlotError, StreamEngine
+from avatarforcing import StreamEngine
 from avatarforcing.checkpoint import LoadedModel, choose_decoder, drift_floor, load_default
 from avatarforcing.model import count_parameters
-from avatarforcing.text_context import load_context
 from avatarforcing_proto.v1 import avatarforcing_pb2 as pb
 from avatarforcing_proto.v1 import avatarforcing_pb2_grpc as pb_grpc
 from avatarforcing_proto.wire import RETRY_AFTER_TRAILER, retry_trailers
 
-from . import __version__
-from .audio_in import MAX_RATE, MIN_RATE, AudioError, AudioInput, AudioOverflowError, rate_problem, rates_for
-from .avatars import Avatar, AvatarDir, AvatarRegistry, RateLimited, TenantRateLimiter, content_digest, decode_pool
-from .codecs import SUPPORTED_ENCODINGS, UnsupportedEncodingError, make_encoder
+from . import __version__, messages
+from .audio_in import AudioError, AudioOverflowError, rates_for
+from .avatar_source import AvatarSource
+from .avatars import Avatar, AvatarRegistry, RateLimited
+from .codecs import SUPPORTED_ENCODINGS, UnsupportedEncodingError
 from .config import ServerConfig
-from .images import ImageError, load_reference_image
+from .failure import SessionFailure
+from .images import ImageError
+from .opening import SessionOpener
+from .ownership import FreezeGuard
 from .routing import LocalRouter, NodeInfo, Router, RoutingError, RoutingLimits
 from .scheduler import Scheduler
 from .security import (
@@ -42,7 +45,7 @@ from .security import (
     drain_refusal,
     server_credentials,
 )
-from .session import Session, SessionFailure, Timeline
+from .session import Session, Timeline
 from .telemetry import Metrics, log_format
 from .wire import add_guarded_servicer
 
@@ -172,30 +175,29 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
                         raise session.failure
                     if item.msg.WhichOneof("message"):
                         # Ended for good, except by a drain or shutdown: the client resumes elsewhere.
-                        session.resumable = item.msg.end.reason == pb.END_REASON_SERVER_SHUTDOWN
+                        session.set_resumable(item.msg.end.reason == messages.SERVER_SHUTDOWN)
                         yield item.msg
-                    app.metrics.sessions_ended.labels(pb.EndReason.Name(item.msg.end.reason).lower()).inc()
+                    app.metrics.sessions_ended.labels(messages.end_reason_label(item.msg)).inc()
                     return
                 if item.due is not None:
                     delay = item.due - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
-                if item.frames and not app.owns_for_sure():
+                if item.frames and not app.freeze.owns_for_sure():
                     # This process was frozen (SIGSTOP, a stalled loop): while it slept, the session may have been
                     # resumed elsewhere. No frame goes out before the store confirms that it is still ours.
-                    await app.confirm_ownership()
+                    await app.freeze.confirm_ownership()
                 if session.failure is not None:  # failed (moved away, say) with frames still queued: none goes out
                     raise session.failure
                 if item.frames:  # when this replica decided to send it (the send may end after a freeze)
-                    session.last_frame_ts = time.time()
-                    session.first_frame_ts = session.first_frame_ts or session.last_frame_ts
+                    session.stamp_send(time.time())
                 yield item.msg
                 if item.frames:
                     app.on_frame_sent(session, item)
         except SessionFailure as e:
             app.metrics.sessions_rejected.labels(e.code.name.lower()).inc()
             if session is not None:
-                session.resumable = e.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
+                session.set_resumable(e.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE))
                 session.log.info("session failed", code=e.code.name, reason=e.message)
             else:
                 log.info("stream refused", code=e.code.name, reason=e.message)
@@ -216,26 +218,17 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
     async def _read(self, it: AsyncIterator[pb.StreamRequest], s: Session) -> None:
         try:
             async for req in it:
-                s.last_client_msg = time.monotonic()
+                now = time.monotonic()
+                s.client_message(now)
                 kind = req.WhichOneof("message")
                 if kind == "audio":
                     if not req.audio.data:  # an empty chunk carries nothing: it changes no state
                         continue
-                    if s.eoa and not s.realtime:
-                        raise SessionFailure(grpc.StatusCode.FAILED_PRECONDITION,
-                                             "audio after EndOfAudio in PACING_ASAP; open a new session")
-                    s.audio.push(req.audio.data, s.last_client_msg)
-                    s.eoa = False
+                    s.push_audio(req.audio.data, now)
                 elif kind == "interrupt":
-                    s.audio.clear()
-                    s.clear_requested = True
-                    for b in s.pending:  # blocks in the window finish silent
-                        b.pcm_in[:] = 0
-                        b.real_samples = b.real_offset = 0
-                    s.last_real_block = -1
+                    s.interrupt()
                 elif kind == "end_of_audio":
-                    s.eoa = True
-                    s.maybe_finish()
+                    s.end_of_audio()
                 elif kind == "keep_alive":
                     pass
                 elif kind == "config":
@@ -244,8 +237,7 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
                 else:
                     raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT, "empty StreamRequest (no message set)")
                 self.app.scheduler.kick()
-            s.half_closed = True
-            s.maybe_finish()
+            s.half_close()
             self.app.scheduler.kick()
         except asyncio.CancelledError:
             raise
@@ -279,18 +271,11 @@ class App:
         self.router: Router = None  # type: ignore[assignment]  # made in start(), once the port is known
         self.owned: dict[str, Session] = {}  # session id -> the Session streaming it here
         self._closing: set[asyncio.Task[None]] = set()
-        # Freeze detection (owns_for_sure): a loop that stood still longer than a node may be silent before a
-        # resume takes its sessions away (the routing limits' stale_s) must confirm its ownership first.
-        self._tick = time.monotonic()
-        # Another replica takes a session over once the owner's last heartbeat is stale_s old, and that heartbeat
-        # may have been one interval before the freeze began: hence the margin.
-        lim = RoutingLimits(heartbeat_s=cfg.heartbeat_s, node_ttl_s=cfg.node_ttl_s)
-        self._stale_s = lim.stale_s
-        self._freeze_s = max(0.2, lim.stale_s - lim.heartbeat_s - 0.1)
-        self._confirmed = asyncio.Event()
-        self._confirmed.set()
-        self._confirm_task: asyncio.Task[None] | None = None
-        self._liveness_task: asyncio.Task[None] | None = None
+        # A loop that stood still longer than a node may be silent before a resume takes its sessions away (the
+        # routing limits' stale_s) must confirm its ownership before it sends another frame.
+        self.freeze = FreezeGuard(RoutingLimits(heartbeat_s=cfg.heartbeat_s, node_ttl_s=cfg.node_ttl_s),
+                                  lambda: self.router.confirm())
+        self._opener: SessionOpener | None = None  # made in start(), once the router is
         self.hooks: dict[str, Callable[[Session | None], Awaitable[None]]] = {}
         try:
             self.tokens = TokenTable.load(cfg.auth_tokens_file, cfg.auth_tokens)
@@ -303,12 +288,7 @@ class App:
         self.health_server: grpc.aio.Server | None = None
         self.health_port = -1
         self._drain_task: asyncio.Task[None] | None = None
-        self.avatars = AvatarRegistry(cfg.max_avatars, cfg.tenant_max_avatars)
-        self.avatar_dir = AvatarDir(cfg.avatar_dir) if cfg.avatar_dir else None
-        # Decoding an image costs up to a second of CPU (4096x4096): rate-limited per tenant, run one at a time
-        # on a low-priority thread, so that one tenant's uploads cannot stall the other sessions' frames.
-        self.image_rate = TenantRateLimiter(cfg.image_rate_per_s, cfg.image_burst, "new images")
-        self._decode_pool = decode_pool()
+        self.avatar_source = AvatarSource(cfg, self.engine)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -357,6 +337,7 @@ class App:
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.cfg.host}:{self.cfg.port}")
         self.router = self._make_router()
+        self.avatar_source.attach(self.router, self.scheduler.in_engine)
         await self.server.start()
         if self.cfg.health_port >= 0:  # plaintext health only, for probes that cannot speak TLS
             self.health_server = grpc.aio.server()
@@ -370,9 +351,10 @@ class App:
         self.metrics.ready = lambda: not self.draining and not self.stopped  # /readyz follows the health status
         await self.router.start()
         self.metrics.routing_store_up.set_function(lambda: float(self.router.healthy))
+        self._opener = SessionOpener(self.engine, self.scheduler, self.router, self.cfg, self.timeline, self.metrics,
+                                     self.owned, self.avatar_source.for_session, self._hook)
         self._watchdog = asyncio.create_task(self.watchdog(), name="watchdog")
-        self._tick = time.monotonic()
-        self._liveness_task = asyncio.create_task(self._liveness(), name="freeze-detector")
+        self.freeze.start()
         log.info("serving", address=f"{self.cfg.host}:{self.port}", metrics_port=self.metrics_port,
                  model=self.loaded.model_cfg.name, checkpoint=self.loaded.source, trained=self.loaded.trained,
                  device=str(self.engine.device), dtype=str(self.engine.dtype).replace("torch.", ""),
@@ -418,60 +400,20 @@ class App:
     def _on_lost(self, session_id: str) -> None:
         s = self.owned.pop(session_id, None)
         if s is not None:
-            s.out.clear_media()
             s.fail(SessionFailure(grpc.StatusCode.ABORTED, "this session was resumed on another replica; this "
-                                  "stream ends"))
+                                  "stream ends"), drop_media=True)
 
     def tenant_limit(self, tenant: Tenant) -> int:
         return tenant.max_sessions or self.cfg.tenant_max_sessions
 
-    # ---- ownership after a freeze ----------------------------------------------------------------
-    def owns_for_sure(self) -> bool:
-        """False after this process (or its event loop) stood still longer than a node may stay silent: its
-        sessions may have moved meanwhile, until :meth:`confirm_ownership` has asked the store."""
-        if time.monotonic() - self._tick > self._freeze_s:
-            self._fence(time.monotonic() - self._tick)
-        return self._confirmed.is_set()
-
-    def _fence(self, gap: float) -> None:
-        self._tick = time.monotonic()
-        if self._confirmed.is_set():
-            log.warning("this replica stood still (frozen, or its event loop stalled): holding frames until the "
-                        "routing store confirms which sessions are still ours", stalled_s=round(gap, 2))
-            self._confirmed.clear()
-        if self._confirm_task is None or self._confirm_task.done():
-            self._confirm_task = asyncio.create_task(self._confirm(), name="confirm-ownership")
-
-    async def _confirm(self) -> None:
-        # While the store cannot be asked, nobody can move a session either; a client that did resume elsewhere
-        # before has cancelled this stream. So frames wait for an unreachable store only briefly.
-        t_end = time.monotonic() + self._stale_s
-        while not await self.router.confirm():
-            if time.monotonic() > t_end:
-                log.warning("routing store unreachable: frames go out again without confirmation")
-                break
-            await asyncio.sleep(0.1)
-        self._confirmed.set()
-
-    async def confirm_ownership(self) -> None:
-        await self._confirmed.wait()
-
-    async def _liveness(self) -> None:
-        """Notices this process standing still (SIGSTOP, a blocked loop) the moment it runs again."""
-        while True:
-            await asyncio.sleep(0.1)
-            if time.monotonic() - self._tick > self._freeze_s:
-                self._fence(time.monotonic() - self._tick)
-            self._tick = time.monotonic()
-
     async def close_session(self, s: Session) -> None:
         """Frees everything ``s`` holds (engine slot, encoder, routing record), exactly once, in a task of its own:
         cancelling the caller (a handler whose client went away while it was closing) cannot skip a step."""
-        if s.close_task is None:
-            s.close_task = asyncio.create_task(self._close(s), name=f"close-{s.id}")
-            self._closing.add(s.close_task)
-            s.close_task.add_done_callback(self._closing.discard)
-        await asyncio.shield(s.close_task)
+        task, new = s.begin_close(lambda: asyncio.create_task(self._close(s), name=f"close-{s.id}"))
+        if new:
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        await asyncio.shield(task)
 
     async def _close(self, s: Session) -> None:
         try:
@@ -484,9 +426,8 @@ class App:
     async def release_route(self, s: Session) -> None:
         """Gives the session's routing record back, exactly once. The router compares the stream's epoch: when a
         newer stream of the session attached meanwhile (here or elsewhere), nothing of its record changes."""
-        if s.route_released:
+        if not s.claim_route_release():
             return
-        s.route_released = True
         if self.owned.get(s.id) is s:
             del self.owned[s.id]
         await self._hook("release_route", s)
@@ -516,7 +457,7 @@ class App:
         while self.scheduler.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for s in list(self.scheduler.sessions.values()):
-            s.end(pb.END_REASON_SERVER_SHUTDOWN, "this replica is draining; resume the session on another replica")
+            s.end(messages.SERVER_SHUTDOWN, "this replica is draining; resume the session on another replica")
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: NOT_SERVING, refuse new sessions, let live ones finish within the grace
@@ -534,7 +475,7 @@ class App:
         while self.scheduler.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for s in list(self.scheduler.sessions.values()):
-            s.end(pb.END_REASON_SERVER_SHUTDOWN, "the server is shutting down; resume the session on another replica")
+            s.end(messages.SERVER_SHUTDOWN, "the server is shutting down; resume the session on another replica")
         t_end = time.monotonic() + 2.0
         while self.scheduler.sessions and time.monotonic() < t_end:
             await asyncio.sleep(0.02)
@@ -542,9 +483,7 @@ class App:
         await self.server.stop(1.0)
         if self._closing:  # streams cancelled during the shutdown: their slots, routes and log lines
             await asyncio.wait(list(self._closing), timeout=5)
-        for t in (self._liveness_task, self._confirm_task):
-            if t is not None:
-                t.cancel()
+        self.freeze.stop()
         if self.health_server is not None:
             await self.health_server.stop(0.2)
         if self._watchdog is not None:
@@ -563,196 +502,45 @@ class App:
         e = self.engine
         return e.frames_per_block * (e.L - 1) / e.cfg.fps * 1000
 
+    @property
+    def avatars(self) -> AvatarRegistry:
+        return self.avatar_source.registry
+
+    @avatars.setter
+    def avatars(self, registry: AvatarRegistry) -> None:
+        self.avatar_source.registry = registry
+
     async def avatar_from_image(self, data: bytes, name: str = "", tenant: str = DEFAULT_TENANT,
                                 avatar_id: str | None = None, text_context: bytes = b"",
                                 rate_limited: bool = True) -> Avatar:
-        """The avatar of a face (and, for a model with a text context, of a prompt's context file).
-
-        An image this tenant registered before is not decoded again. A new one counts against the tenant's image
-        rate (``rate_limited``: not for an avatar the server itself reloads from a store), and is decoded on the
-        low-priority decode thread, not on the event loop.
-        """
-        loop = asyncio.get_running_loop()
-        digest = await loop.run_in_executor(self._decode_pool, content_digest, data, text_context)
-        known = self.avatars.by_digest(digest, tenant)
-        if known is not None and avatar_id in (None, known.id):
-            return known
-        if rate_limited:
-            self.image_rate.take(tenant)
-        c = self.engine.cfg
-        ctx = None
-        if text_context:
-            if not self.engine.per_slot_text:
-                raise ValueError(f"this server's model ({c.name}) has no text prompt: register the avatar "
-                                 "without text_context")
-            ctx = load_context(text_context, text_len=c.text_len, text_dim=c.text_dim, name="the uploaded context")
-        img = await loop.run_in_executor(
-            self._decode_pool, lambda: load_reference_image(data, c.width, c.height, max_bytes=self.cfg.max_image_bytes,
-                                                            max_pixels=self.cfg.max_image_pixels))
-        anchor = await self.scheduler.in_engine(self.engine.prepare_anchor, img, ctx)
-        avatar = self.avatars.add(name, anchor, digest, tenant, avatar_id, image=data, text_context=text_context)
-        log.info("avatar registered", avatar_id=avatar.id, name=name, tenant=tenant)
-        return avatar
+        """The avatar of a face (and of a prompt's context file): see :meth:`AvatarSource.from_image`."""
+        return await self.avatar_source.from_image(data, name, tenant, avatar_id, text_context, rate_limited)
 
     async def store_avatar(self, avatar: Avatar) -> None:
         """Makes ``avatar`` loadable by every replica: the routing store, and the shared avatar volume if set."""
-        await self.router.put_avatar(avatar.id, avatar.tenant, avatar.image, avatar.text_context)
-        if self.avatar_dir is not None:
-            try:
-                await asyncio.to_thread(self.avatar_dir.put, avatar.id, avatar.tenant, avatar.image,
-                                        avatar.text_context)
-            except OSError as e:
-                log.warning("could not write the avatar to the avatar volume", avatar_id=avatar.id, error=str(e))
+        await self.avatar_source.store(avatar)
 
     async def load_avatar(self, avatar_id: str, tenant: str) -> Avatar | None:
         """An avatar registered on another replica (or before a restart): from the routing store, else the volume."""
-        stored = await self.router.get_avatar(avatar_id, tenant)
-        if stored is None and self.avatar_dir is not None:
-            stored = await asyncio.to_thread(self.avatar_dir.get, avatar_id, tenant)
-            if stored is not None:  # back into the store for the next replica
-                await self.router.put_avatar(avatar_id, tenant, *stored)
-        if stored is None:
-            return None
-        try:
-            return await self.avatar_from_image(stored[0], "", tenant, avatar_id, text_context=stored[1],
-                                                rate_limited=False)
-        except ValueError as e:  # ImageError, or a context this model cannot take
-            raise SessionFailure(grpc.StatusCode.INTERNAL, f"stored avatar {avatar_id} is unusable: {e}") from None
+        return await self.avatar_source.load(avatar_id, tenant)
 
     async def _store_lost(self) -> None:
-        """The routing store came back without our records (restarted empty, FLUSHALL): the avatars of the sessions
-        streaming here go back in, so that they can still resume on another replica."""
-        seen: set[str] = set()
-        for s in list(self.owned.values()):
-            a = self.avatars.get(s.avatar_id, s.tenant)
-            if a is not None and a.id not in seen and a.image:
-                seen.add(a.id)
-                await self.router.put_avatar(a.id, a.tenant, a.image, a.text_context)
-        if seen:
-            log.info("avatars of live sessions written back to the routing store", count=len(seen))
+        await self.avatar_source.restore([(s.avatar_id, s.tenant) for s in list(self.owned.values())])
 
     async def open_session(self, sc: pb.SessionConfig, tenant: Tenant | None = None) -> Session:
+        """The session a stream's SessionConfig asks for, opened on this replica (see :mod:`.opening`)."""
         tenant = tenant or Tenant(DEFAULT_TENANT)
         if self.draining:
             raise SessionFailure(grpc.StatusCode.UNAVAILABLE, "this replica is shutting down; connect to another")
-        if not sc.session_id and (sc.session_token or sc.resume_block):
-            raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
-                                 "session_token and resume_block need session_id (from CreateSession)")
-        af = sc.audio_format
-        if af.encoding not in (pb.AUDIO_ENCODING_PCM16LE, pb.AUDIO_ENCODING_UNSPECIFIED):
-            raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"audio encoding {af.encoding} is not supported; use AUDIO_ENCODING_PCM16LE")
-        if af.channels not in (0, 1):
-            raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"audio has {af.channels} channels; send mono (channels = 1)")
-        # No audio_format at all: PCM16LE mono at the model's rate (as encoding 0 and channels 0 mean the defaults).
-        # An AudioFormat that is sent but names no rate is refused: proto3 cannot tell 0 from unset, and guessing the
-        # model's rate for a client that forgot the field would play its 48 kHz audio as 16 kHz, silently.
-        if sc.HasField("audio_format") and af.sample_rate_hz == 0:
-            raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
-                                 "audio_format.sample_rate_hz is 0 (unset): set it to the sample rate of the audio "
-                                 f"you will send ({MIN_RATE} to {MAX_RATE} Hz, e.g. 16000, 22050 or 48000)")
-        rate = af.sample_rate_hz or self.engine.cfg.audio_sample_rate
-        problem = rate_problem(rate, self.engine.cfg.fps)
-        if problem is not None:
-            raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        if sc.video_encoding not in SUPPORTED_ENCODINGS:
-            names = ", ".join(pb.VideoEncoding.Name(v) for v in SUPPORTED_ENCODINGS)
-            raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"video encoding {sc.video_encoding} is not supported; use one of {names}")
-        if sc.pacing not in (pb.PACING_UNSPECIFIED, pb.PACING_REALTIME, pb.PACING_ASAP):
-            raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"pacing {sc.pacing} is unknown; use PACING_REALTIME or PACING_ASAP")
-        if sc.jpeg_quality > 100:
-            raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT, "jpeg_quality must be 1..100 (0: default)")
-        ref = sc.WhichOneof("reference")
-        if ref == "avatar_id":
-            avatar = self.avatars.get(sc.avatar_id, tenant.name)
-            if avatar is None:  # registered on another replica: its image is in the routing store
-                avatar = await self.load_avatar(sc.avatar_id, tenant.name)
-            if avatar is None:
-                raise SessionFailure(grpc.StatusCode.NOT_FOUND,
-                                     f"avatar {sc.avatar_id!r} is not registered (or was removed); register it "
-                                     "again with RegisterAvatar (the same image gets the same id) or send "
-                                     "reference_image")
-        elif ref == "reference_image":
-            try:
-                avatar = await self.avatar_from_image(sc.reference_image, "", tenant.name)
-            except ImageError as e:
-                raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-            except RateLimited as e:
-                raise SessionFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e),
-                                     retry_trailers(e.retry_after_s)) from None
-        else:
-            raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT,
-                                 "SessionConfig needs a reference: reference_image (PNG/JPEG bytes) or avatar_id")
-        c = self.engine.cfg
-        try:
-            audio = AudioInput(rate, c.audio_sample_rate, self.engine.frames_per_block, c.fps,
-                               self.cfg.max_chunk_ms, self.cfg.max_buffered_s)
-        except AudioError as e:
-            raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        seed = sc.seed or secrets.randbits(63)
-        # Routing: attach to the session placed by CreateSession, or place one here.
-        limit = self.tenant_limit(tenant)
-        try:
-            if sc.session_id:
-                rec = await self.router.attach(sc.session_id, sc.session_token, tenant.name, limit)
-                token = ""
-            else:
-                rec, token = await self.router.create_local(tenant.name, limit)
-        except RoutingError as e:
-            raise SessionFailure(e.code, e.message, e.trailers) from None
-        sid, epoch = rec.session_id, rec.epoch
-        await self._hook("attached")
-        old = self.owned.get(sid)
-        if old is not None and old.epoch < epoch:
-            # The same session attached again (its client lost only its connection): the new stream wins. The
-            # old stream's cleanup carries the old epoch, so it cannot release the record this stream now holds.
-            old.log.info("superseded by a new stream for the same session", epoch=epoch)
-            old.fail(SessionFailure(grpc.StatusCode.ABORTED, "another stream attached to this session; this one ends"))
-            del self.owned[sid]
-            await self.scheduler.release(old)
-        try:
-            slot = await self.scheduler.allocate(avatar.anchor, seed)
-        except NoFreeSlotError:
-            await asyncio.shield(self.router.release(sid, epoch, resumable=True))
-            raise SessionFailure(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f"all {self.cfg.max_sessions} session slots of this replica are in use; retry "
-                                 "later or on another replica") from None
-        except BaseException:
-            await asyncio.shield(self.router.release(sid, epoch, resumable=True))
-            raise
-        try:
-            encoder = make_encoder(sc.video_encoding, c.width, c.height, c.fps, jpeg_quality=sc.jpeg_quality,
-                                   bitrate_bps=sc.video_bitrate_bps)
-        except Exception as e:
-            await self.scheduler.in_engine(self.engine.free, slot)
-            await asyncio.shield(self.router.release(sid, epoch, resumable=False))
-            raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT, f"cannot create the video encoder: {e}") from None
-        if self.router.local.get(sid) is None or self.router.local[sid].epoch != epoch:
-            # A newer stream attached while this one was being set up, or the session moved: this one yields.
-            await self.scheduler.in_engine(self.engine.free, slot)
-            encoder.close()
-            raise SessionFailure(grpc.StatusCode.ABORTED, "another stream attached to this session; this one ends")
-        s = Session(id=sid, config=sc, slot=slot, audio=audio, encoder=encoder, timeline=self.timeline,
-                    queue_frames=self.cfg.queue_frames, max_blocks_ahead=self.cfg.max_blocks_ahead,
-                    avatar_id=avatar.id, block_offset=int(sc.resume_block), token=token, tenant=tenant.name,
-                    epoch=epoch)
-        s.log = log.bind(session_id=sid, utterance_id=sc.utterance_id or None, avatar_id=avatar.id)
-        self.owned[sid] = s
-        self.scheduler.add(s)
-        self.metrics.sessions_started.inc()
-        s.log.info("session started", slot=slot, sample_rate=rate, encoding=pb.VideoEncoding.Name(sc.video_encoding),
-                   pacing=pb.Pacing.Name(sc.pacing or pb.PACING_REALTIME))
-        return s
+        assert self._opener is not None, "App.start() first"
+        return await self._opener.open(sc, tenant.name, self.tenant_limit(tenant))
 
     def started_message(self, s: Session) -> pb.SessionStarted:
         c = self.engine.cfg
         lat = self.timeline.latency_s * 1000 if s.realtime else self.lookahead_ms() + s.timeline.block_s * 1000
-        return pb.SessionStarted(
+        return messages.session_started(
             session_id=s.id, fps=c.fps, width=c.width, height=c.height, frames_per_block=self.engine.frames_per_block,
-            lookahead_ms=self.lookahead_ms(), latency_ms=lat, video_encoding=s.config.video_encoding,
+            lookahead_ms=self.lookahead_ms(), latency_ms=lat, video_encoding=s.spec.video_encoding,
             init_segment=s.encoder.init_segment, audio_sample_rate_hz=s.audio.rate, avatar_id=s.avatar_id,
             idle_timeout_ms=self.cfg.idle_timeout_s * 1000, session_token=s.token, node_id=self.node_id,
             first_frame_index=s.block_offset * self.engine.frames_per_block)
@@ -762,13 +550,11 @@ class App:
         m = self.metrics
         m.frames_emitted.inc()
         m.queue_depth.observe(s.out.frames)
-        if s.first_frame_at is None:
-            s.first_frame_at = now
-            m.time_to_first_frame.observe(now - s.t_start)
-        elif s.last_frame_at is not None:
-            m.inter_frame_gap.observe(now - s.last_frame_at)
-        s.last_frame_at = now
-        s.frames_sent += 1
+        first, gap = s.frame_sent(now)
+        if first is not None:
+            m.time_to_first_frame.observe(first)
+        elif gap is not None:
+            m.inter_frame_gap.observe(gap)
         if item.arrival is not None:
             m.frame_latency.observe(now - item.arrival)
 
@@ -815,11 +601,11 @@ class App:
                 if s.ending:
                     continue
                 if now - s.last_client_msg > self.cfg.idle_timeout_s:
-                    s.out.clear_media()
-                    s.end(pb.END_REASON_IDLE_TIMEOUT,
-                          f"no message from the client for {self.cfg.idle_timeout_s:g} s (send KeepAlive)")
+                    s.end(messages.IDLE_TIMEOUT,
+                          f"no message from the client for {self.cfg.idle_timeout_s:g} s (send KeepAlive)",
+                          drop_media=True)
                 elif now - s.t_start > self.cfg.max_session_s:
-                    s.end(pb.END_REASON_MAX_DURATION, f"sessions are limited to {self.cfg.max_session_s:g} s")
+                    s.end(messages.MAX_DURATION, f"sessions are limited to {self.cfg.max_session_s:g} s")
 
 
 async def run_app(app: App) -> None:

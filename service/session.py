@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,18 +23,13 @@ import numpy as np
 
 from avatarforcing_proto.v1 import avatarforcing_pb2 as pb
 
+from . import messages
 from .audio_in import AudioInput, Block
-from .codecs import FrameEncoder
+from .codecs import EncodedFrame, FrameEncoder
+from .failure import SessionFailure
+from .spec import SessionSpec
 
-
-class SessionFailure(Exception):
-    """Ends one session with a gRPC status; others go on."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str], ...] = ()) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.trailers = trailers
+__all__ = ["OutItem", "OutputQueue", "Session", "SessionFailure", "Timeline"]
 
 
 @dataclass
@@ -86,6 +82,10 @@ class OutputQueue:
         self.frames -= it.frames
         return it
 
+    def peek(self) -> OutItem | None:
+        """The item :meth:`get` would return next, without taking it."""
+        return self._q[0] if self._q else None
+
     def __len__(self) -> int:
         return len(self._q)
 
@@ -109,8 +109,16 @@ class Timeline:
 
 @dataclass
 class Session:
+    """A session's whole state, and the only code that changes it.
+
+    The servicer reports what the client sent (:meth:`client_message`, :meth:`push_audio`, :meth:`interrupt`,
+    :meth:`end_of_audio`, :meth:`half_close`) and what went out (:meth:`frame_sent`); the scheduler reports a
+    step's start and result (:meth:`start_step`, :meth:`step_done`, :meth:`queue_block`); the app closes it
+    (:meth:`begin_release`, :meth:`begin_close`, :meth:`claim_route_release`). Everyone else only reads.
+    """
+
     id: str
-    config: pb.SessionConfig
+    spec: SessionSpec
     slot: int
     audio: AudioInput
     encoder: FrameEncoder
@@ -136,7 +144,7 @@ class Session:
     delivered_block: int = -1
     eoa: bool = False  # EndOfAudio received and not followed by more audio
     half_closed: bool = False
-    clear_requested: bool = False
+    clear_requested: bool = False  # an interrupt's engine-side half: the next step clears the slot's audio
     ending: bool = False  # End queued or failure set: no more steps
     released: bool = False
     release_task: asyncio.Task[None] | None = None
@@ -156,11 +164,47 @@ class Session:
 
     @property
     def realtime(self) -> bool:
-        return self.config.pacing != pb.PACING_ASAP
+        return self.spec.realtime
 
     @property
     def fpb(self) -> int:
         return self.timeline.frames_per_block
+
+    # ---- what the client sent ------------------------------------------------------------------
+    def client_message(self, now: float) -> None:
+        """Any message counts as a sign of life (the idle timeout)."""
+        self.last_client_msg = now
+
+    def push_audio(self, data: bytes, now: float) -> None:
+        """A chunk of the client's audio; it also cancels an earlier EndOfAudio (REALTIME)."""
+        if self.eoa and not self.realtime:
+            raise SessionFailure(grpc.StatusCode.FAILED_PRECONDITION,
+                                 "audio after EndOfAudio in PACING_ASAP; open a new session")
+        self.audio.push(data, now)
+        self.eoa = False
+
+    def interrupt(self) -> None:
+        """Drops the buffered audio, silences the blocks already in the engine's window, and asks the next
+        engine step to clear the slot's audio (the scheduler collects that with :meth:`take_clear_request`)."""
+        self.audio.clear()
+        self.clear_requested = True
+        for b in self.pending:  # blocks in the window finish silent
+            b.pcm_in[:] = 0
+            b.real_samples = b.real_offset = 0
+        self.last_real_block = -1
+
+    def end_of_audio(self) -> None:
+        self.eoa = True
+        self.maybe_finish()
+
+    def half_close(self) -> None:
+        """The client closed its side of the stream: render what is left, then End (CLIENT_CLOSED)."""
+        self.half_closed = True
+        self.maybe_finish()
+
+    def set_resumable(self, resumable: bool) -> None:
+        """Whether releasing the session keeps its routing record, so that the client can resume it."""
+        self.resumable = resumable
 
     # ---- scheduling ----------------------------------------------------------------------------
     def deadline(self) -> float:
@@ -203,11 +247,51 @@ class Session:
         self.pending.append(b)
         return b
 
+    def take_clear_request(self) -> bool:
+        """True once after :meth:`interrupt` (unless released meanwhile): the slot's audio must be cleared."""
+        if not self.clear_requested or self.released:
+            return False
+        self.clear_requested = False
+        return True
+
+    def start_step(self) -> Block:
+        """The session goes into an engine step with its next block."""
+        b = self.take_block()
+        self.in_flight = True
+        return b
+
+    def step_done(self, emitted: bool) -> Block | None:
+        """The engine step ran; returns the block it emitted (oldest pending first), if any."""
+        self.steps += 1
+        self.in_flight = False
+        return self.pending.popleft() if emitted else None
+
+    def step_failed(self, failure: SessionFailure) -> None:
+        self.in_flight = False
+        self.fail(failure)
+
     def finished_audio(self) -> bool:
         """Every block with real audio has been emitted and there is nothing buffered."""
         return self.audio.buffered == 0 and self.steps > self.last_real_block + self.timeline.window_blocks - 1
 
+    def observe_similarity(self, similarity: float, floor: float | None) -> float | None:
+        """Records a block's anchor similarity; returns the recent mean when it has just fallen below ``floor``
+        (a drift alert, raised once per crossing), else None."""
+        self.recent_sim.append(similarity)
+        if floor is None or len(self.recent_sim) < (self.recent_sim.maxlen or 0):
+            return None
+        mean = sum(self.recent_sim) / len(self.recent_sim)
+        if mean < floor and not self.drifting:
+            self.drifting = True
+            return mean
+        if mean >= floor and self.drifting:
+            self.drifting = False
+        return None
+
     # ---- output --------------------------------------------------------------------------------
+    def accepts_output(self) -> bool:
+        return not (self.ending or self.released)
+
     def frame_due(self, index: int) -> float | None:
         if not self.realtime:
             return None
@@ -218,8 +302,7 @@ class Session:
         """Applies the slow-client policy before a block is queued; returns frames dropped."""
         if not self.realtime or self.out.frames + incoming <= self.queue_frames:
             return 0
-        inter = self.config.video_encoding in (pb.VIDEO_ENCODING_H264, pb.VIDEO_ENCODING_FMP4)
-        if inter:
+        if self.spec.inter_coded:
             dropped = self.out.clear_media()
             self.encoder.force_keyframe()
         else:
@@ -229,29 +312,95 @@ class Session:
         self.frames_dropped += dropped
         return dropped
 
+    def queue_block(self, emitted_block: int, blk: Block, encoded: list[EncodedFrame]) -> None:
+        """Queues an emitted block: its audio, its frames and (once a second) Stats, each due in real time."""
+        j = emitted_block + self.block_offset  # resumed sessions continue the client's block numbering
+        fpb = self.fpb
+        a_off = self.block_offset * self.audio.in_block
+        spf = self.audio.in_block // fpb
+        fps = self.timeline.fps
+        first = j * fpb
+        self.out.put(OutItem(messages.audio_out(j, blk, blk.start_sample + a_off), block=j,
+                             due=self.frame_due(first)))
+        arrival = blk.newest_arrival if blk.real_samples else None
+        for i, ef in enumerate(encoded):
+            n = first + i
+            msg = messages.video_frame(n, fps, blk.start_sample + a_off + i * spf, spf, ef, j)
+            self.out.put(OutItem(msg, frames=1, block=j, due=self.frame_due(n), arrival=arrival))
+        if (j + 1) * fpb // int(fps) != j * fpb // int(fps):
+            self.out.put(OutItem(self.stats(), block=j, due=self.frame_due(first + fpb - 1)))
+        self.delivered_block = emitted_block
+        self.maybe_finish()
+
+    def stamp_send(self, wall: float) -> None:
+        """A frame is about to be written (``wall``: time.time()); the close log says when this replica streamed."""
+        self.last_frame_ts = wall
+        self.first_frame_ts = self.first_frame_ts or wall
+
+    def frame_sent(self, now: float) -> tuple[float | None, float | None]:
+        """A frame went out at ``now``; returns (time to the first frame, or the gap since the previous one)."""
+        first = gap = None
+        if self.first_frame_at is None:
+            self.first_frame_at = now
+            first = now - self.t_start
+        elif self.last_frame_at is not None:
+            gap = now - self.last_frame_at
+        self.last_frame_at = now
+        self.frames_sent += 1
+        return first, gap
+
     def stats(self) -> pb.StreamResponse:
         sim = float(np.mean(self.recent_sim)) if self.recent_sim else 0.0
-        return pb.StreamResponse(stats=pb.Stats(
+        return messages.stats(
             frames_sent=self.frames_sent, frames_dropped=self.frames_dropped,
             audio_samples_received=self.audio.received, silence_samples_inserted=self.audio.silence_inserted,
-            queue_depth=self.out.frames, anchor_similarity=sim, utterance_id=self.config.utterance_id))
+            queue_depth=self.out.frames, anchor_similarity=sim, utterance_id=self.spec.utterance_id)
 
-    def end(self, reason: pb.EndReason, message: str = "") -> None:
-        """Queues End (once); no more steps run for this session."""
+    # ---- ending --------------------------------------------------------------------------------
+    def end(self, reason: int, message: str = "", *, drop_media: bool = False) -> None:
+        """Queues End (once); no more steps run for this session. ``drop_media``: what is still queued is not sent."""
         if self.ending:
             return
+        if drop_media:
+            self.out.clear_media()
         self.ending = True
-        self.out.put(OutItem(pb.StreamResponse(end=pb.End(reason=reason, message=message)), end=True))
+        self.out.put(OutItem(messages.end(reason, message), end=True))
 
     def maybe_finish(self) -> None:
         """Ends the session once everything it must render has been queued."""
         if self.ending or not (self.half_closed or (self.eoa and not self.realtime)):
             return
         if self.audio.buffered == 0 and self.delivered_block >= self.last_real_block:
-            self.end(pb.END_REASON_END_OF_AUDIO if self.eoa else pb.END_REASON_CLIENT_CLOSED)
+            self.end(messages.END_OF_AUDIO if self.eoa else messages.CLIENT_CLOSED)
 
-    def fail(self, failure: SessionFailure) -> None:
+    def fail(self, failure: SessionFailure, *, drop_media: bool = False) -> None:
+        if drop_media:
+            self.out.clear_media()
         if self.failure is None:
             self.failure = failure
         self.ending = True
-        self.out.put(OutItem(pb.StreamResponse(), end=True))
+        self.out.put(OutItem(messages.failed(), end=True))
+
+    def begin_release(self, start: Callable[[], asyncio.Task[None]]) -> tuple[asyncio.Task[None], bool]:
+        """Marks the session released (no more steps or output) and returns the task that frees its slot and
+        encoder; ``start`` makes it on the first call only. The flag says whether this call started it."""
+        if self.release_task is not None:
+            return self.release_task, False
+        self.released = True
+        self.ending = True
+        self.release_task = start()
+        return self.release_task, True
+
+    def begin_close(self, start: Callable[[], asyncio.Task[None]]) -> tuple[asyncio.Task[None], bool]:
+        """The task that closes the session (slot, encoder, route), made by ``start`` on the first call only."""
+        if self.close_task is not None:
+            return self.close_task, False
+        self.close_task = start()
+        return self.close_task, True
+
+    def claim_route_release(self) -> bool:
+        """True for the one caller that gives the routing record back; False for every later one."""
+        if self.route_released:
+            return False
+        self.route_released = True
+        return True

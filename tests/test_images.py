@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import avatarforcing_service.server as server_mod
+import avatarforcing_service.avatar_source as avatar_source_mod
 from avatarforcing_client import pb, pb_grpc
 from avatarforcing_service.images import BACKGROUND, ImageError, load_reference_image, to_rgb8
 from avatarforcing_service.server import App
@@ -251,7 +251,7 @@ async def test_decoding_a_large_image_does_not_stall_the_event_loop(make_app: Ap
     data = noise_png()
     app = await make_app(max_image_bytes=len(data) + 1024)
     spans: list[tuple[float, float, int]] = []
-    real = server_mod.load_reference_image
+    real = avatar_source_mod.load_reference_image
 
     def timed(*args: Any, **kw: Any) -> np.ndarray:
         t0 = time.monotonic()
@@ -260,7 +260,7 @@ async def test_decoding_a_large_image_does_not_stall_the_event_loop(make_app: Ap
         finally:
             spans.append((t0, time.monotonic(), threading.get_ident()))
 
-    monkeypatch.setattr(server_mod, "load_reference_image", timed)
+    monkeypatch.setattr(avatar_source_mod, "load_reference_image", timed)
     ticks: list[float] = []
     stop = asyncio.Event()
 

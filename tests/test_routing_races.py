@@ -166,7 +166,7 @@ async def test_close_session_cannot_be_skipped_by_cancelling_its_caller(make_app
         await started(call)
         s = a.owned[p.session_id]
         hold.session_id = p.session_id
-        s.resumable = False
+        s.set_resumable(False)
         closer = asyncio.create_task(a.close_session(s))
         await asyncio.wait_for(hold.entered.wait(), 10)
         closer.cancel()  # the caller goes away at the racing point...
@@ -388,7 +388,7 @@ async def test_a_replica_that_stood_still_sends_no_frame_before_confirming_owner
         assert r.node_id == other.node_id
         # The owner "wakes up" (as after SIGCONT: its loop stood still longer than a node may be silent). Its next
         # frame waits for the store, which says the session moved: the stream ends without another frame.
-        owner._tick -= 10
+        owner.freeze.stood_still(10)
         sent_before = s.frames_sent
         with pytest.raises(grpc.aio.AioRpcError) as ei:
             while True:

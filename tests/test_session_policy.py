@@ -9,10 +9,12 @@ from avatarforcing_client import pb
 from avatarforcing_service.audio_in import AudioInput
 from avatarforcing_service.codecs import make_encoder
 from avatarforcing_service.session import OutItem, Session, Timeline
+from avatarforcing_service.spec import check_config
 
 
 def session(enc: int, pacing: int = pb.PACING_REALTIME, queue_frames: int = 8) -> Session:
-    return Session(id="s", config=pb.SessionConfig(video_encoding=enc, pacing=pacing), slot=0,
+    spec = check_config(pb.SessionConfig(video_encoding=enc, pacing=pacing, avatar_id="a"), model_rate=16000, fps=25.0)
+    return Session(id="s", spec=spec, slot=0,
                    audio=AudioInput(16000, 16000, 4, 25.0, 1000, 60), encoder=make_encoder(enc, 64, 64, 25.0),
                    timeline=Timeline(25.0, 4, 4, 0.24), queue_frames=queue_frames, max_blocks_ahead=2)
 
@@ -28,7 +30,8 @@ def test_intra_only_drops_oldest_blocks() -> None:
     s = session(pb.VIDEO_ENCODING_JPEG)
     fill(s, 2)
     assert s.make_room(4) == 4 and s.out.frames == 4 and s.frames_dropped == 4
-    assert s.out._q[0].block == 1  # the oldest block (frames and audio) went
+    nxt = s.out.peek()
+    assert nxt is not None and nxt.block == 1  # the oldest block (frames and audio) went
 
 
 async def test_inter_coded_drops_everything_queued_and_forces_a_keyframe() -> None:
@@ -43,12 +46,12 @@ async def test_inter_coded_drops_everything_queued_and_forces_a_keyframe() -> No
 
 
 @pytest.mark.parametrize("enc", [pb.VIDEO_ENCODING_JPEG, pb.VIDEO_ENCODING_H264])
-def test_asap_never_drops_and_applies_backpressure(enc: int) -> None:
+async def test_asap_never_drops_and_applies_backpressure(enc: int) -> None:
     s = session(enc, pacing=pb.PACING_ASAP)
     fill(s, 2)
     assert s.make_room(4) == 0 and s.out.frames == 8
     s.audio.push(np.zeros(2560, np.int16).tobytes(), 0.0)
     assert not s.ready(now=1e9, horizon=0.0)  # the queue is full: not stepped
-    s.out._q.clear()
-    s.out.frames = 0
+    while s.out.peek() is not None:  # the client reads the queue down
+        await s.out.get()
     assert s.ready(now=1e9, horizon=0.0)
