@@ -157,6 +157,14 @@ def test_an_interruption_mutes_up_to_the_first_block_without_real_samples() -> N
     assert speech(ledger, 4, 1500, 1060) == BlockPlayout(play=True, segment_ends=1)
     assert ledger.segments_ended == 1
 
+    # Without a block free of real samples, muting stops after 16 blocks.
+    pushed(ledger, 6 * BLOCK)
+    ledger.interrupt()
+    for k in range(5, 5 + 16):
+        assert not speech(ledger, k, BLOCK).play
+    assert not ledger.muting and ledger.muted_blocks == 2 + 16
+    assert ledger.interrupts == 2 and ledger.segments_ended == 1
+
 
 def test_muting_stops_after_max_drain_blocks_without_a_silent_block() -> None:
     ledger = SegmentLedger(BLOCK, max_drain_blocks=16)
