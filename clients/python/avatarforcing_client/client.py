@@ -38,11 +38,12 @@ answers. A stream refused because the replica does not know the session's avatar
 opened again once after the client registered the avatar again from the image it kept
 (``avatar_cache_size``).
 
-Layout: this module holds the client (channels, unary calls, placement) and :class:`Session` (sending,
-resuming, reading); the pieces they use live next to it, each with one concern: :mod:`.stream` (opening the
-``Stream`` call and reading it within a limit), :mod:`.resume` (what is kept and deduplicated for a resume, a
-plain object), :mod:`.liveness` (channel keepalive, the automatic ``KeepAlive``, the stall limit),
-:mod:`.placement` (which statuses are retried, the server's hints in trailers) and :mod:`.errors`.
+Layout: this module holds the client (channels, unary calls to the targets in turn) and :class:`Session`
+(sending, resuming, reading); the pieces they use live next to it, each with one concern: :mod:`.placement`
+(placing a session and opening its stream on the replica named, with the retries and the server's hints),
+:mod:`.stream` (the ``Stream`` call: opening it, reading it within a limit), :mod:`.resume` (what is kept and
+deduplicated for a resume, a plain object), :mod:`.liveness` (channel keepalive, the automatic ``KeepAlive``,
+the stall limit) and :mod:`.errors`.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ import asyncio
 import collections
 import numbers
 import os
-import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Collection, Iterable, Sequence
 from typing import Any, TypeAlias
@@ -65,16 +65,9 @@ from avatarforcing_proto.v1 import avatarforcing_pb2_grpc as pb_grpc
 from .audio import pcm_chunks, read_wav
 from .errors import ProtocolError, SessionClosedError, StreamStalledError, status_error
 from .liveness import CLOSE_WAIT_S, KeepAliveSender, keepalive_options, stall_limit
-from .placement import (
-    PLACEMENT_ATTEMPT_S,
-    RESUMABLE,
-    RETRY_PLACEMENT,
-    TRY_NEXT_TARGET,
-    owner_address,
-    retry_after,
-)
+from .placement import RESUMABLE, TRY_NEXT_TARGET, Placement
 from .resume import ResumeState
-from .stream import open_stream, read_within
+from .stream import read_within
 
 __all__ = [
     "AvatarForcingClient",
@@ -470,16 +463,12 @@ class Session:
         self._end: pb.End | None = None
         self._finished = False  # End received or server closed the stream
         # Routing and resume.
-        self._session_id = ""
-        self._token = ""
-        self._routed = False  # placed by CreateSession (the server supports resuming)
-        self.address = ""  # the replica the stream runs on
+        self._placement = Placement(client, config)
         self.resumes = 0  #: how many times the session resumed after its stream broke
         self.generation = 0  #: incremented by each resume
         self._resume_lock = asyncio.Lock()
         self._state = ResumeState(config.audio_format.sample_rate_hz, resume_buffer_s)
         self._awaiting_first = True  # no response read yet on the current stream (stall watchdog)
-        self._avatar_retry = True  # the one re-registration of a lost avatar allowed per placement
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -513,104 +502,16 @@ class Session:
         if self._closed:
             raise SessionClosedError("session is closed")
         try:
-            started, call = await self._place_and_open(resume=False)
+            started, call = await self._placement.place_and_open(resume=False)
         except BaseException:
             self._closed = True
             raise
         self._call = call
         self._started = started
         self._awaiting_first = True
-        if started.session_token:  # placed implicitly by the server: its token resumes it
-            self._token = started.session_token
-            self._session_id = started.session_id
+        self._placement.adopt(started)
         self._keepalive.start(self.keepalive_interval, self._keepalive_name)
         return started
-
-    async def _open(self, stub: Any, resume_block: int) -> tuple[pb.SessionStarted, Any]:
-        """One Stream call with this session's config (its ids and ``resume_block`` once placed)."""
-        config = pb.SessionConfig()
-        config.CopyFrom(self.config)
-        if self._routed:
-            config.session_id, config.session_token = self._session_id, self._token
-            config.resume_block = resume_block
-        return await open_stream(stub, config, self._client.metadata)
-
-    async def _attach(self, stub: Any, resume_block: int, deadline: float,
-                      address: str) -> tuple[pb.SessionStarted, Any]:
-        """:meth:`_open` within ``attach_timeout`` and ``deadline`` (``DEADLINE_EXCEEDED`` when it runs out: the
-        call is cancelled). A refusal naming a lost avatar that this client registered re-registers it and
-        attaches once more (once per placement)."""
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise status_error(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    f"no time left to attach to the replica at {address or 'the target'}")
-            budget = min(self._client.attach_timeout, left)
-            try:
-                async with asyncio.timeout(budget):
-                    return await self._open(stub, resume_block)
-            except TimeoutError:
-                raise status_error(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    f"the replica at {address or 'the target'} did not start the stream within "
-                                    f"{budget:.3g} s") from None
-            except grpc.aio.AioRpcError as e:
-                avatar_id = self.config.avatar_id if self.config.WhichOneof("reference") == "avatar_id" else ""
-                if not (self._avatar_retry and avatar_id and e.code() == grpc.StatusCode.NOT_FOUND
-                        and "avatar" in (e.details() or "").lower()):
-                    raise
-                self._avatar_retry = False
-                new_id = await self._client._reregister(avatar_id, deadline)
-                if new_id is None:
-                    raise
-                self.config.avatar_id = new_id
-
-    async def _place_and_open(self, resume: bool, avoid: Collection[str] = ()) -> tuple[pb.SessionStarted, Any]:
-        """Placement, then the stream on the replica it names; retries while replicas are full,
-        unreachable, silent or the session is owned elsewhere, up to the client's time limit, which also
-        bounds every attempt. ``avoid``: replicas asked for placement last (one that just stopped
-        answering)."""
-        client = self._client
-        front = client._ensure_stub()
-        limit = client.resume_timeout if resume else client.placement_timeout
-        deadline = time.monotonic() + limit
-        self._avatar_retry = True
-        resume_block = self._resume_block() if resume else 0
-        delay = 0.05
-        address: str | None = None
-        silent = set(avoid)  # replicas that did not answer: asked for placement last
-        while True:
-            target = address
-            try:
-                if address is None:
-                    try:
-                        placed = await client._unary(
-                            "CreateSession",
-                            pb.CreateSessionRequest(resume_session_id=self._session_id if resume else "",
-                                                    session_token=self._token if resume else ""),
-                            PLACEMENT_ATTEMPT_S, deadline=deadline, avoid=silent, failed=silent)
-                    except grpc.aio.AioRpcError as e:
-                        if e.code() != grpc.StatusCode.UNIMPLEMENTED or resume:
-                            raise
-                        return await self._attach(front, 0, deadline, client.target)  # a server without routing
-                    if not resume:
-                        self._session_id, self._token = placed.session_id, placed.session_token
-                    self._routed = True
-                    address = target = placed.address
-                started, call = await self._attach(client._stub_for(address), resume_block, deadline, address)
-                self.address = address
-                return started, call
-            except grpc.aio.AioRpcError as e:
-                owner = owner_address(e)
-                if owner is None and e.code() not in RETRY_PLACEMENT:
-                    raise
-                if target and e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    silent.add(target)
-                if time.monotonic() + delay > deadline:
-                    raise
-                address = owner  # dial the owner next; otherwise ask for placement again
-                wait = retry_after(e, delay) if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else delay
-                await asyncio.sleep(min(wait * (0.5 + random.random()), max(deadline - time.monotonic(), 0)))
-                delay = min(delay * 2, 0.5)
 
     # -- resume ------------------------------------------------------------------------------
 
@@ -619,7 +520,8 @@ class Session:
         return self._state.resume_block(self._started.frames_per_block if self._started else 0)
 
     def _can_resume(self) -> bool:
-        return self._routed and self._client.resume_timeout > 0 and not self._closed and bool(self._token)
+        p = self._placement
+        return p.routed and self._client.resume_timeout > 0 and not self._closed and bool(p.token)
 
     async def _resume(self, broken: Any, cause: BaseException, avoid: Collection[str] = ()) -> None:
         """Moves the session to a new stream (another replica if the old one is gone), once per break.
@@ -630,7 +532,7 @@ class Session:
             if not self._can_resume():
                 raise cause
             broken.cancel()
-            started, call = await self._place_and_open(resume=True, avoid=avoid)
+            started, call = await self._placement.place_and_open(True, self._resume_block(), avoid)
             async with self._write_lock:
                 self._call = call
                 self._started = started
@@ -680,6 +582,11 @@ class Session:
             if not call.done():
                 call.cancel()
             await self._keepalive.join()
+
+    @property
+    def address(self) -> str:
+        """The replica the stream runs on, as placement named it ("" before, or on a server without routing)."""
+        return self._placement.address
 
     @property
     def closed(self) -> bool:
