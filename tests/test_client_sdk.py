@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import struct
 import subprocess
 import sys
 import time
 import wave
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from avatarforcing_client import (
     SyncClient,
     decode_video_frames,
     pb,
+    pb_grpc,
     pcm_chunks,
     read_wav,
     record_session,
@@ -208,103 +210,109 @@ async def test_stream_pcm_paces_and_rejoins_odd_chunks() -> None:
         await s.stream_pcm([b"\x01\x02\x03"], realtime=False)
 
 
-class _StubCall:
-    """Stands in for grpc.aio's StreamStreamCall: answers the config with SessionStarted and records
-    what is written, with the time."""
+class _QuietServer(pb_grpc.AvatarForcingServicer):
+    """A server without routing (``CreateSession`` answers UNIMPLEMENTED, as the generated servicer does) whose
+    Stream answers the config with SessionStarted, then records what the client writes, with the time it
+    arrived, until :attr:`end_stream` is set (the stream then ends with OK)."""
 
     def __init__(self, idle_timeout_ms: float) -> None:
-        started = pb.SessionStarted(session_id="stub", fps=25, width=8, height=8, idle_timeout_ms=idle_timeout_ms)
-        self.responses: asyncio.Queue[object] = asyncio.Queue()
-        self.responses.put_nowait(pb.StreamResponse(started=started))
+        self.started = pb.SessionStarted(session_id="stub", fps=25, width=8, height=8, idle_timeout_ms=idle_timeout_ms)
         self.writes: list[tuple[float, str]] = []
-        self.finished = False
         self.half_closed = False
+        self.end_stream = asyncio.Event()
 
-    async def write(self, req: pb.StreamRequest) -> None:
-        if self.finished or self.half_closed:
-            raise asyncio.InvalidStateError("finished")
-        self.writes.append((time.monotonic(), str(req.WhichOneof("message"))))
+    async def Stream(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+        await context.read()  # the config
+        await context.write(pb.StreamResponse(started=self.started))
+        reader = asyncio.create_task(self._record(context))
+        try:
+            await self.end_stream.wait()
+        finally:
+            reader.cancel()
 
-    async def read(self) -> object:
-        return await self.responses.get()
-
-    async def done_writing(self) -> None:
-        self.half_closed = True
-
-    def done(self) -> bool:
-        return self.finished
-
-    def cancel(self) -> bool:
-        self.finished = True
-        return True
-
-    async def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.OK
+    async def _record(self, context: grpc.aio.ServicerContext) -> None:
+        while True:
+            req = await context.read()
+            if req is grpc.aio.EOF:
+                self.half_closed = True
+                return
+            self.writes.append((time.monotonic(), str(req.WhichOneof("message"))))
 
     def keepalives(self, since: float = 0.0) -> list[float]:
         return [t for t, kind in self.writes if kind == "keep_alive" and t >= since]
 
 
-def _stub_session(idle_timeout_ms: float, **kw: object) -> tuple[afc.Session, _StubCall]:
-    client = AvatarForcingClient("127.0.0.1:1")
-    call = _StubCall(idle_timeout_ms)
+@contextlib.asynccontextmanager
+async def _quiet_server(idle_timeout_ms: float) -> AsyncIterator[tuple[AvatarForcingClient, _QuietServer]]:
+    """A :class:`_QuietServer` on a loopback port, and a client of it."""
+    servicer = _QuietServer(idle_timeout_ms)
+    server = grpc.aio.server()
+    pb_grpc.add_AvatarForcingServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with AvatarForcingClient(f"127.0.0.1:{port}") as client:
+            yield client, servicer
+    finally:
+        await server.stop(None)
 
-    class Stub:
-        def Stream(self, metadata: object = ()) -> _StubCall:  # noqa: N802 - the gRPC method's name
-            return call
 
-    client._stub = Stub()  # type: ignore[assignment]
-    return client.session(avatar_id="a", **kw), call  # type: ignore[arg-type]
+def _keepalive_tasks() -> list[asyncio.Task[Any]]:
+    """The SDK's automatic KeepAlive tasks still running (they are named after the session)."""
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("avatarforcing-keepalive-") and not t.done()]
 
 
 async def test_session_sends_keepalive_when_quiet_for_a_third_of_the_idle_timeout() -> None:
-    s, call = _stub_session(450)  # a KeepAlive after 150 ms without a write
-    await s.start()
-    assert s.keepalive_interval == pytest.approx(0.15)
-    t0 = time.monotonic()
-    await asyncio.sleep(0.7)
-    ka = call.keepalives()
-    assert 3 <= len(ka) <= 5, [round(t - t0, 3) for t in ka]
-    assert ka[0] - t0 >= 0.14 and all(b - a >= 0.14 for a, b in zip(ka, ka[1:], strict=False))
-    # Other messages count as activity: none is needed while audio flows every 50 ms.
-    t1 = time.monotonic()
-    for _ in range(12):
-        await s.send_audio(b"\x00\x00" * 160)
-        await asyncio.sleep(0.05)
-    assert not call.keepalives(t1 + 0.01), "no KeepAlive while audio is being sent"
-    await asyncio.sleep(0.25)
-    assert call.keepalives(t1), "and one again once it stops"
-    # It stops with the session.
-    await s.close()
-    assert s._keepalive_task is None
-    n = len(call.writes)
-    await asyncio.sleep(0.35)
-    assert len(call.writes) == n and call.half_closed
+    async with _quiet_server(450) as (client, server):  # a KeepAlive after 150 ms without a write
+        s = client.session(avatar_id="a")
+        await s.start()
+        assert s.keepalive_interval == pytest.approx(0.15)
+        t0 = time.monotonic()
+        await asyncio.sleep(0.7)
+        ka = server.keepalives()
+        assert 3 <= len(ka) <= 5, [round(t - t0, 3) for t in ka]
+        assert ka[0] - t0 >= 0.14 and all(b - a >= 0.14 for a, b in zip(ka, ka[1:], strict=False))
+        # Other messages count as activity: none is needed while audio flows every 50 ms.
+        t1 = time.monotonic()
+        for _ in range(12):
+            await s.send_audio(b"\x00\x00" * 160)
+            await asyncio.sleep(0.05)
+        assert not server.keepalives(t1 + 0.01), "no KeepAlive while audio is being sent"
+        await asyncio.sleep(0.25)
+        assert server.keepalives(t1), "and one again once it stops"
+        # It stops with the session.
+        await s.close()
+        assert _keepalive_tasks() == []
+        n = len(server.writes)
+        await asyncio.sleep(0.35)
+        assert len(server.writes) == n and server.half_closed
 
 
 async def test_keepalive_stops_when_the_stream_finishes_and_can_be_turned_off() -> None:
-    s, call = _stub_session(300)
-    await s.start()
-    task = s._keepalive_task
-    assert task is not None and not task.done()
-    call.finished = True  # the server ended the stream; nobody reads events()
-    await asyncio.wait_for(task, 1.0)
-    n = len(call.writes)
-    await asyncio.sleep(0.25)
-    assert len(call.writes) == n
-    await s.close()
+    async with _quiet_server(300) as (client, server):
+        s = client.session(avatar_id="a")
+        await s.start()
+        (task,) = _keepalive_tasks()
+        server.end_stream.set()  # the server ended the stream; nobody reads events()
+        await asyncio.wait_for(task, 1.0)
+        n = len(server.writes)
+        await asyncio.sleep(0.25)
+        assert len(server.writes) == n
+        await s.close()
 
-    s, call = _stub_session(300, auto_keepalive=False)
-    await s.start()
-    assert s.keepalive_interval is None and s._keepalive_task is None
-    await asyncio.sleep(0.35)
-    assert call.keepalives() == []
-    await s.close()
+    async with _quiet_server(300) as (client, server):
+        s = client.session(avatar_id="a", auto_keepalive=False)
+        await s.start()
+        assert s.keepalive_interval is None and _keepalive_tasks() == []
+        await asyncio.sleep(0.35)
+        assert server.keepalives() == []
+        await s.close()
 
-    s, call = _stub_session(0)  # a server that announces no idle timeout
-    await s.start()
-    assert s.keepalive_interval is None and s._keepalive_task is None
-    await s.close()
+    async with _quiet_server(0) as (client, server):  # a server that announces no idle timeout
+        s = client.session(avatar_id="a")
+        await s.start()
+        assert s.keepalive_interval is None and _keepalive_tasks() == []
+        await s.close()
 
 
 def test_sync_client_reports_unavailable_server() -> None:

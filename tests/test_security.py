@@ -119,7 +119,7 @@ async def test_tls_auth_and_tenant_isolation(make_app: AppFactory, redis_server:
         avatar = await alice.register_avatar(png)
         s = alice.session(avatar_id=avatar)
         await s.start()
-        sid, token = s.session_id, s._token
+        sid, token = s.session_id, s._placement.token
         # Alice's avatar is not Bob's.
         with pytest.raises(grpc.aio.AioRpcError) as ei:
             await bob.session(avatar_id=avatar).start()

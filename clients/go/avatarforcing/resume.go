@@ -4,8 +4,8 @@ package avatarforcing
 // new session runs and opens its Stream there; when that stream breaks, the session asks
 // CreateSession where it resumes (the same replica, or another one when its owner is gone) and
 // opens a Stream there with the first block not fully received, then sends again the audio not
-// covered by the frames received. The Python SDK (clients/python, Session._place_and_open and
-// _resume) does the same.
+// covered by the frames received (resumeState, resume_state.go). The Python SDK (clients/python,
+// Session._place_and_open and _resume, and resume.py) does the same.
 
 import (
 	"context"
@@ -356,34 +356,21 @@ func (s *Session) resume(old *attachment, cause error) (*attachment, error) {
 func (s *Session) resumeBlock() uint64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	fpb := int64(s.started.GetFramesPerBlock())
-	if fpb == 0 {
-		return 0
-	}
-	return uint64((s.lastIndex + 1) / fpb)
+	return s.rs.resumeBlock(int64(s.started.GetFramesPerBlock()))
 }
 
 // replayLocked returns the messages a resumed stream gets first: the audio not covered by
 // frames received (from the resume buffer), then EndOfAudio if it had been sent. The new
 // stream's audio starts there. mu is held.
 func (s *Session) replayLocked() []*pb.StreamRequest {
-	base := s.sent
-	if len(s.buf) > 0 {
-		base = max(s.consumed, s.buf[0].start)
+	audio, eoa := s.rs.beginStream()
+	out := make([]*pb.StreamRequest, 0, len(audio)+1)
+	for _, ch := range audio {
+		out = append(out, &pb.StreamRequest{Message: &pb.StreamRequest_Audio{Audio: &pb.AudioChunk{Data: ch.pcm}}})
 	}
-	var out []*pb.StreamRequest
-	for _, ch := range s.buf {
-		skip := max(base-ch.start, 0) * 2
-		if skip < int64(len(ch.pcm)) {
-			out = append(out, &pb.StreamRequest{Message: &pb.StreamRequest_Audio{Audio: &pb.AudioChunk{Data: ch.pcm[skip:]}}})
-		}
-	}
-	if s.eoaSent {
+	if eoa {
 		out = append(out, &pb.StreamRequest{Message: &pb.StreamRequest_EndOfAudio{EndOfAudio: &pb.EndOfAudio{}}})
 	}
-	s.consumed = max(s.consumed, base)
-	s.streamBase = base
-	clear(s.endByBlock)
 	return out
 }
 
@@ -396,31 +383,11 @@ func (s *Session) track(req *pb.StreamRequest) {
 	}
 	switch m := req.GetMessage().(type) {
 	case *pb.StreamRequest_Audio:
-		data := m.Audio.GetData()
-		s.buf = append(s.buf, pcmChunk{start: s.sent, pcm: data})
-		s.sent += int64(len(data) / 2)
-		s.eoaSent = false
-		s.trimLocked()
+		s.rs.onAudioSent(m.Audio.GetData())
 	case *pb.StreamRequest_EndOfAudio:
-		s.eoaSent = true
-	case *pb.StreamRequest_Interrupt: // the audio sent so far is void: never send it again
-		s.consumed = s.sent
-		clear(s.buf)
-		s.buf = s.buf[:0]
-	}
-}
-
-// trimLocked drops the audio covered by frames received, and the audio beyond the resume
-// buffer's bound.
-func (s *Session) trimLocked() {
-	keepFrom := max(s.consumed, s.sent-s.bufSamples)
-	k := 0
-	for k < len(s.buf) && s.buf[k].start+int64(len(s.buf[k].pcm)/2) <= keepFrom {
-		k++
-	}
-	if k > 0 {
-		clear(s.buf[:k])
-		s.buf = s.buf[k:]
+		s.rs.onEndOfAudioSent()
+	case *pb.StreamRequest_Interrupt:
+		s.rs.onInterruptSent()
 	}
 }
 
@@ -429,42 +396,12 @@ func (s *Session) trimLocked() {
 func (s *Session) onFrame(f *pb.VideoFrame) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !s.tracking {
-		return true
-	}
-	idx := int64(f.GetIndex())
-	if idx <= s.lastIndex {
-		return false
-	}
-	s.lastIndex = idx
-	if fpb := int64(s.started.GetFramesPerBlock()); fpb > 0 && idx%fpb == fpb-1 {
-		// The block is complete: the audio it consumed is covered.
-		b := uint32(idx / fpb)
-		if end, ok := s.endByBlock[b]; ok {
-			s.consumed = max(s.consumed, s.streamBase+end)
-			s.trimLocked()
-		}
-		for k := range s.endByBlock {
-			if k <= b {
-				delete(s.endByBlock, k)
-			}
-		}
-	}
-	return true
+	return !s.tracking || s.rs.onFrame(int64(f.GetIndex()), int64(s.started.GetFramesPerBlock()))
 }
 
 // onAudio does the resume bookkeeping of an AudioOut; false: a duplicate.
 func (s *Session) onAudio(a *pb.AudioOut) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !s.tracking {
-		return true
-	}
-	b := int64(a.GetBlockIndex())
-	if b <= s.lastAudioBlock {
-		return false
-	}
-	s.lastAudioBlock = b
-	s.endByBlock[a.GetBlockIndex()] = int64(a.GetSourceEndSample())
-	return true
+	return !s.tracking || s.rs.onAudioOut(a.GetBlockIndex(), int64(a.GetSourceEndSample()))
 }

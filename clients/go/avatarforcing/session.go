@@ -58,7 +58,6 @@ type Session struct {
 
 	resumeTimeout time.Duration // 0: the session does not resume
 	stallTimeout  time.Duration // 0: no frame-stall watchdog
-	bufSamples    int64         // resume buffer bound, in samples
 
 	sendq      chan sendItem
 	closing    chan struct{} // closed by Close
@@ -97,21 +96,9 @@ type Session struct {
 	done       bool  // the receive side has finished (err is final)
 	err        error // the terminal error
 
-	// Resume bookkeeping (mu), in samples of the client's audio at the session's rate.
-	tracking       bool             // the session can resume: keep audio, drop duplicates
-	sent           int64            // samples sent (queued to the stream) so far
-	consumed       int64            // samples covered by fully received blocks
-	streamBase     int64            // the position of the current stream's first audio sample
-	buf            []pcmChunk       // audio sent and not yet covered, at most bufSamples of it
-	eoaSent        bool             // EndOfAudio was the last thing sent after the audio
-	endByBlock     map[uint32]int64 // AudioOut.source_end_sample of blocks not yet complete
-	lastIndex      int64            // the last frame index delivered (-1: none)
-	lastAudioBlock int64            // the last AudioOut block delivered (-1: none)
-}
-
-type pcmChunk struct {
-	start int64 // position of the first sample
-	pcm   []byte
+	// Resume bookkeeping (mu).
+	tracking bool        // the session can resume: keep audio, drop duplicates
+	rs       resumeState // what the session sent and received, for a resume
 }
 
 type sendItem struct {
@@ -176,21 +163,18 @@ func (c *Client) StartSession(ctx context.Context, opts SessionOptions) (*Sessio
 func (c *Client) newSession(ctx context.Context, o SessionOptions) *Session {
 	sctx, cancel := context.WithCancel(ctx)
 	s := &Session{
-		client:         c,
-		opts:           o,
-		base:           o.config(),
-		ctx:            sctx,
-		cancel:         cancel,
-		sendq:          make(chan sendItem, o.SendBuffer),
-		closing:        make(chan struct{}),
-		senderDone:     make(chan struct{}),
-		recvDone:       make(chan struct{}),
-		events:         make(chan Event, o.EventBuffer),
-		kick:           make(chan struct{}, 1),
-		avatarID:       o.AvatarID,
-		endByBlock:     map[uint32]int64{},
-		lastIndex:      -1,
-		lastAudioBlock: -1,
+		client:     c,
+		opts:       o,
+		base:       o.config(),
+		ctx:        sctx,
+		cancel:     cancel,
+		sendq:      make(chan sendItem, o.SendBuffer),
+		closing:    make(chan struct{}),
+		senderDone: make(chan struct{}),
+		recvDone:   make(chan struct{}),
+		events:     make(chan Event, o.EventBuffer),
+		kick:       make(chan struct{}, 1),
+		avatarID:   o.AvatarID,
 	}
 	switch {
 	case o.ResumeTimeout > 0:
@@ -208,7 +192,7 @@ func (c *Client) newSession(ctx context.Context, o SessionOptions) *Session {
 	if buffer == 0 {
 		buffer = c.timeouts.resumeBuffer
 	}
-	s.bufSamples = int64(buffer.Seconds() * float64(o.SampleRate))
+	s.rs = newResumeState(int64(buffer.Seconds() * float64(o.SampleRate)))
 	return s
 }
 

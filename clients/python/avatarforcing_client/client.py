@@ -37,16 +37,21 @@ that failed with ``UNAVAILABLE``; each ``CreateSession`` attempt and each stream
 answers. A stream refused because the replica does not know the session's avatar (``NOT_FOUND``) is
 opened again once after the client registered the avatar again from the image it kept
 (``avatar_cache_size``).
+
+Layout: this module holds the client (channels, unary calls to the targets in turn) and :class:`Session`
+(sending, resuming, reading); the pieces they use live next to it, each with one concern: :mod:`.placement`
+(placing a session and opening its stream on the replica named, with the retries and the server's hints),
+:mod:`.stream` (the ``Stream`` call: opening it, reading it within a limit), :mod:`.resume` (what is kept and
+deduplicated for a resume, a plain object), :mod:`.liveness` (channel keepalive, the automatic ``KeepAlive``,
+the stall limit) and :mod:`.errors`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import numbers
 import os
-import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Collection, Iterable, Sequence
 from typing import Any, TypeAlias
@@ -56,9 +61,13 @@ import grpc.aio
 
 from avatarforcing_proto.v1 import avatarforcing_pb2 as pb
 from avatarforcing_proto.v1 import avatarforcing_pb2_grpc as pb_grpc
-from avatarforcing_proto.wire import OWNER_ADDRESS_TRAILER, RETRY_AFTER_TRAILER
 
 from .audio import pcm_chunks, read_wav
+from .errors import ProtocolError, SessionClosedError, StreamStalledError, status_error
+from .liveness import CLOSE_WAIT_S, KeepAliveSender, keepalive_options, stall_limit
+from .placement import RESUMABLE, TRY_NEXT_TARGET, Placement
+from .resume import ResumeState
+from .stream import read_within
 
 __all__ = [
     "AvatarForcingClient",
@@ -82,24 +91,6 @@ DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 
-def keepalive_options(time_s: float | None = 10.0, timeout_s: float = 5.0) -> tuple[tuple[str, Any], ...]:
-    """gRPC channel options for HTTP/2 keepalive: a ping after ``time_s`` seconds without activity on the
-    connection (also while no call is running), and the connection is closed when the ping is not answered
-    within ``timeout_s`` (its calls fail with ``UNAVAILABLE``). ``time_s`` None or 0: no pings. The
-    AvatarForcing server accepts a ping every 5 s or more; a server that allows fewer answers a client that
-    pings more often with ``GOAWAY`` (``too_many_pings``)."""
-    if not time_s:
-        return ()
-    if time_s < 0 or timeout_s <= 0:
-        raise ValueError(f"keepalive_time_s must be >= 0 and keepalive_timeout_s > 0, got {time_s}, {timeout_s}")
-    return (
-        ("grpc.keepalive_time_ms", int(time_s * 1000)),
-        ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-    )
-
-
 def _merge_options(*groups: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
     """Channel options with later groups overriding earlier ones key by key (gRPC itself does not say
     which of two equal keys wins)."""
@@ -109,60 +100,6 @@ def _merge_options(*groups: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any],
             merged.pop(k, None)
             merged[k] = v
     return tuple(merged.items())
-
-
-_CLOSE_WAIT_S = 1.0
-#: Per-attempt deadline of a CreateSession (and of re-registering an avatar) inside placement/resume.
-_PLACEMENT_ATTEMPT_S = 2.0
-_RETRY_PLACEMENT = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
-                    grpc.StatusCode.DEADLINE_EXCEEDED)
-#: Unary-call failures after which the next target is tried (the target is unreachable or silent).
-_TRY_NEXT_TARGET = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-#: Stream failures after which a session resumes on another replica.
-_RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
-
-
-def _status_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    """A status raised by the SDK itself (no call carried it), e.g. a deadline it enforces."""
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
-
-
-def _trailer(e: grpc.aio.AioRpcError, key: str) -> str | None:
-    for k, v in e.trailing_metadata() or ():
-        if k == key:
-            return v if isinstance(v, str) else v.decode()
-    return None
-
-
-def _retry_after(e: grpc.aio.AioRpcError, default: float) -> float:
-    v = _trailer(e, RETRY_AFTER_TRAILER)
-    try:
-        return float(v) / 1000 if v else default
-    except ValueError:
-        return default
-
-
-class SessionClosedError(RuntimeError):
-    """Raised when sending on a session that was closed or whose stream has finished."""
-
-
-class ProtocolError(RuntimeError):
-    """Raised when the server's responses do not follow the protocol (e.g. no SessionStarted)."""
-
-
-class StreamStalledError(grpc.aio.AioRpcError):
-    """Raised by :meth:`Session.events` when a started ``PACING_REALTIME`` stream delivered nothing for the
-    client's ``stall_timeout`` and the session could not be resumed (resuming is off, or the server does not
-    support it). It is a :class:`grpc.aio.AioRpcError` with code ``UNAVAILABLE``, so code that handles a
-    broken stream handles this one too; ``address`` is the replica that stopped answering."""
-
-    def __init__(self, address: str, seconds: float) -> None:
-        self.address = address
-        self.seconds = seconds
-        super().__init__(
-            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-            f"no response from the replica at {address or 'the target'} for {seconds:.3g} s on a PACING_REALTIME "
-            "stream (the server sends frames continuously): the replica is frozen or unreachable", None)
 
 
 class AvatarForcingClient:
@@ -312,7 +249,7 @@ class AvatarForcingClient:
             try:
                 resp = await getattr(stub, method)(request, metadata=self._metadata, timeout=t)
             except grpc.aio.AioRpcError as e:
-                if e.code() not in _TRY_NEXT_TARGET:
+                if e.code() not in TRY_NEXT_TARGET:
                     raise
                 if failed is not None:
                     failed.add(targets[k])
@@ -321,7 +258,7 @@ class AvatarForcingClient:
             self._front = k
             return resp
         if err is None:
-            raise _status_error(grpc.StatusCode.DEADLINE_EXCEEDED, f"{method}: no time left to call any target")
+            raise status_error(grpc.StatusCode.DEADLINE_EXCEEDED, f"{method}: no time left to call any target")
         raise err
 
     async def create_session(
@@ -517,9 +454,7 @@ class Session:
         self._client = client
         self.config = config
         self.auto_keepalive = auto_keepalive
-        self._last_write = time.monotonic()  # when the last message was handed to the stream
-        self._keepalive_task: asyncio.Task[None] | None = None
-        self._stop_keepalive = asyncio.Event()
+        self._keepalive = KeepAliveSender(self.keep_alive, self._keepalive_done)
         self._call: Any = None  # grpc.aio.StreamStreamCall
         self._started: pb.SessionStarted | None = None
         self._write_lock = asyncio.Lock()
@@ -528,24 +463,12 @@ class Session:
         self._end: pb.End | None = None
         self._finished = False  # End received or server closed the stream
         # Routing and resume.
-        self._session_id = ""
-        self._token = ""
-        self._routed = False  # placed by CreateSession (the server supports resuming)
-        self.address = ""  # the replica the stream runs on
+        self._placement = Placement(client, config)
         self.resumes = 0  #: how many times the session resumed after its stream broke
         self.generation = 0  #: incremented by each resume
         self._resume_lock = asyncio.Lock()
-        self._resume_buffer_s = resume_buffer_s
-        self._sent = 0  # client samples sent (absolute position)
-        self._consumed = 0  # client samples covered by fully received blocks
-        self._buf: collections.deque[tuple[int, bytes]] = collections.deque()  # (start sample, pcm)
-        self._eoa_sent = False
-        self._end_by_block: dict[int, int] = {}  # AudioOut.source_end_sample of blocks not yet complete
-        self._stream_base = 0  # client sample position where the current stream's audio starts
-        self._last_index = -1  # last frame index yielded
-        self._last_audio_block = -1
+        self._state = ResumeState(config.audio_format.sample_rate_hz, resume_buffer_s)
         self._awaiting_first = True  # no response read yet on the current stream (stall watchdog)
-        self._avatar_retry = True  # the one re-registration of a lost avatar allowed per placement
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -579,132 +502,26 @@ class Session:
         if self._closed:
             raise SessionClosedError("session is closed")
         try:
-            started, call = await self._place_and_open(resume=False)
+            started, call = await self._placement.place_and_open(resume=False)
         except BaseException:
             self._closed = True
             raise
         self._call = call
         self._started = started
         self._awaiting_first = True
-        if started.session_token:  # placed implicitly by the server: its token resumes it
-            self._token = started.session_token
-            self._session_id = started.session_id
-        self._start_keepalive()
+        self._placement.adopt(started)
+        self._keepalive.start(self.keepalive_interval, self._keepalive_name)
         return started
-
-    async def _open(self, stub: Any, resume_block: int) -> tuple[pb.SessionStarted, Any]:
-        """One Stream call: config, then SessionStarted. Raises the call's status on refusal."""
-        config = pb.SessionConfig()
-        config.CopyFrom(self.config)
-        if self._routed:
-            config.session_id, config.session_token = self._session_id, self._token
-            config.resume_block = resume_block
-        call = stub.Stream(metadata=self._client.metadata)
-        try:
-            try:
-                await call.write(pb.StreamRequest(config=config))
-            except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
-                pass  # the call already failed; the read below raises the real status
-            resp = await call.read()
-            if resp is grpc.aio.EOF:
-                raise ProtocolError("server closed the stream without sending SessionStarted")
-            which = resp.WhichOneof("message")
-            if which != "started":
-                raise ProtocolError(f"expected SessionStarted as the first response, got {which!r}")
-            return resp.started, call
-        except BaseException:
-            call.cancel()
-            raise
-
-    async def _attach(self, stub: Any, resume_block: int, deadline: float,
-                      address: str) -> tuple[pb.SessionStarted, Any]:
-        """:meth:`_open` within ``attach_timeout`` and ``deadline`` (``DEADLINE_EXCEEDED`` when it runs out: the
-        call is cancelled). A refusal naming a lost avatar that this client registered re-registers it and
-        attaches once more (once per placement)."""
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _status_error(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    f"no time left to attach to the replica at {address or 'the target'}")
-            budget = min(self._client.attach_timeout, left)
-            try:
-                async with asyncio.timeout(budget):
-                    return await self._open(stub, resume_block)
-            except TimeoutError:
-                raise _status_error(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    f"the replica at {address or 'the target'} did not start the stream within "
-                                    f"{budget:.3g} s") from None
-            except grpc.aio.AioRpcError as e:
-                avatar_id = self.config.avatar_id if self.config.WhichOneof("reference") == "avatar_id" else ""
-                if not (self._avatar_retry and avatar_id and e.code() == grpc.StatusCode.NOT_FOUND
-                        and "avatar" in (e.details() or "").lower()):
-                    raise
-                self._avatar_retry = False
-                new_id = await self._client._reregister(avatar_id, deadline)
-                if new_id is None:
-                    raise
-                self.config.avatar_id = new_id
-
-    async def _place_and_open(self, resume: bool, avoid: Collection[str] = ()) -> tuple[pb.SessionStarted, Any]:
-        """Placement, then the stream on the replica it names; retries while replicas are full,
-        unreachable, silent or the session is owned elsewhere, up to the client's time limit, which also
-        bounds every attempt. ``avoid``: replicas asked for placement last (one that just stopped
-        answering)."""
-        client = self._client
-        front = client._ensure_stub()
-        limit = client.resume_timeout if resume else client.placement_timeout
-        deadline = time.monotonic() + limit
-        self._avatar_retry = True
-        if not resume and getattr(front, "CreateSession", None) is None:
-            return await self._attach(front, 0, deadline, client.target)  # a stand-in stub without routing
-        resume_block = self._resume_block() if resume else 0
-        delay = 0.05
-        address: str | None = None
-        silent = set(avoid)  # replicas that did not answer: asked for placement last
-        while True:
-            target = address
-            try:
-                if address is None:
-                    try:
-                        placed = await client._unary(
-                            "CreateSession",
-                            pb.CreateSessionRequest(resume_session_id=self._session_id if resume else "",
-                                                    session_token=self._token if resume else ""),
-                            _PLACEMENT_ATTEMPT_S, deadline=deadline, avoid=silent, failed=silent)
-                    except grpc.aio.AioRpcError as e:
-                        if e.code() != grpc.StatusCode.UNIMPLEMENTED or resume:
-                            raise
-                        return await self._attach(front, 0, deadline, client.target)  # a server without routing
-                    if not resume:
-                        self._session_id, self._token = placed.session_id, placed.session_token
-                    self._routed = True
-                    address = target = placed.address
-                started, call = await self._attach(client._stub_for(address), resume_block, deadline, address)
-                self.address = address
-                return started, call
-            except grpc.aio.AioRpcError as e:
-                owner = _trailer(e, OWNER_ADDRESS_TRAILER) if e.code() == grpc.StatusCode.FAILED_PRECONDITION else None
-                if owner is None and e.code() not in _RETRY_PLACEMENT:
-                    raise
-                if target and e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    silent.add(target)
-                if time.monotonic() + delay > deadline:
-                    raise
-                address = owner  # dial the owner next; otherwise ask for placement again
-                wait = _retry_after(e, delay) if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else delay
-                await asyncio.sleep(min(wait * (0.5 + random.random()), max(deadline - time.monotonic(), 0)))
-                delay = min(delay * 2, 0.5)
 
     # -- resume ------------------------------------------------------------------------------
 
     def _resume_block(self) -> int:
         """The first block not fully received: the resumed stream starts there."""
-        if self._started is None or not self._started.frames_per_block:
-            return 0
-        return (self._last_index + 1) // self._started.frames_per_block
+        return self._state.resume_block(self._started.frames_per_block if self._started else 0)
 
     def _can_resume(self) -> bool:
-        return self._routed and self._client.resume_timeout > 0 and not self._closed and bool(self._token)
+        p = self._placement
+        return p.routed and self._client.resume_timeout > 0 and not self._closed and bool(p.token)
 
     async def _resume(self, broken: Any, cause: BaseException, avoid: Collection[str] = ()) -> None:
         """Moves the session to a new stream (another replica if the old one is gone), once per break.
@@ -715,7 +532,7 @@ class Session:
             if not self._can_resume():
                 raise cause
             broken.cancel()
-            started, call = await self._place_and_open(resume=True, avoid=avoid)
+            started, call = await self._placement.place_and_open(True, self._resume_block(), avoid)
             async with self._write_lock:
                 self._call = call
                 self._started = started
@@ -723,52 +540,20 @@ class Session:
                 self.generation += 1
                 self.resumes += 1
                 # The audio not covered by frames received yet, then EndOfAudio if it had been sent.
-                self._stream_base = self._consumed
-                self._end_by_block.clear()
-                for start, pcm in list(self._buf):
-                    skip = max(self._consumed - start, 0) * 2
-                    if skip < len(pcm):
-                        await call.write(pb.StreamRequest(audio=pb.AudioChunk(data=pcm[skip:])))
-                if self._eoa_sent:
+                replay = self._state.begin_stream()
+                for _, pcm in replay.audio:
+                    await call.write(pb.StreamRequest(audio=pb.AudioChunk(data=pcm)))
+                if replay.end_of_audio:
                     await call.write(pb.StreamRequest(end_of_audio=pb.EndOfAudio()))
-                self._last_write = time.monotonic()
-            if self._keepalive_task is not None and self._keepalive_task.done():
-                self._keepalive_task = None  # it stopped when the old stream finished
-            self._start_keepalive()
-
-    def _track_audio(self, data: bytes) -> None:
-        n = len(data) // 2
-        self._buf.append((self._sent, data))
-        self._sent += n
-        self._eoa_sent = False
-        self._trim()
-
-    def _trim(self) -> None:
-        rate = self.sample_rate or 16000
-        keep_from = max(self._consumed, self._sent - int(self._resume_buffer_s * rate))
-        while self._buf and self._buf[0][0] + len(self._buf[0][1]) // 2 <= keep_from:
-            self._buf.popleft()
+                self._keepalive.touch()
+            self._keepalive.start(self.keepalive_interval, self._keepalive_name)
 
     def _on_event(self, which: str, payload: Any) -> bool:
         """Bookkeeping for resume; False: a duplicate of something yielded before a resume."""
         if which == "frame":
-            if payload.index <= self._last_index:
-                return False
-            self._last_index = payload.index
-            fpb = self._started.frames_per_block if self._started else 0
-            if fpb and payload.index % fpb == fpb - 1:  # the block is complete: its audio is covered
-                b = payload.index // fpb
-                end = self._end_by_block.pop(b, None)
-                for k in [k for k in self._end_by_block if k < b]:
-                    del self._end_by_block[k]
-                if end is not None:
-                    self._consumed = max(self._consumed, self._stream_base + end)
-                    self._trim()
-        elif which == "audio":
-            if payload.block_index <= self._last_audio_block:
-                return False
-            self._last_audio_block = payload.block_index
-            self._end_by_block[payload.block_index] = payload.source_end_sample
+            return self._state.on_frame(payload.index, self._started.frames_per_block if self._started else 0)
+        if which == "audio":
+            return self._state.on_audio_out(payload.block_index, payload.source_end_sample)
         return True
 
     async def close(self) -> None:
@@ -781,14 +566,14 @@ class Session:
         if self._closed:
             return
         self._closed = True
-        self._stop_keepalive.set()
+        self._keepalive.stop()
         call = self._call
         if call is None:
             return
         try:
             # A write blocked by flow control (a server that stopped reading) must not block
             # close(): give up on the graceful half-close after a short wait and cancel.
-            async with asyncio.timeout(_CLOSE_WAIT_S), self._write_lock:
+            async with asyncio.timeout(CLOSE_WAIT_S), self._write_lock:
                 if not call.done():
                     await call.done_writing()
         except (TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
@@ -796,7 +581,12 @@ class Session:
         finally:
             if not call.done():
                 call.cancel()
-            await self._join_keepalive()
+            await self._keepalive.join()
+
+    @property
+    def address(self) -> str:
+        """The replica the stream runs on, as placement named it ("" before, or on a server without routing)."""
+        return self._placement.address
 
     @property
     def closed(self) -> bool:
@@ -856,7 +646,7 @@ class Session:
     def stream_audio_sent(self) -> int:
         """Samples handed to the current stream (re-sent audio of a resume included): what
         ``AudioOut.source_end_sample`` counts against. A resume starts a new stream."""
-        return self._sent - self._stream_base
+        return self._state.stream_audio_sent
 
     @property
     def end(self) -> pb.End | None:
@@ -881,15 +671,14 @@ class Session:
                 raise SessionClosedError(f"the session has ended{end}")
             which = req.WhichOneof("message")
             if which == "audio":
-                self._track_audio(req.audio.data)
+                self._state.on_audio_sent(req.audio.data)
             elif which == "end_of_audio":
-                self._eoa_sent = True
-            elif which == "interrupt":  # the audio sent so far is void: never re-send it
-                self._consumed = self._sent
-                self._buf.clear()
+                self._state.on_end_of_audio_sent()
+            elif which == "interrupt":
+                self._state.on_interrupt_sent()
             try:
                 await call.write(req)
-                self._last_write = time.monotonic()
+                self._keepalive.touch()
                 return
             except asyncio.CancelledError:
                 task = asyncio.current_task()
@@ -910,7 +699,7 @@ class Session:
         # The call's own status, not the write's: grpc's aio client reports a write that races the server's status
         # as INTERNAL, which would resume (or surface as a server fault) a stream the server refused for a reason.
         code = await call.code()
-        if self._resume_lock.locked() or (code in _RESUMABLE and self._can_resume()):
+        if self._resume_lock.locked() or (code in RESUMABLE and self._can_resume()):
             await self._resume(call, broken)
             return
         if isinstance(broken, grpc.aio.AioRpcError) and broken.code() == code:
@@ -936,44 +725,12 @@ class Session:
             return None
         return self._started.idle_timeout_ms / 1000.0 / 3.0
 
-    def _start_keepalive(self) -> None:
-        interval = self.keepalive_interval
-        if interval is not None and self._keepalive_task is None:
-            self._last_write = time.monotonic()  # the config was just written
-            self._keepalive_task = asyncio.create_task(
-                self._keepalive_loop(interval), name=f"avatarforcing-keepalive-{self.session_id}"
-            )
+    @property
+    def _keepalive_name(self) -> str:
+        return f"avatarforcing-keepalive-{self.session_id}"
 
     def _keepalive_done(self) -> bool:
         return self._closed or self._finished or self._call is None or self._call.done()
-
-    async def _keepalive_loop(self, interval: float) -> None:
-        """Send ``KeepAlive`` whenever nothing was written for ``interval`` seconds."""
-        try:
-            while not self._keepalive_done():
-                wait = self._last_write + interval - time.monotonic()
-                if wait > 0:
-                    # Woken early by close(); otherwise re-check when the quiet period would end.
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(wait):
-                            await self._stop_keepalive.wait()
-                    continue
-                await self.keep_alive()
-        except (SessionClosedError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            pass  # the session ended: events() or the next send reports how
-
-    async def _join_keepalive(self) -> None:
-        task, self._keepalive_task = self._keepalive_task, None
-        if task is None or task is asyncio.current_task():
-            return
-        if not task.done():
-            # It wakes on _stop_keepalive; a KeepAlive it is writing ends with the call.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), _CLOSE_WAIT_S)
-        if not task.done():
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
 
     async def send_audio(self, pcm: bytes) -> None:
         """Send PCM16LE mono audio at the session's sample rate.
@@ -1080,17 +837,6 @@ class Session:
 
     # -- receiving ---------------------------------------------------------------------------
 
-    def _stall_limit(self) -> float | None:
-        """Seconds without any response after which a started REALTIME stream counts as stalled, or None."""
-        st = self._client.stall_timeout
-        if not st or self.config.pacing == pb.PACING_ASAP or self._started is None:
-            return None
-        fps, fpb = self._started.fps, self._started.frames_per_block
-        limit = max(st, 2 * fpb / fps) if fps > 0 and fpb > 0 else st
-        if self._awaiting_first:  # the first frame comes after the announced end-to-end delay
-            limit += max(self._started.latency_ms, 0.0) / 1000
-        return limit
-
     async def events(self) -> AsyncGenerator[Event, None]:
         """Yield the session's responses in order: ``pb.VideoFrame``, ``pb.AudioOut``,
         ``pb.Stats`` and finally ``pb.End``.
@@ -1111,20 +857,10 @@ class Session:
         try:
             while not self._finished:
                 call = self._call
-                limit = self._stall_limit()
-                stalled = False
-                resp: Any = None
+                limit = stall_limit(self._client.stall_timeout, self.config.pacing, self._started,
+                                    self._awaiting_first)
                 try:
-                    if limit is None:
-                        resp = await call.read()
-                    else:
-                        # asyncio.timeout turns only its own expiry into TimeoutError: a cancellation of this
-                        # task, or of the call by close() or a resume in another task, stays CancelledError.
-                        try:
-                            async with asyncio.timeout(limit):
-                                resp = await call.read()
-                        except TimeoutError:
-                            stalled = True
+                    resp, stalled = await read_within(call, limit)
                 except asyncio.CancelledError as e:
                     task = asyncio.current_task()
                     if task and task.cancelling():
@@ -1145,7 +881,7 @@ class Session:
                 except grpc.aio.AioRpcError as e:
                     if self._closed and e.code() == grpc.StatusCode.CANCELLED:
                         return  # our own cancellation, seen as a status
-                    if self._call is not call or (e.code() in _RESUMABLE and self._can_resume()):
+                    if self._call is not call or (e.code() in RESUMABLE and self._can_resume()):
                         await self._resume(call, e)
                         continue
                     raise

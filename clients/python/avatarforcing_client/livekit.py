@@ -95,6 +95,7 @@ from avatarforcing_proto.v1 import avatarforcing_pb2 as pb
 
 from .client import AvatarForcingClient, Session
 from .media import VideoDecoder
+from .segments import SegmentLedger
 
 if TYPE_CHECKING:
     from livekit.agents.voice import AgentSession
@@ -177,9 +178,6 @@ class AvatarForcingVideoGenerator(VideoGenerator):
         # input side
         self._resampler: Any = None  # rtc.AudioResampler
         self._resampler_rate = 0
-        self._segment_open = False  # audio pushed since the last AudioSegmentEnd
-        self._pushed = 0  # samples (session rate) pushed since the last idle point
-        self._ends: deque[int] = deque()  # cumulative end of each segment awaiting playout
         self._outq: deque[pb.StreamRequest] = deque()
         self._out_ev = asyncio.Event()
         self._space_ev = asyncio.Event()
@@ -187,32 +185,47 @@ class AvatarForcingVideoGenerator(VideoGenerator):
         self._writer_error: BaseException | None = None
 
         # output side
-        self._returned = 0  # real samples (AudioOut.real_samples) returned since the last idle point
-        self._lost = 0  # at most this many more were in blocks the server dropped (block_index gaps)
-        self._playing = False  # a segment's audio is being yielded
-        self._draining = False  # after clear_buffer: muting audio rendered before the Interrupt
-        self._drain_left = 0
-        self._last_block = -1
+        self._ledger = SegmentLedger(self.block_samples, _MAX_DRAIN_BLOCKS)  # segments, muting, counters
         self._iterating = False
         self._closed = False
 
         #: ``VideoFrame.pts_us`` / ``index`` of the last video frame yielded (-1 before the first).
         self.last_pts_us = -1
         self.last_frame_index = -1
-        #: Counters, for logs and tests.
-        self.segments_ended = 0
-        self.interrupts = 0
-        self.muted_blocks = 0  # blocks with real samples muted after clear_buffer
-        self.samples_sent = 0  # samples (session rate) sent over the session
-        #: ``AudioOut.real_samples`` summed over every block received: the pushed samples the server
-        #: played back (after an interruption it is short of ``samples_sent`` by what the server dropped).
-        self.samples_returned = 0
         self._ensure_writer()
 
     @property
     def muting(self) -> bool:
         """True after :meth:`clear_buffer` until the audio rendered before it has gone by."""
-        return self._draining
+        return self._ledger.muting
+
+    # Counters, for logs and tests.
+
+    @property
+    def segments_ended(self) -> int:
+        """``AudioSegmentEnd``s decided so far (segments whose audio has all come back)."""
+        return self._ledger.segments_ended
+
+    @property
+    def interrupts(self) -> int:
+        """:meth:`clear_buffer` calls so far."""
+        return self._ledger.interrupts
+
+    @property
+    def muted_blocks(self) -> int:
+        """Blocks with real samples muted after :meth:`clear_buffer`."""
+        return self._ledger.muted_blocks
+
+    @property
+    def samples_sent(self) -> int:
+        """Samples (session rate) sent over the session."""
+        return self._ledger.samples_sent
+
+    @property
+    def samples_returned(self) -> int:
+        """``AudioOut.real_samples`` summed over every block received: the pushed samples the server played
+        back (after an interruption it is short of ``samples_sent`` by what the server dropped)."""
+        return self._ledger.samples_returned
 
     # -- construction ------------------------------------------------------------------------
 
@@ -281,11 +294,9 @@ class AvatarForcingVideoGenerator(VideoGenerator):
         if isinstance(frame, AudioSegmentEnd):
             self._flush_resampler()
             self._queue(pb.StreamRequest(end_of_audio=pb.EndOfAudio()))
-            if self._segment_open:
-                self._segment_open = False
-                self._ends.append(self._pushed)
+            self._ledger.end_segment()
             return
-        self._segment_open = True
+        self._ledger.open_segment()
         self._send_samples(self._convert(frame))
         while len(self._outq) > _MAX_QUEUED and self._writer_error is None and not self._closed:
             self._space_ev.clear()
@@ -301,17 +312,10 @@ class AvatarForcingVideoGenerator(VideoGenerator):
         self._queue(pb.StreamRequest(interrupt=pb.Interrupt()))
         self._resampler = None
         self._resampler_rate = 0
-        had_audio = self._segment_open or bool(self._ends) or self._playing or self._returned < self._pushed
-        self._segment_open = False
-        self._ends.clear()
-        self._pushed = self._returned = self._lost = 0
-        self._playing = False
         # The blocks the server had rendered before the Interrupt still arrive; the blocks in its
-        # window come back with real_samples == 0, so the first such block ends the old audio.
-        if had_audio and not self._draining:
-            self._draining = True
-            self._drain_left = _MAX_DRAIN_BLOCKS
-        self.interrupts += 1  # also mutes the rest of the block being yielded (see _BlockAudio.clears)
+        # window come back with real_samples == 0, so the first such block ends the old audio. The
+        # interrupt count also mutes the rest of the block being yielded (see _BlockAudio.clears).
+        self._ledger.interrupt()
         self._space_ev.set()
 
     def _convert(self, frame: rtc.AudioFrame) -> np.ndarray:
@@ -352,8 +356,7 @@ class AvatarForcingVideoGenerator(VideoGenerator):
         step = max(1, int(self.sample_rate * _MAX_CHUNK_S))
         for i in range(0, x.size, step):
             self._queue(pb.StreamRequest(audio=pb.AudioChunk(data=x[i : i + step].astype("<i2").tobytes())))
-        self._pushed += int(x.size)
-        self.samples_sent += int(x.size)
+        self._ledger.samples_pushed(int(x.size))
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -471,45 +474,13 @@ class AvatarForcingVideoGenerator(VideoGenerator):
         """Bookkeeping for one block: whether to yield its audio, and which segments it ends."""
         pcm = np.frombuffer(ev.data, dtype="<i2").astype(np.int16)
         j = int(ev.block_index)
-        gap = j - self._last_block - 1 if self._last_block >= 0 else 0
-        self._last_block = max(self._last_block, j)
-        real = max(0, min(int(ev.real_samples), int(pcm.shape[0]) - int(ev.real_offset)))
-        self.samples_returned += real
-        silent = real == 0  # only silence the server inserted
-        ends = 0
-        if self._draining:
-            # Rendered before the Interrupt reached the server: muted. The blocks that were in the
-            # server's window come back with real_samples == 0: the first one ends the old audio.
-            self._drain_left -= 1
-            if silent or self._drain_left <= 0:
-                self._draining = False
-            if not silent:
-                self.muted_blocks += 1
-            play = False
-        else:
-            if gap > 0 and (self._segment_open or self._ends):
-                self._lost += gap * self.block_samples
-            self._returned += real
-            while self._ends and (self._returned >= self._ends[0]
-                                  or (silent and self._returned + self._lost >= self._ends[0])):
-                self._ends.popleft()
-                ends += 1
-            outstanding = self._segment_open or bool(self._ends)
-            if silent:
-                # Inside a segment (the agent's audio stalled) the silence is part of its playback;
-                # a silent block that ends the last segment, or an idle one, yields video only.
-                play = self._playing and outstanding
-                if not outstanding:  # idle: every pushed sample is accounted for; count afresh
-                    self._pushed = self._returned = self._lost = 0
-            else:
-                play = True
-            self._playing = outstanding and (self._playing or not silent)
-        self.segments_ended += ends
+        plan = self._ledger.block(j, int(ev.real_samples), int(ev.real_offset), int(pcm.shape[0]))
         spf = self._samples_per_frame
         chunks = [pcm[i * spf : (i + 1) * spf] for i in range(self.frames_per_block)]
         if self.frames_per_block * spf < pcm.shape[0]:
             chunks[-1] = pcm[(self.frames_per_block - 1) * spf :]
-        return _BlockAudio(index=j, chunks=chunks, play=play, clears=self.interrupts, segment_ends=ends)
+        return _BlockAudio(index=j, chunks=chunks, play=plan.play, clears=self.interrupts,
+                           segment_ends=plan.segment_ends)
 
     async def _decode(self, data: bytes) -> list[np.ndarray]:
         if self._raw:
