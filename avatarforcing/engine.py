@@ -20,7 +20,7 @@ On CUDA the engine runs on a stream of its own, and ``step`` waits for its step:
 then the frames' copy into a pinned host buffer. (A two-stream pipeline that overlapped step k+1's
 denoising with step k's decoding measured no gain and was removed; see docs/gpu.md.) With
 ``cuda_graphs`` the steady-state denoising of each batch size is captured once as a CUDA graph and
-replayed; with ``compile`` the transformer blocks run through ``torch.compile``.
+replayed; with ``compile`` the blocks' elementwise stages run fused (``model.compiled_ops``).
 """
 
 from __future__ import annotations
