@@ -16,21 +16,19 @@ Which window blocks and history frames hold data follows from a slot's step coun
 host knows it without asking the device: a batch whose slots are all past their warm-up runs with
 no attention mask (the fused attention kernels), at static shapes.
 
-On CUDA the engine runs on its own streams: ``submit`` enqueues a step and returns at once; the
-denoising runs on the compute stream, the decoding and the device-to-host copy of its frames (into
-pinned buffers) on a second stream, so step k+1's denoising overlaps step k's decoding and copies.
-``result`` waits for a step's frames. With ``cuda_graphs`` the steady-state denoising of each batch
-size is captured once as a CUDA graph and replayed; with ``compile`` the transformer blocks run
-through ``torch.compile``. On a CPU every step completes inside ``submit``.
+On CUDA the engine runs on a stream of its own, and ``step`` waits for its step: denoising, decoding,
+then the frames' copy into a pinned host buffer. (A two-stream pipeline that overlapped step k+1's
+denoising with step k's decoding measured no gain and was removed; see docs/gpu.md.) With
+``cuda_graphs`` the steady-state denoising of each batch size is captured once as a CUDA graph and
+replayed; with ``compile`` the blocks' elementwise stages run fused (``model.compiled_ops``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -189,12 +187,8 @@ class StreamEngine:
         self.sigma_window = lv.repeat_interleave(B)[None]  # [1, L*B]
         self.sigma_renoise = lv[:-1].repeat_interleave(B)[None, :, None, None, None].to(dt)
         self._gen = torch.Generator(device=dev)
-        # ---- streams, pinned output rings, graphs (CUDA) -----------------------------------------
+        # ---- the stream, pinned output buffers, graphs (CUDA) -------------------------------------
         self._compute = torch.cuda.Stream(dev) if self.cuda else None
-        self._decode_stream = torch.cuda.Stream(dev) if self.cuda else None
-        self._ring: list[_RingSlot] = []
-        self._ring_next = 0
-        self._lock = threading.Lock()  # submit and result may run on different threads
         self._graphs: dict[int, _Graph] = {}
         self.graph_errors: dict[int, str] = {}
         with self._on_compute(), torch.inference_mode():
@@ -206,20 +200,19 @@ class StreamEngine:
             silence = torch.zeros(1, self.context_samples + self.block_samples, device=dev, dtype=torch.float32)
             self.silence_tokens = self._audio_tokens(silence)[0]  # [B, a]
             self.anchor_token = self.model.anchor_audio_token()
+        # A step's frames and similarities come to the host through page-locked buffers: a copy from pageable
+        # memory would be staged through one by the driver anyway, a block at a time.
+        self._host_frames: torch.Tensor | None = None
+        self._host_sims: torch.Tensor | None = None
         if self.cuda:
             hw = (self.frames_per_block, c.height, c.width, 3)
-            for _ in range(2):
-                self._ring.append(_RingSlot(
-                    clean=torch.zeros(S, B, c.latent_channels, lh, lw, device=dev, dtype=dt),
-                    sims=torch.zeros(S, device=dev, dtype=torch.float32),
-                    host_frames=torch.zeros((S, *hw), dtype=torch.uint8).pin_memory(),
-                    host_sims=torch.zeros(S, dtype=torch.float32).pin_memory(),
-                    clean_ready=torch.cuda.Event(), done=torch.cuda.Event()))
+            self._host_frames = torch.zeros((S, *hw), dtype=torch.uint8).pin_memory()
+            self._host_sims = torch.zeros(S, dtype=torch.float32).pin_memory()
 
-    # ---- streams ------------------------------------------------------------------------------
+    # ---- the stream ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def _on_compute(self) -> Iterator[None]:
-        """Runs the enclosed work on the compute stream (on a CPU: as is), with the chosen attention kernels."""
+        """Runs the enclosed work on the engine's stream (on a CPU: as is), with the chosen attention kernels."""
         with contextlib.ExitStack() as st:
             if self._compute is not None:
                 st.enter_context(torch.cuda.stream(self._compute))
@@ -227,7 +220,7 @@ class StreamEngine:
             yield
 
     def synchronize(self) -> None:
-        """Waits for every step enqueued so far."""
+        """Waits for all device work enqueued so far (``denoise_step`` does not wait for its own)."""
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
@@ -278,11 +271,7 @@ class StreamEngine:
         """Starts a slot's decoder stream with the reference latent (the reference's output frame 0, not
         emitted), so that every emitted latent decodes to 4 frames that continue it."""
         assert isinstance(self.vae, WanVAE)
-        with contextlib.ExitStack() as st, torch.inference_mode():
-            if self._decode_stream is not None and self._compute is not None:
-                # Decoder caches are only touched on the decode stream, after the slot's writes on compute.
-                self._decode_stream.wait_stream(self._compute)
-                st.enter_context(torch.cuda.stream(self._decode_stream))
+        with self._on_compute(), torch.inference_mode():
             zeros = [torch.zeros_like(t[:1]) for t in self.dec_cache]
             _, cache = self.vae.decode_step(ref[None, :, None], zeros, first=True)
             for buf, new in zip(self.dec_cache, cache, strict=True):
@@ -341,7 +330,7 @@ class StreamEngine:
             if context is not None:
                 out.cross_k, out.cross_v = (t.clone() for t in self._stack_cross(cross))
         if self._compute is not None:
-            self._compute.synchronize()  # the anchor may be used from any stream from now on
+            self._compute.synchronize()  # the caller keeps the anchor and may read it on any stream
         return out
 
     # ---- which keys hold data (known on the host) ----------------------------------------------
@@ -376,55 +365,46 @@ class StreamEngine:
 
     @torch.inference_mode()
     def step(self, slots: Sequence[int], pcm: np.ndarray | torch.Tensor) -> list[SlotResult]:
-        """One denoising step for each slot in ``slots`` (one batched pass), waited for.
+        """One denoising step for each slot in ``slots`` (one batched pass), waited for: the results in the
+        order of ``slots``, with the decoded frames of those past their warm-up.
 
         pcm: float32 [n, block_samples] in [-1, 1], the newest block's audio at 16 kHz per slot.
         """
-        return self.submit(slots, pcm).result()
-
-    @torch.inference_mode()
-    def submit(self, slots: Sequence[int], pcm: np.ndarray | torch.Tensor) -> PendingStep:
-        """Enqueues one denoising step for ``slots``; ``result()`` of the returned handle gives its frames.
-
-        At most two steps are in flight: submitting a third first waits for the oldest's frames.
-        """
-        n = len(slots)
-        if n == 0:
-            return PendingStep(self, [], [], None, None, None)
+        if not slots:
+            return []
         pcm_t = self._check(slots, pcm)
         with self._on_compute():
-            ring = self._claim_ring() if self.cuda else None
             steps, rows, clean = self._advance(slots, pcm_t)
             if not rows:
-                return PendingStep(self, list(slots), steps, None, None, None)
+                return [SlotResult(s, k, None, None, None) for s, k in zip(slots, steps, strict=True)]
             emit_idx = torch.tensor([slots[i] for i in rows], device=self.device)
             ref = self.ref_lat[emit_idx]
             sims = F.cosine_similarity(clean.float().flatten(2), ref.float().flatten(1)[:, None], dim=-1).mean(1)
-            if not self.cuda:
-                frames = to_pixels(self._decode(emit_idx, clean)).contiguous()
-                return PendingStep(self, list(slots), steps, rows, frames, sims)
+            frames = to_pixels(self._decode(emit_idx, clean))
             m = len(rows)
-            assert ring is not None
-            ring.clean[:m].copy_(clean)
-            ring.sims[:m].copy_(sims)
-            ring.clean_ready.record()
-        assert self._decode_stream is not None
-        emit_idx.record_stream(self._decode_stream)  # made on the compute stream, read on the decode stream
-        with torch.cuda.stream(self._decode_stream):
-            self._decode_stream.wait_event(ring.clean_ready)
-            frames = to_pixels(self._decode(emit_idx, ring.clean[:m]))
-            ring.host_frames[:m].copy_(frames, non_blocking=True)
-            ring.host_sims[:m].copy_(ring.sims[:m], non_blocking=True)
-            ring.done.record()
-        pending = PendingStep(self, list(slots), steps, rows, ring.host_frames, ring.host_sims, ring.done)
-        ring.pending = pending
-        return pending
+            if self._host_frames is not None and self._host_sims is not None and self._compute is not None:
+                frames = self._host_frames[:m].copy_(frames, non_blocking=True)
+                sims = self._host_sims[:m].copy_(sims, non_blocking=True)
+                self._compute.synchronize()
+        # Copied out: the pinned buffers are the next step's, and the caller keeps these frames.
+        host_frames = frames.cpu().numpy().copy()
+        host_sims = sims.cpu().tolist()
+        emitted = {r: e for e, r in enumerate(rows)}
+        lag = self.L - 1
+        out: list[SlotResult] = []
+        for i, (s, k) in enumerate(zip(slots, steps, strict=True)):
+            e = emitted.get(i)
+            if e is None:
+                out.append(SlotResult(s, k, None, None, None))
+            else:
+                out.append(SlotResult(s, k, k - lag, host_frames[e], host_sims[e]))
+        return out
 
     @torch.inference_mode()
     def denoise_step(self, slots: Sequence[int], pcm: np.ndarray | torch.Tensor) -> torch.Tensor:
         """The denoising part of a step alone (no decoding): advances the slots one step and returns
         the emitted clean latents [m, B, C, h, w] of the slots past their warm-up, on the device and
-        not waited for. For benchmarks and tests; ``submit`` is this plus decoding.
+        not waited for. For benchmarks and tests; ``step`` is this plus decoding.
         """
         pcm_t = self._check(slots, pcm)
         with self._on_compute():
@@ -495,15 +475,6 @@ class StreamEngine:
         window = RopeTable.rows([table(H - min(H, B * e)) for e in emitted])
         clean = RopeTable.rows([table(H - B * emitted[i]) for i in rows]) if rows else window  # (unused)
         return window, clean
-
-    def _claim_ring(self) -> _RingSlot:
-        """The next of the two output rings, once the step that used it last has been collected."""
-        ring = self._ring[self._ring_next]
-        self._ring_next = (self._ring_next + 1) % len(self._ring)
-        if ring.pending is not None:
-            ring.pending.result()  # its frames are copied out of the pinned buffer; decode is done
-            ring.pending = None
-        return ring
 
     def _denoise(self, idx: torch.Tensor, pcm: torch.Tensor, noise: torch.Tensor, rows: list[int] | None,
                  masks: tuple[torch.Tensor, torch.Tensor] | None,
@@ -621,63 +592,9 @@ class StreamEngine:
 
 
 @dataclass
-class _RingSlot:
-    """One of the two in-flight steps' output buffers (CUDA)."""
-
-    clean: torch.Tensor
-    sims: torch.Tensor
-    host_frames: torch.Tensor  # pinned
-    host_sims: torch.Tensor  # pinned
-    clean_ready: torch.cuda.Event
-    done: torch.cuda.Event
-    pending: PendingStep | None = None
-
-
-@dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
     idx: torch.Tensor
     pcm: torch.Tensor
     noise: torch.Tensor
     clean: torch.Tensor
-
-
-@dataclass
-class PendingStep:
-    """A submitted step; ``result()`` waits for its frames (once; later calls return the same list)."""
-
-    engine: StreamEngine
-    slots: list[int]
-    steps: list[int]
-    rows: list[int] | None  # the slots' positions in ``slots`` that emitted a block
-    frames: torch.Tensor | None  # uint8 [>= m, 4B, H, W, 3] (host; pinned on CUDA)
-    sims: torch.Tensor | None
-    done: torch.cuda.Event | None = None
-    _results: list[SlotResult] | None = field(default=None, repr=False)
-
-    def result(self) -> list[SlotResult]:
-        with self.engine._lock:
-            if self._results is None:
-                self._results = self._collect()
-            return self._results
-
-    def _collect(self) -> list[SlotResult]:
-        if self.done is not None:
-            self.done.synchronize()
-        frames = sims = None
-        if self.rows:
-            assert self.frames is not None and self.sims is not None
-            m = len(self.rows)
-            frames = self.frames[:m].cpu().numpy().copy()
-            sims = self.sims[:m].cpu().tolist()
-        emitted = dict(zip(self.rows or [], range(len(self.rows or [])), strict=True))
-        out: list[SlotResult] = []
-        lag = self.engine.L - 1
-        for i, (s, k) in enumerate(zip(self.slots, self.steps, strict=True)):
-            e = emitted.get(i)
-            if e is None:
-                out.append(SlotResult(s, k, None, None, None))
-            else:
-                assert frames is not None and sims is not None
-                out.append(SlotResult(s, k, k - lag, frames[e], sims[e]))
-        return out

@@ -129,8 +129,9 @@ def compiled_ops() -> BlockOps:
 class Prefix:
     """Keys/values the query tokens attend to besides themselves, for one layer.
 
-    k is un-rotated; ``table`` rotates it to its fixed relative positions. ``mask`` [n, M] is
-    True where a prefix token is valid (history frames are missing at the start of a stream).
+    k is un-rotated; the pass's ``prefix_rope`` rotates it to its positions. Which prefix tokens hold
+    data (history frames are missing at the start of a stream) is the first M columns of the pass's
+    ``key_mask``.
     """
 
     k: torch.Tensor  # [n, M, heads, head_dim]
@@ -323,7 +324,8 @@ class AvatarDiT(nn.Module):
         key_mask [n, M + F*P] True where a key takes part (or None: all);
         context / cross_kv: the text context, or its per-block keys/values (``cross_kv``), default
         the null prompt; kv_keep: which query keys/values to return per layer: all (None), none
-        (0: an empty list) or those of the last k tokens; compiled: run the ``compile_blocks`` blocks.
+        (0: an empty list) or those of the last k tokens; compiled: the blocks' elementwise stages fused
+        (``compiled_ops``), else eager.
         Returns (flow [n, F, C, h, w], per-layer un-rotated (k, v) of the query tokens).
         """
         x = self.patchify(lat, ref, mask_value)

@@ -1,4 +1,4 @@
-"""Video frame encoders for the streaming API (and their inverse, for tests and clients).
+"""Video frame encoders for the streaming API (decoding is the client's: ``avatarforcing_client.media``).
 
 Each session streams generated RGB frames to the client in one of the
 ``avatarforcing.v1.VideoEncoding`` formats:

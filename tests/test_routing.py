@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from avatarforcing_client import AvatarForcingClient, pb, pb_grpc
+from avatarforcing_service.routing import LocalRouter
 from avatarforcing_service.server import App
 
 from .cluster import RedisServer, start_replica, wait_serving
@@ -298,8 +299,10 @@ async def test_resume_on_one_node_continues_frame_and_audio_positions(make_app: 
         call.cancel()
         await ch.close()
         await wait_slots_free([app])
+        router = app.router
+        assert isinstance(router, LocalRouter)
         for _ in range(100):  # the cancelled stream's release detaches it
-            if p.session_id in app.router.detached:  # type: ignore[attr-defined]
+            if p.session_id in router.detached:
                 break
             await asyncio.sleep(0.02)
         with pytest.raises(grpc.aio.AioRpcError) as ei:

@@ -286,8 +286,8 @@ def _encoder_factory(encoding: str, cfg: ModelConfig) -> tuple[Callable[[], Any]
 def end_to_end(model: AvatarDiT, vae: TinyAutoencoder | WanVAE, stream: StreamConfig, device: torch.device,
                opts: dict[str, Any], batches: list[int], steps: int, encoding: str,
                engine_kw: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Steps through ``submit``/``result`` (denoising of step k+1 overlapping decode and copies of step
-    k), each session's frames encoded by its own encoder on a thread pool, as the server does.
+    """Steps through ``step`` (denoising, decoding, the frames' copy to the host, waited for), each session's
+    frames encoded by its own encoder on a thread pool, as the server does.
     ``engine_kw``: more engine arguments (the published model's wav2vec2, text context, decoder)."""
     cfg = model.cfg
     clock = Clock(device)
@@ -321,29 +321,15 @@ def end_to_end(model: AvatarDiT, vae: TinyAutoencoder | WanVAE, stream: StreamCo
         denoise = clock.median(partial(eng.denoise_step, slots, pcm), repeats=max(2, steps // 2))
         clock.sync()
         t = time.perf_counter()
-        prev = None
         for _ in range(steps):
-            h = eng.submit(slots, pcm)
-            if prev is not None:
-                deliver(prev.result())
-            prev = h
-        assert prev is not None
-        deliver(prev.result())
+            deliver(eng.step(slots, pcm))
         for f in chains:
             if f is not None:
                 f.result()
         step_t = (time.perf_counter() - t) / steps
         extra: dict[str, Any] = {}
         if n == batches[0]:
-            # The same steps without the overlap (each step waited for before the next is submitted), and
-            # the decoder alone on one step's blocks: what the two-stream pipeline hides.
-            t = time.perf_counter()
-            for _ in range(steps):
-                deliver(eng.step(slots, pcm))
-            for f in chains:
-                if f is not None:
-                    f.result()
-            extra["sequential_step_ms"] = (time.perf_counter() - t) / steps * 1000
+            # The decoder alone on one step's blocks: its share of the step.
             lat = torch.randn(n, stream.block_frames, cfg.latent_channels, *cfg.latent_hw, device=device,
                               dtype=eng.dtype)
             with torch.inference_mode():  # through the engine: Wan's decoder carries each slot's cache
@@ -353,10 +339,9 @@ def end_to_end(model: AvatarDiT, vae: TinyAutoencoder | WanVAE, stream: StreamCo
                     window = torch.randn(n, eng.context_samples + eng.block_samples, device=device)
                     extra["audio_features_ms"] = clock.median(partial(eng._audio_tokens, window), repeats=5) * 1000
                 extra["decoder_cache_bytes_per_slot"] = eng.decoder_cache_bytes()
-            print(f"  batch {n}: {step_t * 1000:.1f} ms per step overlapped, {extra['sequential_step_ms']:.1f} ms "
-                  f"waiting for each step; decoding one step's {n * fl.frames} frames alone: "
-                  f"{extra['decode_ms']:.1f} ms")
-        # Device memory the engine took for n sessions: slots, output rings, graph pools, workspace.
+            print(f"  batch {n}: {step_t * 1000:.1f} ms per step; decoding one step's {n * fl.frames} frames "
+                  f"alone: {extra['decode_ms']:.1f} ms")
+        # Device memory the engine took for n sessions: slots, graph pools, workspace.
         engine_bytes = torch.cuda.max_memory_reserved(device) - reserved0 if cuda else 0
         fps_total = n * fl.frames / step_t
         frames = n * fl.frames

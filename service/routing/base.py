@@ -43,7 +43,11 @@ SERVING, DRAINING, STALLED = "serving", "draining", "stalled"
 
 
 class RoutingError(Exception):
-    """A routing decision that refuses the call, with the gRPC status to answer."""
+    """A routing decision that refuses the call, with the gRPC status to answer.
+
+    Each refusal's text is written once, by a classmethod of its class (``Full.tenant_limit``, ...), which both
+    backends raise: clients and tests match on these texts.
+    """
 
     code = grpc.StatusCode.INTERNAL
 
@@ -56,9 +60,18 @@ class RoutingError(Exception):
 class NotFound(RoutingError):
     code = grpc.StatusCode.NOT_FOUND
 
+    @classmethod
+    def session(cls, session_id: str) -> NotFound:
+        return cls(f"session {session_id} is unknown or expired; create a new one")
+
 
 class Denied(RoutingError):
     code = grpc.StatusCode.PERMISSION_DENIED
+
+    @classmethod
+    def token(cls, session_id: str) -> Denied:
+        """The token or the tenant is not the session's (one answer for both: it tells a guesser nothing)."""
+        return cls(f"the session token does not match session {session_id}")
 
 
 class NotOwner(RoutingError):
@@ -73,17 +86,62 @@ class NotOwner(RoutingError):
 class Full(RoutingError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
+    @classmethod
+    def tenant_limit(cls, tenant: str, limit: int, *, resuming: bool = False) -> Full:
+        return cls(f"tenant {tenant!r} already has {limit} sessions, its limit; end one "
+                   + ("before resuming this one" if resuming else "first"))
+
+    @classmethod
+    def replica(cls, capacity: int) -> Full:
+        """This replica has no slot left for a session placed on it."""
+        return cls(f"all {capacity} session slots of this replica are in use or reserved; retry later or on "
+                   "another replica")
+
+    @classmethod
+    def no_slot_to_resume(cls) -> Full:
+        return cls("no free session slot to resume on; retry later")
+
+    @classmethod
+    def every_replica(cls, *, resuming: bool = False) -> Full:
+        if resuming:
+            return cls("every replica is full or draining; cannot resume the session now, retry shortly")
+        return cls("every replica is full or draining; retry later")
+
 
 class StoreDown(RoutingError):
     code = grpc.StatusCode.UNAVAILABLE
+
+    @classmethod
+    def cannot(cls, what: str) -> StoreDown:
+        """``what`` needs the store, and this replica's own records cannot answer it."""
+        return cls(f"cannot {what} now: the routing store (Redis) is unreachable; retry shortly")
+
+    @classmethod
+    def no_free_slot(cls) -> StoreDown:
+        return cls("the routing store (Redis) is unreachable and this replica has no free slot; retry shortly")
+
+    @classmethod
+    def tenant_limit_unchecked(cls, tenant: str) -> StoreDown:
+        return cls(f"tenant {tenant!r} has a session limit that cannot be checked while the routing store (Redis) "
+                   "is unreachable; retry shortly")
+
+    @classmethod
+    def recovering(cls) -> StoreDown:
+        return cls("the routing store (Redis) has just restarted empty and the replicas are writing their sessions "
+                   "back; tenant limits can be checked again in a moment: retry shortly")
 
 
 class Draining(RoutingError):
     code = grpc.StatusCode.UNAVAILABLE
 
+    @classmethod
+    def no_new_sessions(cls) -> Draining:
+        return cls("this replica is draining and takes no new sessions; connect to another")
 
-def store_down(what: str) -> StoreDown:
-    return StoreDown(f"cannot {what} now: the routing store (Redis) is unreachable; retry shortly")
+    @classmethod
+    def store_unreachable(cls) -> Draining:
+        """Draining while the store is down: no other replica can be named, so the client retries."""
+        return cls("this replica is draining and the routing store (Redis) is unreachable; retry shortly")
 
 
 def token_hash(token: str) -> str:
@@ -270,12 +328,17 @@ class Router(abc.ABC):
                 and now - r.attached_at > self.limits.sweep_grace_s]
 
     def _check_local(self, sid: str, token: str, tenant: str) -> SessionRecord:
-        rec = self.local.get(sid)
-        if rec is None:
-            raise NotFound(f"session {sid} is unknown or expired; create a new one")
-        if not check_token(rec.token_hash, token) or rec.tenant != tenant:
-            raise Denied(f"the session token does not match session {sid}")
-        return rec
+        """This node's record of ``sid``, if ``token`` and ``tenant`` are its own."""
+        return checked(self.local.get(sid), sid, token, tenant)
+
+
+def checked(rec: SessionRecord | None, sid: str, token: str, tenant: str) -> SessionRecord:
+    """``rec`` (the record of ``sid`` found, or None), if ``token`` and ``tenant`` are its own."""
+    if rec is None:
+        raise NotFound.session(sid)
+    if not check_token(rec.token_hash, token) or rec.tenant != tenant:
+        raise Denied.token(sid)
+    return rec
 
 
 async def reachable(address: str, timeout: float = 0.5) -> bool:

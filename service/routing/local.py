@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from .base import (
     DETACHED,
@@ -11,19 +12,20 @@ from .base import (
     Denied,
     Draining,
     Full,
-    NotFound,
+    NodeInfo,
     Placement,
     Router,
+    RoutingLimits,
     SessionRecord,
-    check_token,
+    checked,
 )
 
 
 class LocalRouter(Router):
     kind = "local"
 
-    def __init__(self, *a, **kw) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(*a, **kw)
+    def __init__(self, node: NodeInfo, limits: RoutingLimits, free_slots: Callable[[], int]) -> None:
+        super().__init__(node, limits, free_slots)
         self.detached: dict[str, SessionRecord] = {}
 
     def _expire(self) -> None:
@@ -47,15 +49,14 @@ class LocalRouter(Router):
 
     def _check_tenant(self, tenant: str, tenant_limit: int) -> None:
         if tenant_limit and self._tenant_count(tenant) >= tenant_limit:
-            raise Full(f"tenant {tenant!r} already has {tenant_limit} sessions, its limit; end one first")
+            raise Full.tenant_limit(tenant, tenant_limit)
 
     def _admit(self, tenant: str, tenant_limit: int) -> None:
         if self.draining:
-            raise Draining("this replica is draining and takes no new sessions; connect to another")
+            raise Draining.no_new_sessions()
         self._check_tenant(tenant, tenant_limit)
         if self.local_free() <= 0:
-            raise Full(f"all {self.node.capacity} session slots of this replica are in use or reserved; retry "
-                       "later or on another replica")
+            raise Full.replica(self.node.capacity)
 
     async def create(self, tenant: str, tenant_limit: int) -> Placement:
         self._admit(tenant, tenant_limit)
@@ -68,21 +69,16 @@ class LocalRouter(Router):
 
     def _find(self, session_id: str, token: str, tenant: str) -> SessionRecord:
         self._expire()
-        rec = self.local.get(session_id) or self.detached.get(session_id)
-        if rec is None:
-            raise NotFound(f"session {session_id} is unknown or expired; create a new one")
-        if not check_token(rec.token_hash, token) or rec.tenant != tenant:
-            raise Denied(f"the session token does not match session {session_id}")
-        return rec
+        return checked(self.local.get(session_id) or self.detached.get(session_id), session_id, token, tenant)
 
     async def resume(self, session_id: str, token: str, tenant: str, tenant_limit: int = 0) -> Placement:
         rec = self._find(session_id, token, tenant)
         if rec.state == DETACHED:
             if self.draining:
-                raise Draining("this replica is draining and takes no new sessions; connect to another")
+                raise Draining.no_new_sessions()
             self._check_tenant(tenant, tenant_limit)
             if self.local_free() <= 0:
-                raise Full("no free session slot to resume on; retry later")
+                raise Full.no_slot_to_resume()
             del self.detached[session_id]
             rec.state = PENDING
             rec.expires = time.monotonic() + self.limits.reservation_ttl_s
@@ -94,12 +90,12 @@ class LocalRouter(Router):
         rec = self._find(session_id, token, tenant)
         if rec.state == DETACHED:  # the same client reattaching (it lost only its connection)
             if self.draining:
-                raise Draining("this replica is draining and takes no new sessions; connect to another")
+                raise Draining.no_new_sessions()
             self._check_tenant(tenant, tenant_limit)
             del self.detached[session_id]
             self.local[session_id] = rec
         elif self.draining and rec.state == PENDING:
-            raise Draining("this replica is draining and takes no new sessions; connect to another")
+            raise Draining.no_new_sessions()
         rec.state = LIVE
         rec.epoch += 1
         rec.attached_at = time.monotonic()

@@ -41,16 +41,17 @@ from .base import (
     Denied,
     Draining,
     Full,
+    NodeInfo,
     NotFound,
     NotOwner,
     Placement,
     Router,
+    RoutingLimits,
     SessionRecord,
     StoreDown,
     new_session_id,
     new_token,
     reachable,
-    store_down,
     token_hash,
 )
 
@@ -324,8 +325,9 @@ def _s(x: Any) -> str:
 class RedisRouter(Router):
     kind = "redis"
 
-    def __init__(self, node, limits, free_slots, *, url: str, prefix: str = "af:",  # type: ignore[no-untyped-def]
-                 avatar_ttl_s: float = 7 * 86400.0, op_timeout_s: float = 0.5, avatar_quota: int = 0) -> None:
+    def __init__(self, node: NodeInfo, limits: RoutingLimits, free_slots: Callable[[], int], *, url: str,
+                 prefix: str = "af:", avatar_ttl_s: float = 7 * 86400.0, op_timeout_s: float = 0.5,
+                 avatar_quota: int = 0) -> None:
         super().__init__(node, limits, free_slots)
         self.url = url
         self.prefix = prefix
@@ -484,17 +486,15 @@ class RedisRouter(Router):
         """Placement on this node alone (the store is down): only with a free slot here, and for a tenant
         with a limit only within its share of the room it had left at the last heartbeat."""
         if self.draining:
-            raise Draining("this replica is draining and the routing store (Redis) is unreachable; retry shortly")
+            raise Draining.store_unreachable()
         if self.local_free() <= 0:
-            raise StoreDown("the routing store (Redis) is unreachable and this replica has no free slot; retry "
-                            "shortly")
+            raise StoreDown.no_free_slot()
         if tenant_limit:
             # A replica that has never reached the store (it started during the outage) knows nothing of the
             # tenant's sessions elsewhere: no share at all.
             share = (tenant_limit - self.tenant_counts.get(tenant, 0)) // self.serving_nodes if self.viewed else 0
             if self.outage_admitted.get(tenant, 0) >= share:
-                raise StoreDown(f"tenant {tenant!r} has a session limit that cannot be checked while the routing "
-                                "store (Redis) is unreachable; retry shortly")
+                raise StoreDown.tenant_limit_unchecked(tenant)
         self.outage_admitted[tenant] = self.outage_admitted.get(tenant, 0) + 1
         return self._record_here(tenant, state)
 
@@ -516,10 +516,6 @@ class RedisRouter(Router):
                 return res
             await asyncio.sleep(0.1)
 
-    def _recovering(self) -> StoreDown:
-        return StoreDown("the routing store (Redis) has just restarted empty and the replicas are writing their "
-                         "sessions back; tenant limits can be checked again in a moment: retry shortly")
-
     async def create(self, tenant: str, tenant_limit: int) -> Placement:
         sid, token = new_session_id(), new_token()
         th = token_hash(token)
@@ -533,11 +529,11 @@ class RedisRouter(Router):
             rec, token = self._local_new(tenant, tenant_limit, PENDING)
             return Placement(rec.session_id, token, rec.node_id, rec.address, ttl)
         if res[0] == "recovering":
-            raise self._recovering()
+            raise StoreDown.recovering()
         if res[0] == "tenant_limit":
-            raise Full(f"tenant {tenant!r} already has {tenant_limit} sessions, its limit; end one first")
+            raise Full.tenant_limit(tenant, tenant_limit)
         if res[0] == "full":
-            raise Full("every replica is full or draining; retry later")
+            raise Full.every_replica()
         node, addr = res[1], res[2]
         if node == self.node.node_id:
             self.local[sid] = SessionRecord(sid, tenant, th, node, addr, PENDING, time.monotonic() + ttl)
@@ -545,12 +541,11 @@ class RedisRouter(Router):
 
     async def create_local(self, tenant: str, tenant_limit: int) -> tuple[SessionRecord, str]:
         if self.draining:
-            raise Draining("this replica is draining and takes no new sessions; connect to another")
+            raise Draining.no_new_sessions()
         sid, token = new_session_id(), new_token()
         th = token_hash(token)
         if self.local_free() <= 0:
-            raise Full(f"all {self.node.capacity} session slots of this replica are in use or reserved; retry later "
-                       "or on another replica")
+            raise Full.replica(self.node.capacity)
         try:
             for attempt in range(2):
                 res = [_s(x) for x in await self._eval(self._claim, [
@@ -563,12 +558,11 @@ class RedisRouter(Router):
             self._down(e)
             return self._local_new(tenant, tenant_limit, LIVE)
         if res[0] == "recovering":
-            raise self._recovering()
+            raise StoreDown.recovering()
         if res[0] == "tenant_limit":
-            raise Full(f"tenant {tenant!r} already has {tenant_limit} sessions, its limit; end one first")
+            raise Full.tenant_limit(tenant, tenant_limit)
         if res[0] == "full":
-            raise Full(f"all {self.node.capacity} session slots of this replica are in use or reserved; retry later "
-                       "or on another replica")
+            raise Full.replica(self.node.capacity)
         rec = SessionRecord(sid, tenant, th, self.node.node_id, self.node.address, LIVE, epoch=1,
                             attached_at=time.monotonic())
         self.local[sid] = rec
@@ -603,20 +597,19 @@ class RedisRouter(Router):
             self._down(e)
             rec = self.local.get(session_id)
             if rec is None:
-                raise store_down(f"check where session {session_id} runs") from None
+                raise StoreDown.cannot(f"check where session {session_id} runs") from None
             rec = self._check_local(session_id, token, tenant)
             return Placement(session_id, "", rec.node_id, rec.address, ttl, resumed=True)
         if res[0] == "not_found":
-            raise NotFound(f"session {session_id} is unknown or expired; create a new one")
+            raise NotFound.session(session_id)
         if res[0] == "denied":
-            raise Denied(f"the session token does not match session {session_id}")
+            raise Denied.token(session_id)
         if res[0] == "recovering":
-            raise self._recovering()
+            raise StoreDown.recovering()
         if res[0] == "tenant_limit":
-            raise Full(f"tenant {tenant!r} already has {tenant_limit} sessions, its limit; end one before resuming "
-                       "this one")
+            raise Full.tenant_limit(tenant, tenant_limit, resuming=True)
         if res[0] == "full":
-            raise Full("every replica is full or draining; cannot resume the session now, retry shortly")
+            raise Full.every_replica(resuming=True)
         node, addr = res[1], res[2]
         old = self.local.get(session_id)
         if old is not None and node != self.node.node_id:
@@ -635,19 +628,18 @@ class RedisRouter(Router):
         except RedisError as e:
             self._down(e)
             if session_id not in self.local:
-                raise store_down(f"check who owns session {session_id}") from None
+                raise StoreDown.cannot(f"check who owns session {session_id}") from None
             rec = self._check_local(session_id, token, tenant)
             return self._attached(rec)  # Redis learns the new epoch from the heartbeat once it answers
         if res[0] == "denied":
-            raise Denied(f"the session token does not match session {session_id}")
+            raise Denied.token(session_id)
         if res[0] == "not_owner":
             self.local.pop(session_id, None)
             raise NotOwner(session_id, res[1])
         if res[0] == "recovering":
-            raise self._recovering()
+            raise StoreDown.recovering()
         if res[0] == "tenant_limit":
-            raise Full(f"tenant {tenant!r} already has {tenant_limit} sessions, its limit; end one before resuming "
-                       "this one")
+            raise Full.tenant_limit(tenant, tenant_limit, resuming=True)
         if res[0] == "not_found":
             # Reserved here while Redis was down, or Redis lost its data: this node's copy decides.
             rec = self._check_local(session_id, token, tenant)
