@@ -174,9 +174,13 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
                     if session.failure is not None:
                         raise session.failure
                     if item.msg.WhichOneof("message"):
-                        # Ended for good, except by a drain or shutdown: the client resumes elsewhere.
-                        session.set_resumable(item.msg.end.reason == messages.SERVER_SHUTDOWN)
+                        await app._hook("end", session)
                         yield item.msg
+                        # Ended for good once its End went out, except by a drain or shutdown (the client resumes
+                        # elsewhere). Only then: a client that vanishes half-closes its requests before gRPC cancels
+                        # this handler, so its session ends too, with an End that reaches no one; the yield does not
+                        # return and the session stays resumable.
+                        session.set_resumable(item.msg.end.reason == messages.SERVER_SHUTDOWN)
                     app.metrics.sessions_ended.labels(messages.end_reason_label(item.msg)).inc()
                     return
                 if item.due is not None:

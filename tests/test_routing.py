@@ -301,10 +301,7 @@ async def test_resume_on_one_node_continues_frame_and_audio_positions(make_app: 
         await wait_slots_free([app])
         router = app.router
         assert isinstance(router, LocalRouter)
-        for _ in range(100):  # the cancelled stream's release detaches it
-            if p.session_id in router.detached:
-                break
-            await asyncio.sleep(0.02)
+        await wait_for(lambda: p.session_id in router.detached, "the cancelled stream's release detaches it")
         with pytest.raises(grpc.aio.AioRpcError) as ei:
             await c.create_session(p.session_id, "not-the-token")
         assert ei.value.code() == grpc.StatusCode.PERMISSION_DENIED

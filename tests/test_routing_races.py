@@ -438,3 +438,44 @@ async def test_a_replica_that_never_reached_the_store_admits_no_limited_tenant(
     async with AvatarForcingClient(addr(a), token=bob) as c:
         assert (await c.create_session()).node_id == a.node_id
     redis_server.start()
+
+
+# ---- a client that vanishes: its requests end before its handler is cancelled ----------------------------------
+async def test_a_vanished_client_s_half_close_does_not_end_its_session_for_good(make_app: AppFactory,
+                                                                                png: bytes) -> None:
+    """When a client goes away, gRPC ends the handler's requests (a half-close) before it cancels the handler. The
+    half-close ends the session with End(CLIENT_CLOSED); while that End waits to go out, the client is already gone.
+    The session must stay resumable (detached), not be deleted: only an End that went out ends it for good."""
+    app = await make_app()
+    hold = Hold()
+    app.hooks["end"] = hold
+    async with AvatarForcingClient(addr(app)) as c:
+        p = await c.create_session()
+        hold.session_id = p.session_id
+        cfg = config(png, session_id=p.session_id, session_token=p.session_token)
+        ch, call = await open_raw(p.address, cfg)
+        await started(call)
+        await call.done_writing()  # the requests end: the session ends, its End is held just before it goes out
+        await asyncio.wait_for(hold.entered.wait(), 10)
+        call.cancel()  # and the client is gone: gRPC cancels the held handler
+        await ch.close()
+        await wait_slots_free([app])
+        assert p.session_id in app.router.detached  # type: ignore[attr-defined]
+        r = await c.create_session(p.session_id, p.session_token)
+        assert r.resumed and r.session_id == p.session_id
+        # A client that half-closes and reads its End: the session is over, nothing to resume.
+        hold.go.set()
+        ch, call = await open_raw(p.address, cfg)
+        await started(call)
+        await call.done_writing()
+        ends = []
+        while (resp := await asyncio.wait_for(call.read(), 10)) is not grpc.aio.EOF:
+            if resp.HasField("end"):
+                ends.append(resp.end.reason)
+        assert ends == [pb.END_REASON_CLIENT_CLOSED]
+        await ch.close()
+        await wait_slots_free([app])
+        assert p.session_id not in app.router.detached  # type: ignore[attr-defined]
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await c.create_session(p.session_id, p.session_token)
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND
