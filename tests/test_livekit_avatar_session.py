@@ -191,6 +191,7 @@ async def test_readme_avatar_session_in_a_real_room(mode: str, livekit_url: str,
 
         # One utterance plays out: the agent hears its exact length back, the viewer sees and hears it.
         t0 = time.monotonic()
+        frame0 = gen.last_frame_index
         handle = session.say("hello", audio=frames(speechlike_pcm(2.0, rate=RATE)))
         await asyncio.wait_for(handle.wait_for_playout(), 20)
         assert not handle.interrupted
@@ -198,7 +199,10 @@ async def test_readme_avatar_session_in_a_real_room(mode: str, livekit_url: str,
         assert 2.0 <= finished[0].playback_position <= 2.0 + 0.32, finished[0]
         await wait_for(lambda: viewer.loud_seconds(publisher, t0) >= 1.0, 3, "the re-timed audio at the viewer")
         assert {(w, h) for _, w, h in viewer.video[publisher]} == {(gen.width, gen.height)} == {(128, 128)}
-        assert viewer.video_since(publisher, t0) >= 2.0 * 25 * 0.8, "video at about 25 fps while speaking"
+        # The generator yielded a video frame for every 40 ms of the speech; how many of them reach the viewer
+        # depends on the machine's load (LiveKit's synchronizer drops frames that fall behind schedule).
+        assert gen.last_frame_index - frame0 >= 2.0 * gen.fps, "a video frame for every 40 ms of speech"
+        assert viewer.video_since(publisher, t0) >= 10, "the viewer sees the avatar while it speaks"
 
         # An interruption mid-utterance clears the avatar.
         server_session = app.scheduler.sessions[gen.session.session_id]
@@ -225,7 +229,7 @@ async def test_readme_avatar_session_in_a_real_room(mode: str, livekit_url: str,
         assert gen.samples_sent - sent0 == len(long)
         assert len(long) - (gen.samples_returned - returned0) >= RATE, "the server played none of the dropped speech"
         assert viewer.loud_seconds(publisher, t_quiet) == 0, "the viewer hears silence after the interruption"
-        assert viewer.video_since(publisher, t_quiet) >= 10, "and still sees the (idle) avatar"
+        await wait_for(lambda: viewer.video_since(publisher, t_quiet) >= 10, 10, "the viewer to see the idle avatar")
     finally:
         if avatar is not None:
             await avatar.aclose()
