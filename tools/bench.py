@@ -1,5 +1,6 @@
 """`avatarforcing bench`: engine step time by batch size, batched vs one at a time, a long stream,
-and real-time sessions through the real gRPC server. Prints tables; writes JSON."""
+real-time sessions through the real gRPC server, and speech onset after a burst (tools/onset_bench.py).
+Prints tables; writes JSON."""
 
 from __future__ import annotations
 
@@ -248,7 +249,7 @@ def run_bench(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     sections = {s.strip() for s in a.sections.split(",") if s.strip()}
-    unknown = sections - {"engine", "server", "long"}
+    unknown = sections - {"engine", "server", "long", "onset"}
     if unknown:
         print(f"unknown bench sections: {sorted(unknown)}", file=sys.stderr)
         return 2
@@ -264,7 +265,13 @@ def run_bench(a: argparse.Namespace) -> int:
         res["long_stream"] = bench_long(300 if a.quick else a.long_frames)
     if "server" in sections:
         res["server"] = bench_server(a.max_sessions, a.quick, a.threads)
-    out = a.out or Path("bench/results") / f"cpu-{dt.date.today().isoformat()}{'-quick' if a.quick else ''}.json"
+    if "onset" in sections:
+        from .onset_bench import bench_onset
+
+        res["onset"] = bench_onset(a.quick, getattr(a, "onset_sessions", 8), a.threads)
+    # The onset section alone has a file of its own (the model named as the other CPU files' content is).
+    stem = "onset-cpu-tiny" if sections == {"onset"} else "cpu"
+    out = a.out or Path("bench/results") / f"{stem}-{dt.date.today().isoformat()}{'-quick' if a.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2, default=float))
     print(f"\nwrote {out}")
