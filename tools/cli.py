@@ -38,6 +38,9 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="seconds of past audio wav2vec2 sees before each block (default: avatarforcing.wav2vec's)")
     p.add_argument("--max-sessions", type=int, default=None, help=f"session slots (default {d.max_sessions})")
     p.add_argument("--max-batch", type=int, default=None, help=f"sessions per step at most (default {d.max_batch})")
+    p.add_argument("--no-onset-replan", action="store_false", default=None, dest="onset_replan",
+                   help="never re-plan for audio that comes ahead of time: every utterance waits for the look-ahead "
+                        "(default: a TTS burst re-plans, so lips start within about a block)")
     p.add_argument("--idle-timeout", type=float, default=None, dest="idle_timeout_s",
                    help=f"seconds without a client message before a session ends (default {d.idle_timeout_s:g})")
     p.add_argument("--max-session-seconds", type=float, default=None, dest="max_session_s",
