@@ -26,6 +26,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -106,6 +107,7 @@ class Tracked:
     stats_onset_ms: list[float] = field(default_factory=list)  # Stats.onset_latency_ms, where the wire has it
     announced_onset_ms: float | None = None  # SessionStarted.onset_latency_ms, where the wire has it
     announced_latency_ms: float = 0.0
+    errors: list[str] = field(default_factory=list)  # bursts not rendered in time (the session stopped there)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def onsets(self) -> list[Onset | None]:
@@ -168,6 +170,22 @@ def _started_info(s: Any, tr: Tracked) -> None:
         tr.announced_onset_ms = float(st.onset_latency_ms)
 
 
+def _stop_reader(reader: asyncio.Task[None], tr: Tracked) -> None:
+    """Stops a session's reader; an error it ended with (the stream failed) is recorded."""
+    if reader.done() and not reader.cancelled() and reader.exception() is not None:
+        e = reader.exception()
+        tr.errors.append(f"the stream failed: {type(e).__name__}: {e}"[:500])
+    reader.cancel()
+
+
+def _where(tr: Tracked) -> str:
+    """Where a session stands, for an error message."""
+    last = tr.audio[-1] if tr.audio else None
+    now = asyncio.get_running_loop().time()
+    seen = "none" if last is None else f"block {last.block}, source_end {last.source_end}, {now - last.t:.1f} s ago"
+    return f"sent {tr.sent} samples; {len(tr.frames)} frames, {len(tr.audio)} AudioOut received, the last {seen}"
+
+
 def _done(tr: Tracked) -> bool:
     """Every sample sent so far has been rendered (or dropped): the last AudioOut's count reached it."""
     return bool(tr.audio) and tr.audio[-1].source_end >= tr.sent
@@ -205,9 +223,14 @@ async def _session_idle(target: str, image: bytes, pcm: np.ndarray, rate: int, r
                 await asyncio.sleep(wait)
                 await _burst(s, tr, pcm, rate)
                 if not await _until(tr, lambda: _done(tr), run.timeout_s + run.utterance_s):
-                    raise TimeoutError("the utterance was not rendered in time")
+                    # A measurement reports what it saw: this burst counts as missed (if it never showed),
+                    # and the session stops here.
+                    tr.errors.append(f"session {seed}: burst {len(tr.bursts)} was not rendered within "
+                                     f"{run.timeout_s + run.utterance_s:g} s ({_where(tr)})")
+                    print(f"  onset: {tr.errors[-1]}", file=sys.stderr, flush=True)
+                    break
         finally:
-            reader.cancel()
+            _stop_reader(reader, tr)
 
 
 async def _session_interrupt(target: str, image: bytes, pcm: np.ndarray, rate: int, run: OnsetRun,
@@ -231,15 +254,19 @@ async def _session_interrupt(target: str, image: bytes, pcm: np.ndarray, rate: i
                 cur = b
                 if not await _until(tr, lambda: find_onset(tr.audio, tr.frames, cur) is not None,  # noqa: B023
                                     run.timeout_s):
-                    raise TimeoutError("the utterance did not start in time")
+                    tr.errors.append(f"burst {len(tr.bursts)} did not start within {run.timeout_s:g} s "
+                                     f"({_where(tr)})")
+                    print(f"  onset: {tr.errors[-1]}", file=sys.stderr, flush=True)
+                    break
                 await asyncio.sleep(run.speak_s)
                 await s.interrupt()
                 b = await _burst(s, tr, pcm, rate)
-            last = b
-            await _until(tr, lambda: find_onset(tr.audio, tr.frames, last) is not None, run.timeout_s)
+            else:  # the last burst: wait for its onset too
+                await _until(tr, lambda: find_onset(tr.audio, tr.frames, b) is not None,  # noqa: B023
+                             run.timeout_s)
             await s.interrupt()  # no need to watch the rest of the last utterance
         finally:
-            reader.cancel()
+            _stop_reader(reader, tr)
 
 
 def _stats(xs: Sequence[float]) -> dict[str, Any]:
@@ -251,11 +278,21 @@ def _stats(xs: Sequence[float]) -> dict[str, Any]:
             "min_ms": float(a.min()), "max_ms": float(a.max()), "mean_ms": float(a.mean())}
 
 
-def _summarize(onsets: Sequence[Onset | None]) -> dict[str, Any]:
+def _summarize(onsets: Sequence[Onset | None], errors: Sequence[str] = ()) -> dict[str, Any]:
     found = [o for o in onsets if o is not None]
     return {"bursts": len(onsets), "missed": len(onsets) - len(found),
             "frame": _stats([o.frame_s for o in found]), "audio": _stats([o.audio_s for o in found]),
-            "frame_s": [o.frame_s for o in found]}
+            "frame_s": [o.frame_s for o in found], "errors": list(errors)}
+
+
+async def _guarded(tr: Tracked, coro: Any) -> None:
+    """Runs one session's script; an error (the stream failed, the server went away) is recorded on ``tr``, so
+    that the other sessions' measurements still count and the failure shows in the results."""
+    try:
+        await coro
+    except Exception as e:  # noqa: BLE001 (a measurement records what went wrong and carries on)
+        tr.errors.append(f"{type(e).__name__}: {e} ({_where(tr)})"[:500])
+        print(f"  onset: session failed: {tr.errors[-1]}", file=sys.stderr, flush=True)
 
 
 async def measure(target: str, run: OnsetRun) -> dict[str, Any]:
@@ -268,23 +305,23 @@ async def measure(target: str, run: OnsetRun) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     tr = Tracked()
-    await _session_idle(target, image, pcm, rate, run, [run.idle_s] * run.reps, 1, tr)
-    out["idle"] = _summarize(tr.onsets())
+    await _guarded(tr, _session_idle(target, image, pcm, rate, run, [run.idle_s] * run.reps, 1, tr))
+    out["idle"] = _summarize(tr.onsets(), tr.errors)
     announced = {"latency_ms": tr.announced_latency_ms, "onset_latency_ms": tr.announced_onset_ms}
     stats_onset = list(tr.stats_onset_ms)
 
     tr = Tracked()
-    await _session_interrupt(target, image, pcm, rate, run, tr)
-    out["interrupt"] = _summarize(tr.onsets()[1:])
+    await _guarded(tr, _session_interrupt(target, image, pcm, rate, run, tr))
+    out["interrupt"] = _summarize(tr.onsets()[1:], tr.errors)
     stats_onset += tr.stats_onset_ms
 
     rng = np.random.default_rng(run.seed)
     lo, hi = run.session_idle_s
     trs = [Tracked() for _ in range(run.sessions)]
-    await asyncio.gather(*(_session_idle(target, image, pcm, rate, run,
-                                         rng.uniform(lo, hi, run.session_bursts).tolist(), 100 + i, t)
+    await asyncio.gather(*(_guarded(t, _session_idle(target, image, pcm, rate, run,
+                                                     rng.uniform(lo, hi, run.session_bursts).tolist(), 100 + i, t))
                            for i, t in enumerate(trs)))
-    out["sessions"] = _summarize([o for t in trs for o in t.onsets()])
+    out["sessions"] = _summarize([o for t in trs for o in t.onsets()], [e for t in trs for e in t.errors])
     out["sessions"]["n_sessions"] = run.sessions
     for t in trs:
         stats_onset += t.stats_onset_ms
@@ -317,14 +354,20 @@ def run_variant(run: OnsetRun, extra_args: Sequence[str], threads: int | None) -
            "--max-sessions", str(run.sessions + 1), "--log-level", "warning", *extra_args]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_port(port, proc)
-        res = asyncio.run(measure(f"127.0.0.1:{port}", run))
-        body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics").read().decode()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    # The server's log goes to a file: a pipe nobody reads could fill up and stall the server under test.
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            wait_port(port, proc)
+            res = asyncio.run(measure(f"127.0.0.1:{port}", run))
+            body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics").read().decode()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            log.seek(0)
+            lines = log.read().decode(errors="replace").splitlines()
+    res["server_log_lines"] = len(lines)
+    res["server_log_tail"] = lines[-20:]
     res["server_onset_histogram"] = _histogram(body, "avatarforcing_onset_latency_seconds")
     res["server_frame_latency"] = _histogram(body, "avatarforcing_frame_latency_seconds")
     res["server_args"] = list(extra_args)
