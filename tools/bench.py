@@ -21,7 +21,7 @@ import numpy as np
 
 from avatarforcing.report import print_table as _table
 
-from .common import assets_dir, free_port, wait_port
+from .common import assets_dir, free_port, histogram_quantile, wait_port
 
 
 def _pct(xs: list[float] | np.ndarray, q: float) -> float:
@@ -130,25 +130,6 @@ def bench_long(latent_frames: int) -> dict[str, Any]:
 
 
 
-def _histogram_quantile(body: str, name: str, q: float) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for fam in text_string_to_metric_families(body):
-        if fam.name == name:
-            buckets = sorted((float(s.labels["le"]), s.value) for s in fam.samples if s.name.endswith("_bucket"))
-            total = buckets[-1][1]
-            if total == 0:
-                return float("nan")
-            prev_le, prev_c = 0.0, 0.0
-            for le, c in buckets:
-                if c >= q * total:
-                    if le == float("inf"):
-                        return prev_le
-                    return prev_le + (le - prev_le) * ((q * total - prev_c) / max(c - prev_c, 1e-9))
-                prev_le, prev_c = le, c
-    return float("nan")
-
-
 async def _run_sessions(target: str, n: int, seconds: float, warmup: float) -> dict[str, Any]:
     from avatarforcing_client import AvatarForcingClient, pb, read_wav
 
@@ -216,9 +197,9 @@ def bench_server(max_sessions: int, quick: bool, threads: int | None) -> dict[st
             proc.terminate()
             proc.wait(timeout=30)
         expected = seconds * 25
-        lat50 = _histogram_quantile(body, "avatarforcing_frame_latency_seconds", 0.5)
-        lat99 = _histogram_quantile(body, "avatarforcing_frame_latency_seconds", 0.99)
-        step99 = _histogram_quantile(body, "avatarforcing_step_duration_seconds", 0.99)
+        lat50 = histogram_quantile(body, "avatarforcing_frame_latency_seconds", 0.5)
+        lat99 = histogram_quantile(body, "avatarforcing_frame_latency_seconds", 0.99)
+        step99 = histogram_quantile(body, "avatarforcing_step_duration_seconds", 0.99)
         dropped = sum(float(line.split()[-1]) for line in body.splitlines()
                       if line.startswith("avatarforcing_frames_dropped_total"))
         g50, g99 = _pct(r["gaps"], 50) * 1000, _pct(r["gaps"], 99) * 1000

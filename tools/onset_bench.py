@@ -22,13 +22,14 @@ The published model's onset (blocks of 640 ms) is COMPUTED, not measured, from t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import subprocess
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ import numpy as np
 
 from avatarforcing.report import print_table
 
-from .common import assets_dir, free_port, wait_port
+from .common import assets_dir, free_port, histogram_quantile, wait_port
 
 CHUNK_MS = 20  # the burst goes out as a TTS client sends it: many small chunks, written as fast as they go
 
@@ -170,6 +171,18 @@ def _started_info(s: Any, tr: Tracked) -> None:
         tr.announced_onset_ms = float(st.onset_latency_ms)
 
 
+@contextlib.asynccontextmanager
+async def _opened(s: Any) -> AsyncIterator[Any]:
+    """A started session, closed afterwards. An error from closing it is ignored: grpc's aio client may fail the
+    half-close (ExecuteBatchError) of a stream whose reader was just cancelled, after every burst was measured."""
+    await s.start()
+    try:
+        yield s
+    finally:
+        with contextlib.suppress(Exception):
+            await s.close()
+
+
 def _stop_reader(reader: asyncio.Task[None], tr: Tracked) -> None:
     """Stops a session's reader; an error it ended with (the stream failed) is recorded."""
     if reader.done() and not reader.cancelled() and reader.exception() is not None:
@@ -211,9 +224,9 @@ async def _session_idle(target: str, image: bytes, pcm: np.ndarray, rate: int, r
     """One session: for each entry of ``idle``, idle that long after the previous utterance, then burst."""
     from avatarforcing_client import AvatarForcingClient, pb
 
-    async with AvatarForcingClient(target) as c, c.session(image=image, sample_rate=rate, seed=seed,
-                                                           video_encoding=pb.VIDEO_ENCODING_H264,
-                                                           pacing=pb.PACING_REALTIME) as s:
+    async with AvatarForcingClient(target) as c, _opened(c.session(image=image, sample_rate=rate, seed=seed,
+                                                                   video_encoding=pb.VIDEO_ENCODING_H264,
+                                                                   pacing=pb.PACING_REALTIME)) as s:
         _started_info(s, tr)
         reader = asyncio.create_task(_read(s, tr))
         try:
@@ -240,9 +253,9 @@ async def _session_interrupt(target: str, image: bytes, pcm: np.ndarray, rate: i
     The first burst (after idle) is not counted: ``tr.bursts[1:]`` are the bursts after an interrupt."""
     from avatarforcing_client import AvatarForcingClient, pb
 
-    async with AvatarForcingClient(target) as c, c.session(image=image, sample_rate=rate, seed=7,
-                                                           video_encoding=pb.VIDEO_ENCODING_H264,
-                                                           pacing=pb.PACING_REALTIME) as s:
+    async with AvatarForcingClient(target) as c, _opened(c.session(image=image, sample_rate=rate, seed=7,
+                                                                   video_encoding=pb.VIDEO_ENCODING_H264,
+                                                                   pacing=pb.PACING_REALTIME)) as s:
         _started_info(s, tr)
         reader = asyncio.create_task(_read(s, tr))
         try:
@@ -326,7 +339,7 @@ async def measure(target: str, run: OnsetRun) -> dict[str, Any]:
     for t in trs:
         stats_onset += t.stats_onset_ms
     out["announced"] = announced
-    out["stats_onset_ms"] = _stats(np.asarray(stats_onset) / 1000) if stats_onset else None
+    out["stats_onset_ms"] = _stats([v / 1000 for v in stats_onset]) if stats_onset else None
     return out
 
 
@@ -338,12 +351,10 @@ def replan_setting_exists() -> bool:
 
 
 def _histogram(body: str, name: str) -> dict[str, float] | None:
-    from .bench import _histogram_quantile
-
     if name not in body:
         return None
-    return {"p50_ms": _histogram_quantile(body, name, 0.5) * 1000,
-            "p99_ms": _histogram_quantile(body, name, 0.99) * 1000}
+    return {"p50_ms": histogram_quantile(body, name, 0.5) * 1000,
+            "p99_ms": histogram_quantile(body, name, 0.99) * 1000}
 
 
 def run_variant(run: OnsetRun, extra_args: Sequence[str], threads: int | None) -> dict[str, Any]:
