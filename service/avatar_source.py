@@ -40,6 +40,10 @@ class AvatarSource:
         self._decode_pool = decode_pool()
         self._router: Router | None = None
         self._in_engine: Callable[..., Awaitable[Any]] | None = None
+        # Registrations under way, by (tenant, content digest, requested id): sessions that send the same new face at
+        # once share one decode and one charge against the image rate, instead of each being charged (and the
+        # later ones refused) for an image the first is already registering.
+        self._registering: dict[tuple[str, str, str], asyncio.Task[Avatar]] = {}
 
     def attach(self, router: Router, in_engine: Callable[..., Awaitable[Any]]) -> None:
         self._router, self._in_engine = router, in_engine
@@ -55,7 +59,8 @@ class AvatarSource:
 
         An image this tenant registered before is not decoded again. A new one counts against the tenant's image
         rate (``rate_limited``: not for an avatar the server itself reloads from a store), and is decoded on the
-        low-priority decode thread, not on the event loop.
+        low-priority decode thread, not on the event loop. Callers that send the same new image at once share its
+        one registration (one decode, one charge against the rate).
         """
         assert self._in_engine is not None, "App.start() first"
         loop = asyncio.get_running_loop()
@@ -63,6 +68,25 @@ class AvatarSource:
         known = self.registry.by_digest(digest, tenant)
         if known is not None and avatar_id in (None, known.id):
             return known
+        key = (tenant, digest, avatar_id or "")
+        task = self._registering.get(key)
+        if task is None:
+            task = loop.create_task(self._register(data, digest, name, tenant, avatar_id, text_context, rate_limited))
+            self._registering[key] = task
+            task.add_done_callback(lambda t: self._registered(key, t))
+        # Shielded: a caller that goes away does not cancel the registration the others wait for.
+        return await asyncio.shield(task)
+
+    def _registered(self, key: tuple[str, str, str], task: asyncio.Task[Avatar]) -> None:
+        if self._registering.get(key) is task:
+            del self._registering[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here too: every caller may have gone away before it failed
+
+    async def _register(self, data: bytes, digest: str, name: str, tenant: str, avatar_id: str | None,
+                        text_context: bytes, rate_limited: bool) -> Avatar:
+        assert self._in_engine is not None
+        loop = asyncio.get_running_loop()
         if rate_limited:
             self.image_rate.take(tenant)
         c = self.engine.cfg

@@ -289,7 +289,7 @@ def _full_box(kind: bytes, version: int, flags: int, *payload: bytes) -> bytes:
     return _box(kind, struct.pack(">I", (version << 24) | flags), *payload)
 
 
-def _iter_boxes(data: bytes, start: int = 0, end: int | None = None):
+def iter_boxes(data: bytes, start: int = 0, end: int | None = None):
     """Yield ``(type, offset, size)`` for the boxes in ``data[start:end]``."""
     end = len(data) if end is None else end
     pos = start
@@ -307,13 +307,13 @@ def _iter_boxes(data: bytes, start: int = 0, end: int | None = None):
         pos += size
 
 
-def _find_box(data: bytes, path: list[bytes], start: int = 0, end: int | None = None) -> tuple[int, int]:
+def find_box(data: bytes, path: list[bytes], start: int = 0, end: int | None = None) -> tuple[int, int]:
     """Offset and size of the first box along ``path`` (e.g. ``[b"moov", b"trak", b"tkhd"]``)."""
-    for kind, off, size in _iter_boxes(data, start, end):
+    for kind, off, size in iter_boxes(data, start, end):
         if kind == path[0]:
             if len(path) == 1:
                 return off, size
-            return _find_box(data, path[1:], off + 8, off + size)
+            return find_box(data, path[1:], off + 8, off + size)
     raise ValueError(f"MP4 box {b'/'.join(path)!r} not found")
 
 
@@ -365,12 +365,12 @@ class FMP4Encoder(_X264EncoderBase):
             stream.time_base = 1 / self._rate
             container.start_encoding()
             self._init = self._extract_init(self._buf.getvalue())
-            tkhd_off, _ = _find_box(self._init, [b"moov", b"trak", b"tkhd"])
+            tkhd_off, _ = find_box(self._init, [b"moov", b"trak", b"tkhd"])
             tkhd_version = self._init[tkhd_off + 8]
             # tkhd: version/flags, creation & modification time (4 or 8 bytes each), track_ID
             id_off = tkhd_off + 12 + (16 if tkhd_version else 8)
             self._track_id = struct.unpack_from(">I", self._init, id_off)[0]
-            mdhd_off, _ = _find_box(self._init, [b"moov", b"trak", b"mdia", b"mdhd"])
+            mdhd_off, _ = find_box(self._init, [b"moov", b"trak", b"mdia", b"mdhd"])
             mdhd_version = self._init[mdhd_off + 8]
             ts_off = mdhd_off + 12 + (16 if mdhd_version else 8)
             self._timescale = struct.unpack_from(">I", self._init, ts_off)[0]
@@ -383,7 +383,7 @@ class FMP4Encoder(_X264EncoderBase):
 
     @staticmethod
     def _extract_init(data: bytes) -> bytes:
-        boxes = {kind: (off, size) for kind, off, size in _iter_boxes(data)}
+        boxes = {kind: (off, size) for kind, off, size in iter_boxes(data)}
         if b"ftyp" not in boxes or b"moov" not in boxes:
             raise RuntimeError("mp4 muxer did not write ftyp + moov at start (empty_moov unsupported?)")
         return data[: boxes[b"moov"][0] + boxes[b"moov"][1]]

@@ -290,6 +290,38 @@ async def test_decoding_a_large_image_does_not_stall_the_event_loop(make_app: Ap
     assert gaps.max() < decode_s, f"the loop stalled {gaps.max() * 1000:.0f} ms of a {decode_s * 1000:.0f} ms decode"
 
 
+async def test_sessions_sending_the_same_new_face_at_once_share_one_registration(
+        make_app: AppFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sessions that open at once with the same new face (a bench, a fleet of agents with one avatar) cost one decode
+    and one charge against the tenant's image rate: none is refused for the image the first is registering."""
+    app = await make_app(image_rate_per_s=0.01, image_burst=1)
+    real = avatar_source_mod.load_reference_image
+    decodes: list[int] = []
+    gate = threading.Event()
+
+    def held(*args: Any, **kw: Any) -> np.ndarray:
+        decodes.append(1)
+        gate.wait(30)  # the first decode holds: every other caller arrives while it is under way
+        return real(*args, **kw)
+
+    monkeypatch.setattr(avatar_source_mod, "load_reference_image", held)
+    face = encode(Image.fromarray(quadrant_image()))
+    calls = [asyncio.create_task(app.avatar_from_image(face)) for _ in range(6)]
+    t_end = time.monotonic() + 30
+    while not decodes:
+        assert time.monotonic() < t_end, "no decode started"
+        await asyncio.sleep(0.01)
+    calls[0].cancel()  # the caller that started it going away does not cancel it for the others
+    gate.set()
+    done = await asyncio.gather(*calls[1:])
+    assert len({a.id for a in done}) == 1 and len(decodes) == 1
+    assert calls[0].cancelled()
+    # The one charge used the burst of 1: another new face is over the rate.
+    other = encode(Image.fromarray(quadrant_image()[::-1].copy()))
+    with pytest.raises(avatar_source_mod.RateLimited):
+        await app.avatar_from_image(other)
+
+
 async def test_bad_image_errors_are_unchanged_off_the_loop(make_app: AppFactory) -> None:
     app = await make_app()
     with pytest.raises(ImageError, match="could not be decoded"):

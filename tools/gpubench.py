@@ -275,10 +275,10 @@ def _encoder_factory(encoding: str, cfg: ModelConfig) -> tuple[Callable[[], Any]
     if encoding == "none":
         return None, None
     try:
-        from avatarforcing_client import pb
+        from avatarforcing_proto import pb
         from avatarforcing_service.codecs import make_encoder
-    except Exception as e:  # no PyAV / protobuf here: end to end without encoding, and say so
-        return None, f"encoder unavailable: {type(e).__name__}: {e}"
+    except ModuleNotFoundError as e:  # a device machine without PyAV (or protobuf): end to end without encoding
+        return None, f"encoder unavailable: the module {e.name!r} is not installed here"
     code = {"h264": pb.VIDEO_ENCODING_H264, "jpeg": pb.VIDEO_ENCODING_JPEG}[encoding]
     return (lambda: make_encoder(code, cfg.width, cfg.height, cfg.fps)), None
 

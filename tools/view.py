@@ -48,7 +48,7 @@ import grpc
 from aiohttp import WSMsgType, web
 
 from avatarforcing_client import AvatarForcingClient, SessionClosedError, pb
-from avatarforcing_service.codecs import _find_box, _iter_boxes
+from avatarforcing_service.codecs import find_box, iter_boxes
 
 from .common import assets_dir
 
@@ -81,12 +81,12 @@ def avc_codec(init_segment: bytes) -> str:
     ``moov/trak/mdia/minf/stbl/stsd/avc1``. Raises ``ValueError`` when there is none.
     """
     data = bytes(init_segment)
-    off, size = _find_box(data, [b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stsd"])
+    off, size = find_box(data, [b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stsd"])
     # stsd: header (8), version/flags (4), entry_count (4), then sample entries; a visual sample entry has
     # 78 bytes of fields after its header before its child boxes.
-    for kind, eoff, esize in _iter_boxes(data, off + 16, off + size):
+    for kind, eoff, esize in iter_boxes(data, off + 16, off + size):
         if kind in (b"avc1", b"avc3"):
-            for child, coff, csize in _iter_boxes(data, eoff + 8 + 78, eoff + esize):
+            for child, coff, csize in iter_boxes(data, eoff + 8 + 78, eoff + esize):
                 if child == b"avcC" and csize >= 12:
                     profile, compat, level = data[coff + 9], data[coff + 10], data[coff + 11]
                     return f"{kind.decode()}.{profile:02X}{compat:02X}{level:02X}"
