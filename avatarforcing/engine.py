@@ -12,8 +12,9 @@ at 1..H, window at H+1..H+L*B, so RoPE tables are fixed and a stream can run for
 constant cost. Noise for a slot's step comes from a generator seeded by (session seed, step), so
 a slot's output does not depend on which other slots share its batch.
 
-Which window blocks and history frames hold data follows from a slot's step count alone, so the
-host knows it without asking the device: a batch whose slots are all past their warm-up runs with
+Which window blocks and history frames hold data follows from a slot's step count (since its window
+started filling: ``replan`` restarts it) and its emitted-block count alone, so the host knows it without
+asking the device: a batch whose slots are all past their warm-up runs with
 no attention mask (the fused attention kernels), at static shapes.
 
 On CUDA the engine runs on a stream of its own, and ``step`` waits for its step: denoising, decoding,
@@ -174,6 +175,10 @@ class StreamEngine:
         self._allocated = [False] * S
         self._steps = [0] * S
         self._seeds = [0] * S
+        # The step at which each slot's window started filling (0; a replan restarts it) and the blocks it has
+        # emitted: which window blocks hold data follows from steps - start, which history frames from emitted.
+        self._start = [0] * S
+        self._emitted = [0] * S
         # ---- fixed tables ------------------------------------------------------------------
         self.rope_anchor = RopeTable(c, [0], dev, dt)
         self.rope_prefix = RopeTable(c, list(range(0, H + 1)), dev, dt)
@@ -250,6 +255,8 @@ class StreamEngine:
             raise NoFreeSlotError(f"all {self.capacity} session slots are in use") from None
         self._allocated[s] = True
         self._steps[s] = 0
+        self._start[s] = 0
+        self._emitted[s] = 0
         self._seeds[s] = int(seed)
         with self._on_compute(), torch.inference_mode():
             self.win_lat[s].zero_()
@@ -296,6 +303,29 @@ class StreamEngine:
             self.win_audio[slot] = self.silence_tokens.repeat(self.L, 1)
             self.audio_tail[slot].zero_()
 
+    def replan(self, slot: int) -> None:
+        """Discards the slot's window (the blocks planned but not emitted) so that newer audio can take their
+        place: the next L - 1 steps fill the window again and emit nothing, the L-th emits the first block with
+        the audio they brought. The style anchor and the clean history stay (the first new block continues the
+        last emitted one); the discarded blocks' audio leaves the front end's left context as if it never came.
+        The step counter keeps counting, so no step's noise repeats, and emitted blocks keep their numbering
+        (``SlotResult.emitted_block`` counts blocks emitted, whatever was discarded)."""
+        if not self.is_allocated(slot):
+            raise SlotError(f"slot {slot} is not allocated")
+        held = min(self._steps[slot] - self._start[slot], self.L - 1)  # blocks in the window now
+        drop = held * self.block_samples
+        with self._on_compute(), torch.inference_mode():
+            self.win_lat[slot].zero_()
+            self.win_audio[slot].zero_()
+            if self.context_samples and drop:
+                tail = self.audio_tail[slot]
+                keep = max(self.context_samples - drop, 0)
+                kept = tail[:keep].clone()
+                tail.zero_()
+                if keep:
+                    tail[-keep:] = kept
+        self._start[slot] = self._steps[slot]
+
     # ---- the anchor ---------------------------------------------------------------------------
     @staticmethod
     def _stack_cross(cross: list[tuple[torch.Tensor, torch.Tensor]] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,20 +367,24 @@ class StreamEngine:
     def _key_masks(self, slots: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(prefix mask [n, (1+H)*P], window mask [n, L*B*P]) of this step, True where a key holds data.
 
-        At step k a slot's window holds blocks for its last min(k+1, L) steps (the newest slot is
-        filled this step), and its history the newest min(H, B * emitted) clean frames.
+        At step k a slot's window holds blocks for its last min(k+1, L) steps since it started filling (the
+        newest slot is filled this step; k counts from the start or the last replan), and its history the
+        newest min(H, B * emitted) clean frames.
         """
         B, L, H, P = self.B, self.L, self.H, self.P
-        ks = np.array([self._steps[s] for s in slots])[:, None]
+        ks = np.array([self._steps[s] - self._start[s] for s in slots])[:, None]
         win = np.arange(L)[None, :] >= (L - 1 - ks)  # block j valid once k >= L-1-j
-        emitted = np.maximum(ks - (L - 1), 0)
+        emitted = np.array([self._emitted[s] for s in slots])[:, None]
         hist = np.arange(H)[None, :] >= H - np.minimum(H, B * emitted)
         pre = np.concatenate([np.ones_like(ks, dtype=bool), hist], axis=1)
         to = torch.from_numpy
         return (to(np.repeat(pre, P, axis=1)).to(self.device), to(np.repeat(win, B * P, axis=1)).to(self.device))
 
     def _steady(self, slots: Sequence[int]) -> bool:
-        return all(self._steps[s] >= self.warmup_steps for s in slots)
+        """Every window block and history frame of these slots holds data (no mask needed)."""
+        full_history = -(-self.H // self.B)
+        return all(self._steps[s] - self._start[s] >= self.L - 1 and self._emitted[s] >= full_history
+                   for s in slots)
 
     # ---- the step -------------------------------------------------------------------------------
     def _noise(self, slots: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
@@ -374,7 +408,7 @@ class StreamEngine:
             return []
         pcm_t = self._check(slots, pcm)
         with self._on_compute():
-            steps, rows, clean = self._advance(slots, pcm_t)
+            steps, rows, clean, numbers = self._advance(slots, pcm_t)
             if not rows:
                 return [SlotResult(s, k, None, None, None) for s, k in zip(slots, steps, strict=True)]
             emit_idx = torch.tensor([slots[i] for i in rows], device=self.device)
@@ -390,14 +424,13 @@ class StreamEngine:
         host_frames = frames.cpu().numpy().copy()
         host_sims = sims.cpu().tolist()
         emitted = {r: e for e, r in enumerate(rows)}
-        lag = self.L - 1
         out: list[SlotResult] = []
         for i, (s, k) in enumerate(zip(slots, steps, strict=True)):
             e = emitted.get(i)
             if e is None:
                 out.append(SlotResult(s, k, None, None, None))
             else:
-                out.append(SlotResult(s, k, k - lag, host_frames[e], host_sims[e]))
+                out.append(SlotResult(s, k, numbers[e], host_frames[e], host_sims[e]))
         return out
 
     @torch.inference_mode()
@@ -422,17 +455,18 @@ class StreamEngine:
             raise ValueError(f"pcm must be [{n}, {self.block_samples}], got {list(pcm_t.shape)}")
         return pcm_t
 
-    def _advance(self, slots: Sequence[int], pcm: torch.Tensor) -> tuple[list[int], list[int], torch.Tensor]:
+    def _advance(self, slots: Sequence[int],
+                 pcm: torch.Tensor) -> tuple[list[int], list[int], torch.Tensor, list[int]]:
         """Enqueues the denoising of one step (on the current stream) and counts the step.
 
-        Returns the slots' step numbers before it, the positions in ``slots`` that emit a block, and
-        their clean latents. A steady-state batch replays its size's CUDA graph (with ``cuda_graphs``);
-        a size seen the first time runs eagerly, which warms its kernels up, and is then captured
-        (capture only records: no slot's state moves).
+        Returns the slots' step numbers before it, the positions in ``slots`` that emit a block, their
+        clean latents, and the emitted blocks' numbers in their streams. A steady-state batch replays its
+        size's CUDA graph (with ``cuda_graphs``); a size seen the first time runs eagerly, which warms its
+        kernels up, and is then captured (capture only records: no slot's state moves).
         """
         n = len(slots)
         steps = [self._steps[s] for s in slots]
-        rows = [i for i in range(n) if steps[i] >= self.L - 1]
+        rows = [i for i in range(n) if steps[i] - self._start[slots[i]] >= self.L - 1]
         pcm = pcm.pin_memory().to(self.device, non_blocking=True) if self.cuda else pcm.to(self.device)
         steady = self._steady(slots)
         g = self._graphs.get(n) if steady and self.use_graphs else None
@@ -444,16 +478,19 @@ class StreamEngine:
             clean = g.clean
         else:
             idx = torch.tensor(list(slots), device=self.device)
-            ropes = self._reference_ropes(steps, rows) if self.stream.positions == "reference" else None
+            ropes = self._reference_ropes(slots, rows) if self.stream.positions == "reference" else None
             clean = self._denoise(idx, pcm, self._noise(slots), None if len(rows) == n else rows,
                                   None if steady else self._key_masks(slots), ropes)
             if steady and self.use_graphs and n not in self.graph_errors:
                 self._capture(n)
+        numbers = [self._emitted[slots[i]] for i in rows]
         for s in slots:
             self._steps[s] += 1
-        return steps, rows, clean
+        for i in rows:
+            self._emitted[slots[i]] += 1
+        return steps, rows, clean, numbers
 
-    def _reference_ropes(self, steps: list[int], rows: list[int]) -> tuple[RopeTable, RopeTable]:
+    def _reference_ropes(self, slots: Sequence[int], rows: list[int]) -> tuple[RopeTable, RopeTable]:
         """Per-row prefix tables of the reference's positions (``StreamConfig.positions``): (window pass, clean
         pass of the emitting ``rows``). Relative to this engine's layout (history at 1..H, window after it):
         in the window pass the anchor sits just before the first history frame that holds data (position
@@ -471,7 +508,7 @@ class StreamEngine:
                     self._anchor_ropes[anchor_pos] = t
             return t
 
-        emitted = [max(k - (self.L - 1), 0) for k in steps]
+        emitted = [self._emitted[s] for s in slots]
         window = RopeTable.rows([table(H - min(H, B * e)) for e in emitted])
         clean = RopeTable.rows([table(H - B * emitted[i]) for i in rows]) if rows else window  # (unused)
         return window, clean

@@ -34,6 +34,9 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         ("p99", q("avatarforcing_frame_latency_seconds", 0.99))]),
     ("Time to first frame", "s", [("p50", q("avatarforcing_time_to_first_frame_seconds", 0.5)),
                                   ("p99", q("avatarforcing_time_to_first_frame_seconds", 0.99))]),
+    ("Speech onset (a burst ahead of time to its first frame)", "s", [
+        ("p50", q("avatarforcing_onset_latency_seconds", 0.5)),
+        ("p99", q("avatarforcing_onset_latency_seconds", 0.99))]),
     ("Engine step duration", "s", [("p50", q("avatarforcing_step_duration_seconds", 0.5)),
                                    ("p99", q("avatarforcing_step_duration_seconds", 0.99)),
                                    ("encode mean", mean("avatarforcing_encode_duration_seconds"))]),

@@ -13,6 +13,7 @@ stateful resampler, so the model hears a continuous signal.
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import av
@@ -61,6 +62,7 @@ class Block:
     start_sample: int  # position of pcm_in[0] on the session's (re-timed) audio timeline
     newest_arrival: float | None  # monotonic time the newest real sample of the block arrived
     source_end: int = 0  # client samples consumed (rendered or dropped by an interrupt) through this block
+    step: int = -1  # the session's engine step that took it (set by the session)
 
 
 class AudioInput:
@@ -125,6 +127,27 @@ class AudioInput:
         while self._arrivals and self._arrivals[0][0] <= self._consumed:
             self._arrivals.popleft()
         return dropped
+
+    def oldest_arrival(self) -> float | None:
+        """When the oldest buffered sample arrived (monotonic), or None with nothing buffered."""
+        return self._arrivals[0][1] if self.buffered and self._arrivals else None
+
+    def rewind(self, blocks: Sequence[Block], silent_blocks: int = 0) -> None:
+        """A re-plan gives back the timeline of the blocks cut last, never shown: ``blocks`` (oldest first) and
+        ``silent_blocks`` silent ones cut just before them. The next block is cut where the first of them began;
+        their inserted silence no longer counts, and the client audio in ``blocks`` is buffered again (with its
+        arrival), to be cut anew."""
+        self._timeline -= (len(blocks) + silent_blocks) * self.in_block
+        self.silence_inserted -= silent_blocks * self.in_block + sum(self.in_block - b.real_samples for b in blocks)
+        real = [b for b in blocks if b.real_samples]
+        if real:
+            back = np.concatenate([b.pcm_in[b.real_offset : b.real_offset + b.real_samples] for b in real])
+            for b in reversed(real):  # each block's newest arrival stands for its samples
+                if b.newest_arrival is not None and not (self._arrivals and self._arrivals[0][0] <= b.source_end):
+                    self._arrivals.appendleft((b.source_end, b.newest_arrival))
+            self._consumed -= back.shape[0]
+            self._buf = np.concatenate([back, self._buf])
+        self._speaking = False
 
     # ---- blocks ------------------------------------------------------------------------------
     def take_block(self) -> Block:

@@ -41,6 +41,10 @@ class ServerConfig:
     processing_budget_ms: float = 240.0
     # How far ahead of its deadline a session with audio ready may be stepped (in blocks).
     max_blocks_ahead: int = 2
+    # Speech onset: a REALTIME session whose audio comes far ahead of its timeline (a TTS burst after silence or
+    # an interrupt) re-plans the frames not yet shown, so speech starts within about a block instead of the
+    # look-ahead (service/session.py). False: every session waits for the look-ahead, as before.
+    onset_replan: bool = True
     # Session limits.
     config_timeout_s: float = 10.0  # a stream must send its SessionConfig within this
     idle_timeout_s: float = 60.0  # no message from the client for this long ends the session

@@ -22,13 +22,14 @@ SERVER_SHUTDOWN = pb.END_REASON_SERVER_SHUTDOWN
 def session_started(*, session_id: str, fps: float, width: int, height: int, frames_per_block: int,
                     lookahead_ms: float, latency_ms: float, video_encoding: int, init_segment: bytes,
                     audio_sample_rate_hz: int, avatar_id: str, idle_timeout_ms: float, session_token: str,
-                    node_id: str, first_frame_index: int) -> pb.SessionStarted:
+                    node_id: str, first_frame_index: int, onset_latency_ms: float) -> pb.SessionStarted:
     return pb.SessionStarted(
         session_id=session_id, fps=fps, width=width, height=height, frames_per_block=frames_per_block,
         lookahead_ms=lookahead_ms, latency_ms=latency_ms, init_segment=init_segment,
         video_encoding=video_encoding,  # type: ignore[arg-type]  # a SessionSpec's checked VideoEncoding value
         audio_sample_rate_hz=audio_sample_rate_hz, avatar_id=avatar_id, idle_timeout_ms=idle_timeout_ms,
-        session_token=session_token, node_id=node_id, first_frame_index=first_frame_index)
+        session_token=session_token, node_id=node_id, first_frame_index=first_frame_index,
+        onset_latency_ms=onset_latency_ms)
 
 
 def audio_out(block_index: int, blk: Block, start_sample: int) -> pb.StreamResponse:
@@ -47,11 +48,13 @@ def video_frame(index: int, fps: float, audio_start: int, samples_per_frame: int
 
 
 def stats(*, frames_sent: int, frames_dropped: int, audio_samples_received: int, silence_samples_inserted: int,
-          queue_depth: int, anchor_similarity: float, utterance_id: str) -> pb.StreamResponse:
+          queue_depth: int, anchor_similarity: float, utterance_id: str, onset_latency_ms: float = 0.0,
+          onsets: int = 0) -> pb.StreamResponse:
     return pb.StreamResponse(stats=pb.Stats(
         frames_sent=frames_sent, frames_dropped=frames_dropped, audio_samples_received=audio_samples_received,
         silence_samples_inserted=silence_samples_inserted, queue_depth=queue_depth,
-        anchor_similarity=anchor_similarity, utterance_id=utterance_id))
+        anchor_similarity=anchor_similarity, utterance_id=utterance_id, onset_latency_ms=onset_latency_ms,
+        onsets=onsets))
 
 
 def end(reason: int, message: str = "") -> pb.StreamResponse:

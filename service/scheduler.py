@@ -10,7 +10,12 @@ or a full block of audio is waiting and the session is not too far ahead; ASAP: 
 is waiting or the tail must be flushed), sorts them by deadline, and runs up to ``max_batch`` of
 them as ONE engine step in the engine thread. Encoding runs in a separate thread pool, so the
 next step can start while the previous block is being encoded. Every engine call (step, slot
-allocation and release, interrupts) runs in the single engine thread, so slot state never races.
+allocation and release, interrupts, re-plans) runs in the single engine thread, so slot state never races.
+
+Speech onset: a session picked with audio far ahead of its silent timeline re-plans (``Session.maybe_replan``)
+before its block is cut; the engine discards its window just before the step, and the L steps that fill it
+again are due at once, ordered by the deadline of the block they produce, so they never push a session whose
+real-time deadline is earlier. A re-plan costs L - 1 extra steps of that session.
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ class Scheduler:
         self._stopped = False
         self.last_step_at = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Recent step and encode times (moving averages): how long a re-plan's warm-up takes.
+        self._step_s: float | None = None
+        self._encode_s: float | None = None
+        self._default_lead_s = 0.0
 
     # ---- engine thread ---------------------------------------------------------------------------
     async def in_engine(self, fn: Callable[..., T], *args: Any) -> T:
@@ -104,6 +113,16 @@ class Scheduler:
         self.metrics.sessions_active.set(len(self.sessions))
         self.kick()
 
+    def set_default_lead(self, seconds: float) -> None:
+        """The warm-up estimate until steps have been measured (the server: half the processing budget)."""
+        self._default_lead_s = seconds
+
+    def onset_lead_s(self) -> float:
+        """How long a re-plan's warm-up takes: L steps and an encode, from recent times."""
+        if self._step_s is None:
+            return self._default_lead_s
+        return self.engine.L * self._step_s + (self._encode_s or 0.0)
+
     def kick(self) -> None:
         self._kick.set()
 
@@ -155,14 +174,19 @@ class Scheduler:
         return now - self.last_step_at < stall_s
 
     async def _step(self, batch: list[Session]) -> None:
+        now, lead = time.monotonic(), self.onset_lead_s()
+        for s in batch:  # before its block is cut: a re-plan puts the audio in hand at the earliest open block
+            if s.maybe_replan(now, lead):
+                self.metrics.onset_replans.inc()
         blocks = [s.start_step() for s in batch]
         # Interrupts of any session (stepped now or not) clear their slot's audio before this step runs.
         clear_slots = [s.slot for s in self.sessions.values() if s.take_clear_request()]
+        replan_slots = [s.slot for s in self.sessions.values() if s.take_replan_request()]
         pcm = np.stack([b.pcm_model for b in blocks])
         slots = [s.slot for s in batch]
         t0 = time.perf_counter()
         try:
-            results = await self._run_step(slots, pcm, clear_slots)
+            results = await self._run_step(slots, pcm, clear_slots, replan_slots)
         except Exception as e:  # a broken step fails its sessions, not the server
             log.exception("engine step failed", batch=[s.id for s in batch])
             for s in batch:
@@ -170,17 +194,23 @@ class Scheduler:
                                              f"the engine failed on this session's step: {e}"))
             return
         dt = time.perf_counter() - t0
+        self._step_s = dt if self._step_s is None else 0.8 * self._step_s + 0.2 * dt
         self.last_step_at = time.monotonic()
         self.metrics.step_duration.observe(dt)
         self.metrics.batch_size.observe(len(batch))
         self._apply(batch, results, blocks)
 
-    async def _run_step(self, slots: list[int], pcm: np.ndarray, clear_slots: list[int]) -> list[SlotResult]:
-        """One engine step in the engine thread, after clearing the audio of the interrupted slots."""
+    async def _run_step(self, slots: list[int], pcm: np.ndarray, clear_slots: list[int],
+                        replan_slots: list[int] | None = None) -> list[SlotResult]:
+        """One engine step in the engine thread, after clearing the audio of the interrupted slots and
+        discarding the windows of the re-planned ones."""
         def work() -> list[SlotResult]:
             for c in clear_slots:
                 if self.engine.is_allocated(c):
                     self.engine.clear_audio(c)
+            for r in replan_slots or ():
+                if self.engine.is_allocated(r):
+                    self.engine.replan(r)
             return self.engine.step(slots, pcm)
 
         return await self.in_engine(work)
@@ -212,7 +242,9 @@ class Scheduler:
                     log.exception("encoding failed", session_id=s.id)
                     s.fail(SessionFailure(grpc.StatusCode.INTERNAL, f"encoding failed: {e}"))
                 return
-            self.metrics.decode_encode_duration.observe(time.perf_counter() - t0)
+            enc = time.perf_counter() - t0
+            self._encode_s = enc if self._encode_s is None else 0.8 * self._encode_s + 0.2 * enc
+            self.metrics.decode_encode_duration.observe(enc)
             self.metrics.blocks_emitted.inc()
             if r.anchor_similarity is not None:
                 self.metrics.anchor_similarity.observe(r.anchor_similarity)

@@ -301,7 +301,8 @@ class App:
         self.stopped = False
         self._watchdog: asyncio.Task[None] | None = None
         c = self.engine.cfg
-        self.timeline = Timeline(c.fps, self.engine.frames_per_block, self.engine.L, cfg.processing_budget_ms / 1000)
+        self.timeline = Timeline(c.fps, self.engine.frames_per_block, self.engine.L, cfg.processing_budget_ms / 1000,
+                                 onset_replan=cfg.onset_replan)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -312,6 +313,8 @@ class App:
         floor = drift_floor(self.loaded.meta)
         self.metrics.anchor_similarity_floor.set(floor or 0.0)
         self.scheduler = Scheduler(self.engine, self.metrics, max_batch=self.cfg.max_batch, drift_floor=floor)
+        # Until steps are measured, a re-plan's warm-up is assumed to take the budget's share for compute.
+        self.scheduler.set_default_lead(self.timeline.budget_s / 2)
         self.scheduler.start()
         # Auth failures are logged, counted and rate-limited per peer address (self.auth.limiter).
         self.auth = AuthInterceptor(self.tokens, self.metrics) if self.tokens.enabled else None
@@ -542,12 +545,17 @@ class App:
     def started_message(self, s: Session) -> pb.SessionStarted:
         c = self.engine.cfg
         lat = self.timeline.latency_s * 1000 if s.realtime else self.lookahead_ms() + s.timeline.block_s * 1000
+        # A burst lands on the first block whose frames are due after the warm-up (L steps and an encode, from
+        # recent step times): at most a block later than that.
+        onset = lat
+        if s.realtime and self.timeline.onset_replan:
+            onset = min(lat, (s.timeline.block_s + self.scheduler.onset_lead_s()) * 1000)
         return messages.session_started(
             session_id=s.id, fps=c.fps, width=c.width, height=c.height, frames_per_block=self.engine.frames_per_block,
             lookahead_ms=self.lookahead_ms(), latency_ms=lat, video_encoding=s.spec.video_encoding,
             init_segment=s.encoder.init_segment, audio_sample_rate_hz=s.audio.rate, avatar_id=s.avatar_id,
             idle_timeout_ms=self.cfg.idle_timeout_s * 1000, session_token=s.token, node_id=self.node_id,
-            first_frame_index=s.block_offset * self.engine.frames_per_block)
+            first_frame_index=s.block_offset * self.engine.frames_per_block, onset_latency_ms=round(onset, 1))
 
     def on_frame_sent(self, s: Session, item: Any) -> None:
         now = time.monotonic()
@@ -561,6 +569,9 @@ class App:
             m.inter_frame_gap.observe(gap)
         if item.arrival is not None:
             m.frame_latency.observe(now - item.arrival)
+        onset = s.onset_sent(item, now)
+        if onset is not None:
+            m.onset_latency.observe(onset)
 
     def trailers_for(self, e: SessionFailure) -> tuple[tuple[str, str], ...]:
         if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not any(k == RETRY_AFTER_TRAILER for k, _ in e.trailers):

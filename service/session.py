@@ -7,6 +7,16 @@ queued block is dropped and the next frame is encoded as a keyframe, so decoding
 cleanly. Each dropped frame counts in avatarforcing_frames_dropped and Stats.frames_dropped.
 With PACING_ASAP nothing is dropped: a session whose queue is full is not stepped until the
 client has read it down (backpressure).
+
+Speech onset (REALTIME, ``Timeline.onset_replan``): a session whose window holds only silence that receives
+audio far ahead of its timeline (a TTS burst: at least the whole window's audio, L blocks, in hand at once;
+or a shorter utterance closed by EndOfAudio) re-plans. The blocks in the engine's window, planned on silence,
+are discarded (the engine keeps the style anchor and the clean history), and so are the queued, not yet
+started, silent blocks whose frames are due late enough for the warm-up to finish first; the utterance takes
+their place on the timeline (their frame indices, pts and audio samples), so the output stays one
+continuous timeline. The L steps that fill the window again run unpaced, ordered by the deadline of the block
+they produce, then the session is paced as before. A client that streams in real time in small chunks holds
+at most about a block of audio, so it never re-plans: its latency stays the announced look-ahead latency.
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ class OutItem:
     due: float | None = None  # monotonic send time (REALTIME)
     arrival: float | None = None  # when the newest audio sample of this frame arrived
     end: bool = False
+    silent: bool | None = None  # a block's AudioOut (its first item): whether the block carries no client audio
+    onset_from: float | None = None  # the first frame of a re-planned utterance: when its burst arrived
 
 
 class OutputQueue:
@@ -64,6 +76,19 @@ class OutputQueue:
         while self._q and self._q[0].block == blk and not self._q[0].end:
             it = self._q.popleft()
             dropped += it.frames
+        self.frames -= dropped
+        return dropped
+
+    def queued_blocks(self) -> list[tuple[int, bool, float | None]]:
+        """(block, silent, due) of each block none of whose items has been taken yet (its AudioOut, the
+        block's first item, is still queued), oldest first."""
+        return [(it.block, bool(it.silent), it.due) for it in self._q if it.silent is not None]
+
+    def drop_from_block(self, block: int) -> int:
+        """Drops every media item of blocks ``block`` and later; returns the frames dropped."""
+        kept = [it for it in self._q if it.end or it.block < block]
+        dropped = sum(it.frames for it in self._q) - sum(it.frames for it in kept)
+        self._q = collections.deque(kept)
         self.frames -= dropped
         return dropped
 
@@ -96,6 +121,7 @@ class Timeline:
     frames_per_block: int
     window_blocks: int
     budget_s: float
+    onset_replan: bool = False  # re-plan the window when audio comes far ahead of the timeline (module doc)
 
     @property
     def block_s(self) -> float:
@@ -145,6 +171,17 @@ class Session:
     eoa: bool = False  # EndOfAudio received and not followed by more audio
     half_closed: bool = False
     clear_requested: bool = False  # an interrupt's engine-side half: the next step clears the slot's audio
+    # speech onset (module doc)
+    replan_requested: bool = False  # a re-plan's engine-side half: the next step replans the slot's window
+    shift: int = 0  # engine steps taken ahead of the output timeline by re-plans (the discarded blocks)
+    skipped: int = 0  # engine-emitted blocks whose output positions a re-plan gave back (dropped unsent)
+    warm_until: int = 0  # steps below this fill a re-planned window: unpaced
+    blocks_emitted: int = 0  # blocks the engine emitted for this session...
+    blocks_queued: int = 0  # ...and those of them queued (the rest are being encoded)
+    onset_from: float | None = None  # a re-plan waiting for its first frame: when its burst arrived...
+    onset_block: int = -1  # ...and that frame's block (output numbering)
+    onsets: int = 0
+    onset_latency_s: float = 0.0  # the last measured: burst arrival to its first frame sent
     ending: bool = False  # End queued or failure set: no more steps
     released: bool = False
     release_task: asyncio.Task[None] | None = None
@@ -208,10 +245,18 @@ class Session:
 
     # ---- scheduling ----------------------------------------------------------------------------
     def deadline(self) -> float:
-        """When the next step must run at the latest (REALTIME); ASAP sessions sort by age."""
+        """When the next step must run at the latest (REALTIME); ASAP sessions sort by age.
+
+        Steps that fill a re-planned window take the deadline of the step that emits its first block: they
+        run unpaced, before sessions due later and after those due earlier."""
         if not self.realtime:
             return self.t_start + self.steps * 1e-3
-        return self.t_start + (self.steps + 1) * self.timeline.block_s + self.timeline.budget_s / 2
+        step = max(self.steps, self.warm_until - 1) - self.shift
+        return self.t_start + (step + 1) * self.timeline.block_s + self.timeline.budget_s / 2
+
+    def warming(self) -> bool:
+        """A re-planned window is filling (module doc)."""
+        return self.steps < self.warm_until
 
     def _flushing(self) -> bool:
         return self.eoa or self.half_closed
@@ -231,6 +276,8 @@ class Session:
             # Flushing: a partial block (an utterance shorter than a block included), then the window.
             return self._flushing() and (self.audio.buffered > 0 or
                                          (self._drain_needed() and self.last_real_block >= 0))
+        if self.warming():
+            return True
         d = self.deadline()
         if now >= d - horizon:
             return True
@@ -242,10 +289,81 @@ class Session:
 
     def take_block(self) -> Block:
         b = self.audio.take_block()
+        b.step = self.steps
         if b.real_samples:
             self.last_real_block = self.steps
         self.pending.append(b)
         return b
+
+    # ---- speech onset --------------------------------------------------------------------------
+    def audio_ahead(self, taken: int = 0) -> bool:
+        """The audio in hand (buffered, plus ``taken`` samples just cut into the window) runs ahead of the
+        timeline: the whole window's worth (L blocks), which a client streaming in real time in small chunks
+        never holds (each block is stepped as soon as it is in), or a whole utterance closed by EndOfAudio."""
+        held = self.audio.buffered + taken
+        return held >= self.timeline.window_blocks * self.audio.in_block or (self.eoa and held > 0)
+
+    def _window_silent(self, now: float) -> bool:
+        """The window was planned on silence: past the first warm-up (or a re-plan's), its oldest block silent,
+        and any block with client audio after it cut from audio that arrived within the last block: a burst that
+        was still arriving when a step came due (its audio is cut again on a re-plan)."""
+        p = self.pending
+        if len(p) < self.timeline.window_blocks - 1 or not p or p[0].real_samples:
+            return False
+        real = [i for i, b in enumerate(p) if b.real_samples]
+        if real and real != list(range(real[0], len(p))):
+            return False
+        recent = now - self.timeline.block_s
+        return all((p[i].newest_arrival or 0.0) >= recent for i in real)
+
+    def maybe_replan(self, now: float, lead_s: float) -> bool:
+        """Re-plans (module doc) when this REALTIME session's window holds only silence and the audio in hand
+        runs ahead of its timeline; True when it did (the scheduler then replans the slot, see
+        :meth:`take_replan_request`). ``lead_s``: how long the warm-up takes (L steps and an encode): a queued
+        block whose first frame is due sooner is kept, as it could not be replaced in time."""
+        tl = self.timeline
+        if not (tl.onset_replan and self.realtime) or self.ending or self.in_flight or self.warming():
+            return False
+        if not self._window_silent(now) or not self.audio_ahead(sum(b.real_samples for b in self.pending)):
+            return False
+        # Queued blocks none of whose items went out, silent, due late enough: their positions are given back.
+        # Not while a block is being encoded: it would be queued behind the ones given back.
+        give_back: list[int] = []
+        if self.blocks_queued == self.blocks_emitted:
+            for block, silent, due in reversed(self.out.queued_blocks()):
+                if not silent or due is None or due < now + lead_s:
+                    break
+                give_back.insert(0, block)
+        if give_back:
+            self.out.drop_from_block(give_back[0])
+            if self.spec.inter_coded:  # the next frame may not refer to the dropped ones
+                self.encoder.force_keyframe()
+        d, w = len(give_back), len(self.pending)
+        self.audio.rewind(list(self.pending), d)
+        self.pending.clear()
+        self.shift += w + d
+        self.skipped += d
+        self.warm_until = self.steps + tl.window_blocks
+        self.replan_requested = True
+        self.onsets += 1
+        self.onset_from = self.audio.oldest_arrival() or now
+        # The first block of the utterance: the last emitted (or being emitted) block kept, plus one.
+        self.onset_block = self.blocks_emitted - self.skipped + self.block_offset
+        return True
+
+    def take_replan_request(self) -> bool:
+        """True once after a re-plan (unless released meanwhile): the slot's window must be replanned."""
+        if not self.replan_requested or self.released:
+            return False
+        self.replan_requested = False
+        return True
+
+    def onset_sent(self, item: OutItem, now: float) -> float | None:
+        """A frame went out: the onset latency (burst arrival to now) when it is a re-planned utterance's first."""
+        if item.onset_from is None:
+            return None
+        self.onset_latency_s = now - item.onset_from
+        return self.onset_latency_s
 
     def take_clear_request(self) -> bool:
         """True once after :meth:`interrupt` (unless released meanwhile): the slot's audio must be cleared."""
@@ -264,7 +382,10 @@ class Session:
         """The engine step ran; returns the block it emitted (oldest pending first), if any."""
         self.steps += 1
         self.in_flight = False
-        return self.pending.popleft() if emitted else None
+        if not emitted:
+            return None
+        self.blocks_emitted += 1
+        return self.pending.popleft()
 
     def step_failed(self, failure: SessionFailure) -> None:
         self.in_flight = False
@@ -314,22 +435,28 @@ class Session:
 
     def queue_block(self, emitted_block: int, blk: Block, encoded: list[EncodedFrame]) -> None:
         """Queues an emitted block: its audio, its frames and (once a second) Stats, each due in real time."""
-        j = emitted_block + self.block_offset  # resumed sessions continue the client's block numbering
+        # Resumed sessions continue the client's block numbering; re-plans gave some positions back.
+        j = emitted_block + self.block_offset - self.skipped
         fpb = self.fpb
         a_off = self.block_offset * self.audio.in_block
         spf = self.audio.in_block // fpb
         fps = self.timeline.fps
         first = j * fpb
         self.out.put(OutItem(messages.audio_out(j, blk, blk.start_sample + a_off), block=j,
-                             due=self.frame_due(first)))
+                             due=self.frame_due(first), silent=blk.real_samples == 0))
         arrival = blk.newest_arrival if blk.real_samples else None
+        onset = None
+        if self.onset_from is not None and j >= self.onset_block:
+            onset, self.onset_from = self.onset_from, None
         for i, ef in enumerate(encoded):
             n = first + i
             msg = messages.video_frame(n, fps, blk.start_sample + a_off + i * spf, spf, ef, j)
-            self.out.put(OutItem(msg, frames=1, block=j, due=self.frame_due(n), arrival=arrival))
+            self.out.put(OutItem(msg, frames=1, block=j, due=self.frame_due(n), arrival=arrival,
+                                 onset_from=onset if i == 0 else None))
         if (j + 1) * fpb // int(fps) != j * fpb // int(fps):
             self.out.put(OutItem(self.stats(), block=j, due=self.frame_due(first + fpb - 1)))
-        self.delivered_block = emitted_block
+        self.delivered_block = blk.step  # the step that took it: compared with last_real_block
+        self.blocks_queued += 1
         self.maybe_finish()
 
     def stamp_send(self, wall: float) -> None:
@@ -354,7 +481,8 @@ class Session:
         return messages.stats(
             frames_sent=self.frames_sent, frames_dropped=self.frames_dropped,
             audio_samples_received=self.audio.received, silence_samples_inserted=self.audio.silence_inserted,
-            queue_depth=self.out.frames, anchor_similarity=sim, utterance_id=self.spec.utterance_id)
+            queue_depth=self.out.frames, anchor_similarity=sim, utterance_id=self.spec.utterance_id,
+            onset_latency_ms=self.onset_latency_s * 1000, onsets=self.onsets)
 
     # ---- ending --------------------------------------------------------------------------------
     def end(self, reason: int, message: str = "", *, drop_media: bool = False) -> None:

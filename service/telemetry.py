@@ -53,6 +53,11 @@ class Metrics:
         self.frame_latency = Histogram(p + "frame_latency_seconds",
                                        "From a frame's audio being received to the frame being sent",
                                        buckets=_LAT, registry=r)
+        self.onset_latency = Histogram(p + "onset_latency_seconds",
+                                       "From a burst of audio arriving ahead of time (a re-plan) to its first frame "
+                                       "being sent", buckets=_LAT, registry=r)
+        self.onset_replans = Counter(p + "onset_replans", "Re-plans for audio that arrived ahead of the timeline",
+                                     registry=r)
         self.inter_frame_gap = Histogram(p + "inter_frame_gap_seconds", "Time between consecutive frames sent",
                                          buckets=_GAP, registry=r)
         self.queue_depth = Histogram(p + "output_queue_frames", "Output queue depth when a frame is sent",

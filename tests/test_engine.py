@@ -156,6 +156,76 @@ def test_interrupt_replaces_window_audio_with_silence() -> None:
     assert torch.allclose(eng.win_audio[s], eng.silence_tokens.repeat(eng.L, 1))
 
 
+def test_replan_warms_the_window_up_again_and_keeps_numbering() -> None:
+    eng = make_engine()
+    L = eng.stream.window_blocks
+    s = eng.allocate(eng.prepare_anchor(face()), seed=1)
+    audio = pcm_blocks(eng, 6 + L + 2, seed=0)
+    results = [eng.step([s], audio[k : k + 1])[0] for k in range(6)]
+    assert [r.emitted_block for r in results] == [None] * (L - 1) + list(range(6 - (L - 1)))
+    hist = eng.hist_k[s].clone()
+    eng.replan(s)
+    assert torch.equal(eng.hist_k[s], hist)  # the clean history (temporal anchor) stays
+    after = [eng.step([s], audio[k : k + 1])[0] for k in range(6, 6 + L + 2)]
+    # L - 1 steps fill the window without emitting; the L-th emits the next block of the stream.
+    assert [r.emitted_block for r in after] == [None] * (L - 1) + [6 - (L - 1) + i for i in range(3)]
+    assert [r.step for r in after] == list(range(6, 6 + L + 2))  # the step count (noise seed) keeps counting
+    assert eng.steps_done(s) == 6 + L + 2
+    for r in after[L - 1:]:
+        assert r.frames is not None and r.frames.shape == (eng.frames_per_block, 128, 128, 3)
+    with pytest.raises(SlotError):
+        eng.replan(3)
+
+
+def test_replan_in_a_batch_equals_alone_and_leaves_other_slots_alone() -> None:
+    """A replanned slot stepped in a batch gives what it gives alone; its batch mates give what they give
+    in an engine where nothing was replanned (the masks are per slot)."""
+    L, steps, at = 4, 11, 5
+    batched, single, plain = make_engine(), make_engine(), make_engine()
+    anchors = [batched.prepare_anchor(face(i)) for i in range(2)]
+    audio = [pcm_blocks(batched, steps, seed=i) for i in range(2)]
+    bs = [batched.allocate(a, sd) for a, sd in zip(anchors, (5, 6), strict=True)]
+    ss = [single.allocate(a, sd) for a, sd in zip(anchors, (5, 6), strict=True)]
+    ps = [plain.allocate(a, sd) for a, sd in zip(anchors, (5, 6), strict=True)]
+    out_b: list[list[tuple[int | None, np.ndarray | None]]] = [[], []]
+    out_s: list[list[tuple[int | None, np.ndarray | None]]] = [[], []]
+    out_p: list[list[tuple[int | None, np.ndarray | None]]] = [[], []]
+    for k in range(steps):
+        if k == at:  # slot 0 re-plans in the batched and single engines, never in the plain one
+            batched.replan(bs[0])
+            single.replan(ss[0])
+        for i, r in enumerate(batched.step(bs, np.stack([a[k] for a in audio]))):
+            out_b[i].append((r.emitted_block, r.frames))
+        for i in (1, 0):
+            (r,) = single.step([ss[i]], audio[i][k : k + 1])
+            out_s[i].append((r.emitted_block, r.frames))
+            (r,) = plain.step([ps[i]], audio[i][k : k + 1])
+            out_p[i].append((r.emitted_block, r.frames))
+    assert [e for e, _ in out_b[0]] == [e for e, _ in out_s[0]] == \
+        [None] * (L - 1) + [0, 1] + [None] * (L - 1) + [2, 3, 4]
+    assert [e for e, _ in out_b[1]] == [e for e, _ in out_p[1]] == [None] * (L - 1) + list(range(steps - L + 1))
+    for a, b in [(out_b[0], out_s[0]), (out_b[1], out_s[1]), (out_b[1], out_p[1])]:
+        for (_, fa), (_, fb) in zip(a, b, strict=True):
+            assert (fa is None) == (fb is None)
+            if fa is not None and fb is not None:
+                assert np.abs(fa.astype(int) - fb.astype(int)).max() <= 1
+    # The replan changed slot 0's video after the seam (the comparison above is not vacuous).
+    assert not np.array_equal(out_b[0][-1][1], out_p[0][-1][1])
+
+
+def test_replan_drops_the_discarded_blocks_from_the_audio_context() -> None:
+    eng = make_engine()
+    s = eng.allocate(eng.prepare_anchor(face()), seed=1)
+    C, n = eng.context_samples, eng.block_samples
+    for blk in pcm_blocks(eng, 2, seed=3):
+        eng.step([s], blk[None])
+    before = eng.audio_tail[s].clone()
+    eng.replan(s)  # two blocks in the window: 2 * n samples leave the context
+    keep = max(C - 2 * n, 0)
+    assert torch.equal(eng.audio_tail[s, C - keep:], before[:keep])
+    assert not eng.audio_tail[s, : C - keep].any()
+
+
 def test_long_stream_state_and_memory_stay_flat() -> None:
     """3,000 latent frames through one slot: no state grows, outputs stay finite, RSS stays flat.
 

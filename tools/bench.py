@@ -1,5 +1,6 @@
 """`avatarforcing bench`: engine step time by batch size, batched vs one at a time, a long stream,
-and real-time sessions through the real gRPC server. Prints tables; writes JSON."""
+real-time sessions through the real gRPC server, and speech onset after a burst (tools/onset_bench.py).
+Prints tables; writes JSON."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from avatarforcing.report import print_table as _table
 
-from .common import assets_dir, free_port, wait_port
+from .common import assets_dir, free_port, histogram_quantile, wait_port
 
 
 def _pct(xs: list[float] | np.ndarray, q: float) -> float:
@@ -129,25 +130,6 @@ def bench_long(latent_frames: int) -> dict[str, Any]:
 
 
 
-def _histogram_quantile(body: str, name: str, q: float) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for fam in text_string_to_metric_families(body):
-        if fam.name == name:
-            buckets = sorted((float(s.labels["le"]), s.value) for s in fam.samples if s.name.endswith("_bucket"))
-            total = buckets[-1][1]
-            if total == 0:
-                return float("nan")
-            prev_le, prev_c = 0.0, 0.0
-            for le, c in buckets:
-                if c >= q * total:
-                    if le == float("inf"):
-                        return prev_le
-                    return prev_le + (le - prev_le) * ((q * total - prev_c) / max(c - prev_c, 1e-9))
-                prev_le, prev_c = le, c
-    return float("nan")
-
-
 async def _run_sessions(target: str, n: int, seconds: float, warmup: float) -> dict[str, Any]:
     from avatarforcing_client import AvatarForcingClient, pb, read_wav
 
@@ -215,9 +197,9 @@ def bench_server(max_sessions: int, quick: bool, threads: int | None) -> dict[st
             proc.terminate()
             proc.wait(timeout=30)
         expected = seconds * 25
-        lat50 = _histogram_quantile(body, "avatarforcing_frame_latency_seconds", 0.5)
-        lat99 = _histogram_quantile(body, "avatarforcing_frame_latency_seconds", 0.99)
-        step99 = _histogram_quantile(body, "avatarforcing_step_duration_seconds", 0.99)
+        lat50 = histogram_quantile(body, "avatarforcing_frame_latency_seconds", 0.5)
+        lat99 = histogram_quantile(body, "avatarforcing_frame_latency_seconds", 0.99)
+        step99 = histogram_quantile(body, "avatarforcing_step_duration_seconds", 0.99)
         dropped = sum(float(line.split()[-1]) for line in body.splitlines()
                       if line.startswith("avatarforcing_frames_dropped_total"))
         g50, g99 = _pct(r["gaps"], 50) * 1000, _pct(r["gaps"], 99) * 1000
@@ -248,7 +230,7 @@ def run_bench(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     sections = {s.strip() for s in a.sections.split(",") if s.strip()}
-    unknown = sections - {"engine", "server", "long"}
+    unknown = sections - {"engine", "server", "long", "onset"}
     if unknown:
         print(f"unknown bench sections: {sorted(unknown)}", file=sys.stderr)
         return 2
@@ -264,7 +246,13 @@ def run_bench(a: argparse.Namespace) -> int:
         res["long_stream"] = bench_long(300 if a.quick else a.long_frames)
     if "server" in sections:
         res["server"] = bench_server(a.max_sessions, a.quick, a.threads)
-    out = a.out or Path("bench/results") / f"cpu-{dt.date.today().isoformat()}{'-quick' if a.quick else ''}.json"
+    if "onset" in sections:
+        from .onset_bench import bench_onset
+
+        res["onset"] = bench_onset(a.quick, getattr(a, "onset_sessions", 8), a.threads)
+    # The onset section alone has a file of its own (the model named as the other CPU files' content is).
+    stem = "onset-cpu-tiny" if sections == {"onset"} else "cpu"
+    out = a.out or Path("bench/results") / f"{stem}-{dt.date.today().isoformat()}{'-quick' if a.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2, default=float))
     print(f"\nwrote {out}")

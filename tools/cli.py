@@ -38,6 +38,9 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="seconds of past audio wav2vec2 sees before each block (default: avatarforcing.wav2vec's)")
     p.add_argument("--max-sessions", type=int, default=None, help=f"session slots (default {d.max_sessions})")
     p.add_argument("--max-batch", type=int, default=None, help=f"sessions per step at most (default {d.max_batch})")
+    p.add_argument("--no-onset-replan", action="store_false", default=None, dest="onset_replan",
+                   help="never re-plan for audio that comes ahead of time: every utterance waits for the look-ahead "
+                        "(default: a TTS burst re-plans, so lips start within about a block)")
     p.add_argument("--idle-timeout", type=float, default=None, dest="idle_timeout_s",
                    help=f"seconds without a client message before a session ends (default {d.idle_timeout_s:g})")
     p.add_argument("--max-session-seconds", type=float, default=None, dest="max_session_s",
@@ -129,6 +132,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
             models[name] = v
     if a.models:
         models = {k: v for k, v in models.items() if k in a.models.split(",")}
+    if a.onset:  # the seam after a burst is the streaming student's alone
+        models = {"student": models.get("student", default_models()["student"])}
     missing = [f"{k}: {v}" for k, v in models.items() if not Path(v).is_file()]
     if missing:
         raise SystemExit("checkpoint(s) not found: " + "; ".join(missing) + " (train them with `avatarforcing train`)")
@@ -138,6 +143,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
+    if a.onset:
+        from avatarforcing.checkpoint import load_checkpoint
+        from avatarforcing.onset_eval import OnsetEvalConfig, onset_eval_main
+
+        oc = OnsetEvalConfig(clips=a.test_clips, split=a.split)
+        onset_eval_main(load_checkpoint(models["student"]), oc, a.out, a.device, progress=not a.no_progress)
+        return 0
     eval_main(models, ec, a.out, a.device, progress=not a.no_progress)
     return 0
 
@@ -336,8 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="measure the engine and the server; prints a table, writes JSON")
     b.add_argument("--out", default=None, type=Path, help="JSON path (default bench/results/cpu-<date>.json)")
     b.add_argument("--quick", action="store_true", help="shorter runs (for a smoke test)")
-    b.add_argument("--sections", default="engine,server,long",
-                   help="comma list of: engine, server, long (default all)")
+    b.add_argument("--sections", default="engine,server,long,onset",
+                   help="comma list of: engine, server, long, onset (default all); onset alone writes "
+                        "bench/results/onset-cpu-tiny-<date>.json")
+    b.add_argument("--onset-sessions", type=int, default=8,
+                   help="onset: sessions bursting at random times at once (default 8)")
     b.add_argument("--long-frames", type=int, default=3000, help="latent frames for the long-stream run")
     b.add_argument("--max-sessions", type=int, default=12, help="most sessions tried in the server run")
     b.add_argument("--threads", type=int, default=None)
@@ -409,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--device", default="cpu")
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--out", default=None, type=Path, help="also write the report as JSON")
+    e.add_argument("--onset", action="store_true",
+                   help="instead: the student's lip sync in the first second after speech starts (idle, then a "
+                        "burst), with and without re-planning, against steady state; writes JSON (default "
+                        "bench/results/eval-onset-<device>-<model>-<date>.json)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(fn=cmd_eval)
     cv = sub.add_parser("convert", help="the published AvatarForcing files -> one checkpoint `serve` loads")

@@ -61,3 +61,23 @@ async def port_up(port: int, timeout: float) -> None:
         except OSError:
             await asyncio.sleep(0.05)
     raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+def histogram_quantile(body: str, name: str, q: float) -> float:
+    """The q-quantile of a Prometheus histogram in a /metrics body, interpolated in its bucket (nan: empty)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for fam in text_string_to_metric_families(body):
+        if fam.name == name:
+            buckets = sorted((float(s.labels["le"]), s.value) for s in fam.samples if s.name.endswith("_bucket"))
+            total = buckets[-1][1]
+            if total == 0:
+                return float("nan")
+            prev_le, prev_c = 0.0, 0.0
+            for le, c in buckets:
+                if c >= q * total:
+                    if le == float("inf"):
+                        return prev_le
+                    return prev_le + (le - prev_le) * ((q * total - prev_c) / max(c - prev_c, 1e-9))
+                prev_le, prev_c = le, c
+    return float("nan")

@@ -805,8 +805,15 @@ type SessionStarted struct {
 	NodeId string `protobuf:"bytes,14,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
 	// Index of the first frame of this stream (resume_block * frames_per_block; 0 for a new session).
 	FirstFrameIndex uint64 `protobuf:"varint,15,opt,name=first_frame_index,json=firstFrameIndex,proto3" json:"first_frame_index,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Expected delay, in milliseconds, from a burst of audio arriving ahead of time (a TTS sentence
+	// sent at once after silence or an interrupt: at least the window's worth of audio, or an
+	// utterance closed by EndOfAudio) to its first frame being sent: the server re-plans the frames
+	// not yet shown, so speech starts within about a block plus the warm-up compute, instead of
+	// latency_ms. Audio streamed in real time keeps latency_ms. Equal to latency_ms where the server
+	// does not re-plan (PACING_ASAP, or re-planning turned off).
+	OnsetLatencyMs float64 `protobuf:"fixed64,16,opt,name=onset_latency_ms,json=onsetLatencyMs,proto3" json:"onset_latency_ms,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *SessionStarted) Reset() {
@@ -940,6 +947,13 @@ func (x *SessionStarted) GetNodeId() string {
 func (x *SessionStarted) GetFirstFrameIndex() uint64 {
 	if x != nil {
 		return x.FirstFrameIndex
+	}
+	return 0
+}
+
+func (x *SessionStarted) GetOnsetLatencyMs() float64 {
+	if x != nil {
+		return x.OnsetLatencyMs
 	}
 	return 0
 }
@@ -1153,8 +1167,13 @@ type Stats struct {
 	// Similarity of the last emitted block to the style anchor (drift signal; 1 = identical).
 	AnchorSimilarity float64 `protobuf:"fixed64,6,opt,name=anchor_similarity,json=anchorSimilarity,proto3" json:"anchor_similarity,omitempty"`
 	UtteranceId      string  `protobuf:"bytes,7,opt,name=utterance_id,json=utteranceId,proto3" json:"utterance_id,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// The last measured onset latency of this session (a burst's arrival to its first frame sent,
+	// see SessionStarted.onset_latency_ms), in milliseconds; 0 before the first re-plan.
+	OnsetLatencyMs float64 `protobuf:"fixed64,8,opt,name=onset_latency_ms,json=onsetLatencyMs,proto3" json:"onset_latency_ms,omitempty"`
+	// Re-plans done for audio that arrived ahead of the timeline.
+	Onsets        uint64 `protobuf:"varint,9,opt,name=onsets,proto3" json:"onsets,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Stats) Reset() {
@@ -1234,6 +1253,20 @@ func (x *Stats) GetUtteranceId() string {
 		return x.UtteranceId
 	}
 	return ""
+}
+
+func (x *Stats) GetOnsetLatencyMs() float64 {
+	if x != nil {
+		return x.OnsetLatencyMs
+	}
+	return 0
+}
+
+func (x *Stats) GetOnsets() uint64 {
+	if x != nil {
+		return x.Onsets
+	}
+	return 0
 }
 
 type End struct {
@@ -2304,7 +2337,7 @@ const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"endOfAudio\x12<\n" +
 	"\n" +
 	"keep_alive\x18\x05 \x01(\v2\x1b.avatarforcing.v1.KeepAliveH\x00R\tkeepAliveB\t\n" +
-	"\amessage\"\xa6\x04\n" +
+	"\amessage\"\xd0\x04\n" +
 	"\x0eSessionStarted\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x10\n" +
@@ -2323,7 +2356,8 @@ const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"\x0fidle_timeout_ms\x18\f \x01(\x01R\ridleTimeoutMs\x12#\n" +
 	"\rsession_token\x18\r \x01(\tR\fsessionToken\x12\x17\n" +
 	"\anode_id\x18\x0e \x01(\tR\x06nodeId\x12*\n" +
-	"\x11first_frame_index\x18\x0f \x01(\x04R\x0ffirstFrameIndex\"\xe2\x01\n" +
+	"\x11first_frame_index\x18\x0f \x01(\x04R\x0ffirstFrameIndex\x12(\n" +
+	"\x10onset_latency_ms\x18\x10 \x01(\x01R\x0eonsetLatencyMs\"\xe2\x01\n" +
 	"\n" +
 	"VideoFrame\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x15\n" +
@@ -2343,7 +2377,7 @@ const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"\freal_samples\x18\x05 \x01(\rR\vrealSamples\x12\x1f\n" +
 	"\vreal_offset\x18\x06 \x01(\rR\n" +
 	"realOffset\x12*\n" +
-	"\x11source_end_sample\x18\a \x01(\x04R\x0fsourceEndSample\"\xb0\x02\n" +
+	"\x11source_end_sample\x18\a \x01(\x04R\x0fsourceEndSample\"\xf2\x02\n" +
 	"\x05Stats\x12\x1f\n" +
 	"\vframes_sent\x18\x01 \x01(\x04R\n" +
 	"framesSent\x12%\n" +
@@ -2353,7 +2387,9 @@ const file_avatarforcing_v1_avatarforcing_proto_rawDesc = "" +
 	"\vqueue_depth\x18\x05 \x01(\rR\n" +
 	"queueDepth\x12+\n" +
 	"\x11anchor_similarity\x18\x06 \x01(\x01R\x10anchorSimilarity\x12!\n" +
-	"\futterance_id\x18\a \x01(\tR\vutteranceId\"T\n" +
+	"\futterance_id\x18\a \x01(\tR\vutteranceId\x12(\n" +
+	"\x10onset_latency_ms\x18\b \x01(\x01R\x0eonsetLatencyMs\x12\x16\n" +
+	"\x06onsets\x18\t \x01(\x04R\x06onsets\"T\n" +
 	"\x03End\x123\n" +
 	"\x06reason\x18\x01 \x01(\x0e2\x1b.avatarforcing.v1.EndReasonR\x06reason\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\"\x9f\x02\n" +

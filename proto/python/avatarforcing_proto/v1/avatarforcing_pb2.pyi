@@ -133,7 +133,7 @@ class StreamRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., interrupt: _Optional[_Union[Interrupt, _Mapping]] = ..., end_of_audio: _Optional[_Union[EndOfAudio, _Mapping]] = ..., keep_alive: _Optional[_Union[KeepAlive, _Mapping]] = ...) -> None: ...
 
 class SessionStarted(_message.Message):
-    __slots__ = ("session_id", "fps", "width", "height", "frames_per_block", "lookahead_ms", "latency_ms", "video_encoding", "init_segment", "audio_sample_rate_hz", "avatar_id", "idle_timeout_ms", "session_token", "node_id", "first_frame_index")
+    __slots__ = ("session_id", "fps", "width", "height", "frames_per_block", "lookahead_ms", "latency_ms", "video_encoding", "init_segment", "audio_sample_rate_hz", "avatar_id", "idle_timeout_ms", "session_token", "node_id", "first_frame_index", "onset_latency_ms")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,7 @@ class SessionStarted(_message.Message):
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ONSET_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     fps: float
     width: int
@@ -164,7 +165,8 @@ class SessionStarted(_message.Message):
     session_token: str
     node_id: str
     first_frame_index: int
-    def __init__(self, session_id: _Optional[str] = ..., fps: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames_per_block: _Optional[int] = ..., lookahead_ms: _Optional[float] = ..., latency_ms: _Optional[float] = ..., video_encoding: _Optional[_Union[VideoEncoding, str]] = ..., init_segment: _Optional[bytes] = ..., audio_sample_rate_hz: _Optional[int] = ..., avatar_id: _Optional[str] = ..., idle_timeout_ms: _Optional[float] = ..., session_token: _Optional[str] = ..., node_id: _Optional[str] = ..., first_frame_index: _Optional[int] = ...) -> None: ...
+    onset_latency_ms: float
+    def __init__(self, session_id: _Optional[str] = ..., fps: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames_per_block: _Optional[int] = ..., lookahead_ms: _Optional[float] = ..., latency_ms: _Optional[float] = ..., video_encoding: _Optional[_Union[VideoEncoding, str]] = ..., init_segment: _Optional[bytes] = ..., audio_sample_rate_hz: _Optional[int] = ..., avatar_id: _Optional[str] = ..., idle_timeout_ms: _Optional[float] = ..., session_token: _Optional[str] = ..., node_id: _Optional[str] = ..., first_frame_index: _Optional[int] = ..., onset_latency_ms: _Optional[float] = ...) -> None: ...
 
 class VideoFrame(_message.Message):
     __slots__ = ("index", "pts_us", "audio_start_sample", "audio_end_sample", "data", "keyframe", "block_index")
@@ -203,7 +205,7 @@ class AudioOut(_message.Message):
     def __init__(self, block_index: _Optional[int] = ..., start_sample: _Optional[int] = ..., data: _Optional[bytes] = ..., silent: _Optional[bool] = ..., real_samples: _Optional[int] = ..., real_offset: _Optional[int] = ..., source_end_sample: _Optional[int] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("frames_sent", "frames_dropped", "audio_samples_received", "silence_samples_inserted", "queue_depth", "anchor_similarity", "utterance_id")
+    __slots__ = ("frames_sent", "frames_dropped", "audio_samples_received", "silence_samples_inserted", "queue_depth", "anchor_similarity", "utterance_id", "onset_latency_ms", "onsets")
     FRAMES_SENT_FIELD_NUMBER: _ClassVar[int]
     FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     AUDIO_SAMPLES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +213,8 @@ class Stats(_message.Message):
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     ANCHOR_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     UTTERANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ONSET_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    ONSETS_FIELD_NUMBER: _ClassVar[int]
     frames_sent: int
     frames_dropped: int
     audio_samples_received: int
@@ -218,7 +222,9 @@ class Stats(_message.Message):
     queue_depth: int
     anchor_similarity: float
     utterance_id: str
-    def __init__(self, frames_sent: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., audio_samples_received: _Optional[int] = ..., silence_samples_inserted: _Optional[int] = ..., queue_depth: _Optional[int] = ..., anchor_similarity: _Optional[float] = ..., utterance_id: _Optional[str] = ...) -> None: ...
+    onset_latency_ms: float
+    onsets: int
+    def __init__(self, frames_sent: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., audio_samples_received: _Optional[int] = ..., silence_samples_inserted: _Optional[int] = ..., queue_depth: _Optional[int] = ..., anchor_similarity: _Optional[float] = ..., utterance_id: _Optional[str] = ..., onset_latency_ms: _Optional[float] = ..., onsets: _Optional[int] = ...) -> None: ...
 
 class End(_message.Message):
     __slots__ = ("reason", "message")
