@@ -12,10 +12,10 @@ them as ONE engine step in the engine thread. Encoding runs in a separate thread
 next step can start while the previous block is being encoded. Every engine call (step, slot
 allocation and release, interrupts, re-plans) runs in the single engine thread, so slot state never races.
 
-Speech onset: a session picked with audio far ahead of its silent timeline re-plans (``Session.maybe_replan``)
-before its block is cut; the engine discards its window just before the step, and the L steps that fill it
-again are due at once, ordered by the deadline of the block they produce, so they never push a session whose
-real-time deadline is earlier. A re-plan costs L - 1 extra steps of that session.
+Speech onset: a session with audio far ahead of its silent timeline is ready at once and re-plans
+(``Session.maybe_replan``) before its block is cut; the engine discards its window just before the step, and
+the L steps that fill it again are due at once, ordered by the deadline of the block they produce, so they
+never push a session whose real-time deadline is earlier. A re-plan costs L - 1 extra steps of that session.
 """
 
 from __future__ import annotations
@@ -174,9 +174,9 @@ class Scheduler:
         return now - self.last_step_at < stall_s
 
     async def _step(self, batch: list[Session]) -> None:
-        now, lead = time.monotonic(), self.onset_lead_s()
+        now = time.monotonic()
         for s in batch:  # before its block is cut: a re-plan puts the audio in hand at the earliest open block
-            if s.maybe_replan(now, lead):
+            if s.maybe_replan(now):
                 self.metrics.onset_replans.inc()
         blocks = [s.start_step() for s in batch]
         # Interrupts of any session (stepped now or not) clear their slot's audio before this step runs.

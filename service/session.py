@@ -11,11 +11,13 @@ client has read it down (backpressure).
 Speech onset (REALTIME, ``Timeline.onset_replan``): a session whose window holds only silence that receives
 audio far ahead of its timeline (a TTS burst: at least the whole window's audio, L blocks, in hand at once;
 or a shorter utterance closed by EndOfAudio) re-plans. The blocks in the engine's window, planned on silence,
-are discarded (the engine keeps the style anchor and the clean history), and so are the queued, not yet
-started, silent blocks whose frames are due late enough for the warm-up to finish first; the utterance takes
-their place on the timeline (their frame indices, pts and audio samples), so the output stays one
-continuous timeline. The L steps that fill the window again run unpaced, ordered by the deadline of the block
-they produce, then the session is paced as before. A client that streams in real time in small chunks holds
+are discarded (the engine keeps the style anchor and the clean history). The queued silent blocks none of
+whose items went out are given back: they keep going out while the window warms up, and the utterance's first
+block takes the earliest of their positions still unsent when it is ready (its frame indices, pts and audio
+samples), the rest being dropped then; so the output stays one continuous timeline, with no gap however long
+the warm-up takes. The session steps as soon as such audio arrives (not at its paced deadline); the L steps
+that fill the window again run unpaced, ordered by the deadline of the block they produce, then the session
+is paced as before. A client that streams in real time in small chunks holds
 at most about a block of audio, so it never re-plans: its latency stays the announced look-ahead latency.
 """
 
@@ -175,6 +177,9 @@ class Session:
     replan_requested: bool = False  # a re-plan's engine-side half: the next step replans the slot's window
     shift: int = 0  # engine steps taken ahead of the output timeline by re-plans (the discarded blocks)
     skipped: int = 0  # engine-emitted blocks whose output positions a re-plan gave back (dropped unsent)
+    replace_from: int = -1  # a re-plan's first given-back position, until its first block is queued...
+    replace_count: int = 0  # ...and how many (queued, silent, unsent) follow from there: see queue_block
+    sample_shift: int = 0  # audio-timeline samples added back for given-back blocks that went out after all
     warm_until: int = 0  # steps below this fill a re-planned window: unpaced
     blocks_emitted: int = 0  # blocks the engine emitted for this session...
     blocks_queued: int = 0  # ...and those of them queued (the rest are being encoded)
@@ -276,7 +281,7 @@ class Session:
             # Flushing: a partial block (an utterance shorter than a block included), then the window.
             return self._flushing() and (self.audio.buffered > 0 or
                                          (self._drain_needed() and self.last_real_block >= 0))
-        if self.warming():
+        if self.warming() or self.replan_due(now):
             return True
         d = self.deadline()
         if now >= d - horizon:
@@ -316,27 +321,35 @@ class Session:
         recent = now - self.timeline.block_s
         return all((p[i].newest_arrival or 0.0) >= recent for i in real)
 
-    def maybe_replan(self, now: float, lead_s: float) -> bool:
-        """Re-plans (module doc) when this REALTIME session's window holds only silence and the audio in hand
-        runs ahead of its timeline; True when it did (the scheduler then replans the slot, see
-        :meth:`take_replan_request`). ``lead_s``: how long the warm-up takes (L steps and an encode): a queued
-        block whose first frame is due sooner is kept, as it could not be replaced in time."""
+    def replan_due(self, now: float) -> bool:
+        """This REALTIME session's window holds only silence and the audio in hand runs ahead of its timeline:
+        the next step re-plans (:meth:`maybe_replan`), so the session need not wait for its paced deadline."""
         tl = self.timeline
         if not (tl.onset_replan and self.realtime) or self.ending or self.in_flight or self.warming():
             return False
-        if not self._window_silent(now) or not self.audio_ahead(sum(b.real_samples for b in self.pending)):
+        return self._window_silent(now) and self.audio_ahead(sum(b.real_samples for b in self.pending))
+
+    def maybe_replan(self, now: float) -> bool:
+        """Re-plans (module doc) when :meth:`replan_due`; True when it did (the scheduler then replans the slot,
+        see :meth:`take_replan_request`).
+
+        The queued silent blocks none of whose items went out are given back to the utterance, but stay queued
+        and keep going out while the window warms up: when the utterance's first block is queued
+        (:meth:`queue_block`) it takes the earliest of those positions still unsent, and only then are the
+        rest dropped. So the output never waits for the warm-up, however long it takes on a loaded server."""
+        if not self.replan_due(now):
             return False
-        # Queued blocks none of whose items went out, silent, due late enough: their positions are given back.
+        tl = self.timeline
         # Not while a block is being encoded: it would be queued behind the ones given back.
         give_back: list[int] = []
         if self.blocks_queued == self.blocks_emitted:
-            for block, silent, due in reversed(self.out.queued_blocks()):
-                if not silent or due is None or due < now + lead_s:
+            for block, silent, _due in reversed(self.out.queued_blocks()):
+                if not silent:
                     break
                 give_back.insert(0, block)
         if give_back:
-            self.out.drop_from_block(give_back[0])
-            if self.spec.inter_coded:  # the next frame may not refer to the dropped ones
+            self.replace_from, self.replace_count = give_back[0], len(give_back)
+            if self.spec.inter_coded:  # the utterance's first frame may follow any of them: it refers to none
                 self.encoder.force_keyframe()
         d, w = len(give_back), len(self.pending)
         self.audio.rewind(list(self.pending), d)
@@ -433,12 +446,32 @@ class Session:
         self.frames_dropped += dropped
         return dropped
 
+    def _settle_replan(self) -> None:
+        """The first block after a re-plan that gave positions back is about to be queued: it takes the earliest
+        given-back position still unsent (its block's AudioOut still queued), and the rest are dropped. Those that
+        went out while the window warmed up stay on the timeline: the utterance and all later blocks move on by
+        as many positions (and their audio by as many blocks)."""
+        c0, n = self.replace_from, self.replace_count
+        self.replace_from, self.replace_count = -1, 0
+        unsent = [b for b, _, _ in self.out.queued_blocks() if c0 <= b < c0 + n]
+        start = unsent[0] if unsent else c0 + n
+        self.out.drop_from_block(start)
+        late = start - c0
+        if late:
+            self.skipped -= late
+            self.shift -= late
+            self.sample_shift += late * self.audio.in_block
+            self.audio.silence_inserted += late * self.audio.in_block
+            self.onset_block += late
+
     def queue_block(self, emitted_block: int, blk: Block, encoded: list[EncodedFrame]) -> None:
         """Queues an emitted block: its audio, its frames and (once a second) Stats, each due in real time."""
+        if self.replace_count:
+            self._settle_replan()
         # Resumed sessions continue the client's block numbering; re-plans gave some positions back.
         j = emitted_block + self.block_offset - self.skipped
         fpb = self.fpb
-        a_off = self.block_offset * self.audio.in_block
+        a_off = self.block_offset * self.audio.in_block + self.sample_shift
         spf = self.audio.in_block // fpb
         fps = self.timeline.fps
         first = j * fpb

@@ -259,6 +259,12 @@ def unit_session(replan: bool = True) -> Session:
                    timeline=Timeline(25.0, FPB, L, 0.24, onset_replan=replan), queue_frames=50, max_blocks_ahead=2)
 
 
+def push(s: Session, pcm: np.ndarray, now: float) -> None:
+    """The client's audio in 100-ms chunks (what the server takes), all arriving at ``now``."""
+    for i in range(0, len(pcm), RATE // 10):
+        s.audio.push(pcm[i : i + RATE // 10].tobytes(), now)
+
+
 def step(s: Session, emits: bool, engine_block: int) -> None:
     """What the scheduler does for one engine step of this session (the engine emits after L - 1 steps)."""
     s.start_step()
@@ -276,18 +282,28 @@ def run_idle(s: Session, steps: int) -> int:
     return emitted
 
 
-def test_replan_gives_the_silent_future_back_to_the_utterance() -> None:
+async def send_through(s: Session, block: int) -> None:
+    """The writer sends every queued item of the blocks before ``block``."""
+    while (it := s.out.peek()) is not None and it.block < block:
+        await s.out.get()
+
+
+async def test_replan_gives_the_silent_future_back_to_the_utterance() -> None:
     s = unit_session()
     emitted = run_idle(s, 8)  # blocks 0..4 emitted and queued (none sent), 5..7 in the window
     assert [b for b, _, _ in s.out.queued_blocks()] == [0, 1, 2, 3, 4]
     pcm = speechlike_pcm(1.0, seed=7)
-    s.audio.push(pcm.tobytes(), now=s.t_start)
-    # Blocks 3 and 4 are due late enough to be replaced (block 3's first frame is due at t_start + 1.36 s).
-    assert s.maybe_replan(now=s.t_start + 1.36 - 0.2, lead_s=0.19)
-    assert [b for b, _, _ in s.out.queued_blocks()] == [0, 1, 2]
+    push(s, pcm, now=s.t_start + 0.5)
+    # Ready at once, long before its paced deadline: the burst need not wait for it.
+    assert s.deadline() > s.t_start + 1.0 and s.ready(now=s.t_start + 0.5, horizon=0.0)
+    assert s.maybe_replan(now=s.t_start + 0.5)
     assert s.take_replan_request() and not s.take_replan_request()
-    assert s.onset_block == 3 and s.warming()
-    # The warm-up: L - 1 steps emit nothing, are due at once; the L-th emits block 3 with the utterance's audio.
+    assert s.onset_block == 0 and s.warming()
+    # The given-back blocks stay queued and go out while the window warms up: here blocks 0..2 do.
+    assert [b for b, _, _ in s.out.queued_blocks()] == [0, 1, 2, 3, 4]
+    await send_through(s, 3)
+    # The warm-up: L - 1 steps emit nothing, are due at once; the L-th emits the utterance's first block,
+    # which takes the earliest position still unsent (3); block 4 is dropped.
     for _ in range(L - 1):
         assert s.ready(now=s.t_start, horizon=0.0)
         step(s, False, -1)
@@ -295,61 +311,66 @@ def test_replan_gives_the_silent_future_back_to_the_utterance() -> None:
     assert not s.warming()
     audio = [it.msg.audio for it in s.out._q if it.msg.HasField("audio")]
     frames = [it for it in s.out._q if it.frames]
-    assert [a.block_index for a in audio] == [0, 1, 2, 3]
-    assert audio[-1].start_sample == 3 * FPB * SPF and audio[-1].real_samples == FPB * SPF
-    assert np.array_equal(np.frombuffer(audio[-1].data, "<i2"), pcm[: FPB * SPF])
-    assert [it.msg.frame.index for it in frames] == list(range(16))
-    assert frames[12].onset_from == s.t_start and frames[12].due == s.frame_due(12)
+    assert [a.block_index for a in audio] == [3]
+    assert audio[0].start_sample == 3 * FPB * SPF and audio[0].real_samples == FPB * SPF
+    assert np.array_equal(np.frombuffer(audio[0].data, "<i2"), pcm[: FPB * SPF])
+    assert [it.msg.frame.index for it in frames] == list(range(12, 16))
+    assert frames[0].onset_from == s.t_start + 0.5 and frames[0].due == s.frame_due(12)
+    assert s.audio.silence_inserted == 3 * FPB * SPF  # the silence of blocks 0..2 only
     # Back to paced: the next step is due when block 4's frames need it, as if the timeline had never moved.
     assert s.deadline() == pytest.approx(s.t_start + (4 + L) * 0.16 + 0.12)
     assert s.onsets == 1 and s.stats().stats.onsets == 1
 
 
-def test_replan_keeps_blocks_due_too_soon_and_a_burst_cut_mid_arrival_is_cut_again() -> None:
+async def test_a_slow_warm_up_leaves_no_gap_and_a_burst_cut_mid_arrival_is_cut_again() -> None:
     s = unit_session()
     run_idle(s, 8)
     pcm = speechlike_pcm(1.0, seed=8)
     head = 60 * RATE // 1000
-    s.audio.push(pcm[:head].tobytes(), now=s.t_start + 1.0)
+    push(s, pcm[:head], now=s.t_start + 1.0)
     step(s, True, 5)  # a step came due while the burst was arriving: 60 ms of it went into the window
     assert s.pending[-1].real_samples == head and s.pending[-1].real_offset > 0
-    s.audio.push(pcm[head:].tobytes(), now=s.t_start + 1.0)
-    assert s.maybe_replan(now=s.t_start + 1.0, lead_s=10.0)  # nothing queued can be replaced that late
-    assert [b for b, _, _ in s.out.queued_blocks()] == [0, 1, 2, 3, 4, 5]
+    push(s, pcm[head:], now=s.t_start + 1.0)
+    assert s.maybe_replan(now=s.t_start + 1.0)
     for _ in range(L - 1):
         step(s, False, -1)
+    # The warm-up took so long that every given-back block went out meanwhile: the utterance follows them.
+    await send_through(s, 6)
     step(s, True, 6)
     audio = [it.msg.audio for it in s.out._q if it.msg.HasField("audio")]
+    frames = [it.msg.frame.index for it in s.out._q if it.frames]
     # Block 6 starts the utterance at its first sample, whole: the 60 ms cut before were buffered again.
-    assert audio[-1].block_index == 6 and (audio[-1].real_offset, audio[-1].real_samples) == (0, FPB * SPF)
-    assert np.array_equal(np.frombuffer(audio[-1].data, "<i2"), pcm[: FPB * SPF])
-    assert audio[-1].start_sample == 6 * FPB * SPF
+    assert [a.block_index for a in audio] == [6] and frames == list(range(24, 28))
+    assert (audio[0].real_offset, audio[0].real_samples) == (0, FPB * SPF)
+    assert np.array_equal(np.frombuffer(audio[0].data, "<i2"), pcm[: FPB * SPF])
+    assert audio[0].start_sample == 6 * FPB * SPF
     assert s.audio.silence_inserted == 6 * FPB * SPF  # the silence of blocks 0..5 only
+    assert s.deadline() == pytest.approx(s.t_start + (7 + L) * 0.16 + 0.12)
 
 
 def test_no_replan_for_real_time_audio_a_speaking_window_or_when_off() -> None:
     s = unit_session()
     run_idle(s, 8)
-    s.audio.push(speechlike_pcm(0.1).tobytes(), now=s.t_start + 1.0)  # a live person: less than a block
-    assert not s.maybe_replan(now=s.t_start + 1.0, lead_s=0.0)
+    push(s, speechlike_pcm(0.1), now=s.t_start + 1.0)  # a live person: less than a block
+    assert not s.maybe_replan(now=s.t_start + 1.0)
     step(s, True, 5)
-    s.audio.push(speechlike_pcm(3.0).tobytes(), now=s.t_start + 2.0)
+    push(s, speechlike_pcm(3.0), now=s.t_start + 2.0)
     # The window holds speech that arrived a while ago: the audio runs on, it is not a new burst.
-    assert not s.maybe_replan(now=s.t_start + 2.0, lead_s=0.0)
+    assert not s.maybe_replan(now=s.t_start + 2.0)
     off = unit_session(replan=False)
     run_idle(off, 8)
-    off.audio.push(speechlike_pcm(3.0).tobytes(), now=off.t_start)
-    assert not off.maybe_replan(now=off.t_start, lead_s=0.0)
+    push(off, speechlike_pcm(3.0), now=off.t_start)
+    assert not off.maybe_replan(now=off.t_start)
     s2 = unit_session()
     run_idle(s2, L - 2)  # still in the first warm-up: nothing to re-plan
-    s2.audio.push(speechlike_pcm(3.0).tobytes(), now=s2.t_start)
-    assert not s2.maybe_replan(now=s2.t_start, lead_s=0.0)
+    push(s2, speechlike_pcm(3.0), now=s2.t_start)
+    assert not s2.maybe_replan(now=s2.t_start)
 
 
 def test_a_short_utterance_closed_by_end_of_audio_replans() -> None:
     s = unit_session()
     run_idle(s, 8)
-    s.audio.push(speechlike_pcm(0.3).tobytes(), now=s.t_start)
-    assert not s.maybe_replan(now=s.t_start, lead_s=0.0)  # under a window's worth: it may go on
+    push(s, speechlike_pcm(0.3), now=s.t_start)
+    assert not s.maybe_replan(now=s.t_start)  # under a window's worth: it may go on
     s.end_of_audio()
-    assert s.maybe_replan(now=s.t_start, lead_s=0.0)
+    assert s.maybe_replan(now=s.t_start)

@@ -21,6 +21,7 @@ import pytest
 
 from avatarforcing_client import AvatarForcingClient, pb
 from avatarforcing_client.client import SessionClosedError, StreamStalledError
+from avatarforcing_client.stream import read_within
 
 from .cluster import RedisServer, Replica, start_replica, wait_serving
 from .conftest import speechlike_pcm
@@ -348,3 +349,38 @@ async def test_targets_replaced_during_a_call_are_not_indexed_out_of_range(make_
         c.targets = (addr(app),)
         placed = await call
         assert placed.node_id == app.node_id
+
+
+class HeldCall:
+    """A call whose next response is written by whoever calls :meth:`answer` (as a server sharing the loop
+    would write once the loop runs again)."""
+
+    def __init__(self) -> None:
+        self.reads: list[asyncio.Future[str]] = []
+
+    def read(self) -> asyncio.Future[str]:
+        self.reads.append(asyncio.get_running_loop().create_future())
+        return self.reads[-1]
+
+    def answer(self, msg: str) -> None:
+        self.reads[-1].set_result(msg)
+
+
+async def test_a_stall_of_the_clients_own_event_loop_is_not_a_stalled_stream() -> None:
+    """The client's own event loop stands still past the watchdog's limit (a busy agent in the same process, a
+    starved machine); what the stream delivers right after it runs again is read, not taken for a stall."""
+    loop = asyncio.get_running_loop()
+    call = HeldCall()
+
+    def stand_still() -> None:
+        time.sleep(0.6)  # past the limit below, with the loop (and the watchdog's timer) blocked
+        loop.call_soon(call.answer, "frame")
+
+    loop.call_later(0.05, stand_still)
+    assert await read_within(call, 0.3) == ("frame", False)
+    # A stream that stays silent while the loop runs is stalled, and its read is cancelled.
+    t0 = time.monotonic()
+    assert await read_within(call, 0.3) == (None, True)
+    assert time.monotonic() - t0 < 0.3 + MARGIN_S
+    await asyncio.sleep(0)
+    assert call.reads[-1].cancelled()

@@ -40,15 +40,35 @@ async def open_stream(stub: Any, config: pb.SessionConfig,
         raise
 
 
+#: A watchdog wake-up this much later than due means this process's own event loop stood still (a busy agent,
+#: a starved machine): the responses may be waiting, unread. Only the time the loop was actually watching counts.
+LOOP_LAG_S = 0.1
+
+
 async def read_within(call: Any, limit: float | None) -> tuple[Any, bool]:
     """The next response of ``call`` (``grpc.aio.EOF`` at its end), or ``(None, True)`` when none came within
-    ``limit`` seconds (None: wait as long as it takes). The call's own failures propagate."""
+    ``limit`` seconds (None: wait as long as it takes). The call's own failures propagate.
+
+    Seconds during which this event loop itself stood still do not count toward ``limit``: when the wait ends
+    late, the stream gets that long again (at most ``limit``) to deliver what it may already hold."""
     if limit is None:
         return await call.read(), False
-    # asyncio.timeout turns only its own expiry into TimeoutError: a cancellation of this task, or of the
-    # call by close() or a resume in another task, stays CancelledError.
+    loop = asyncio.get_running_loop()
+    # The read is not cancelled by the wait (cancelling a read cancels the call): only on a stall, or when
+    # this task is cancelled (close() or a resume in another task), which stays CancelledError.
+    read = asyncio.ensure_future(call.read())
     try:
-        async with asyncio.timeout(limit):
-            return await call.read(), False
-    except TimeoutError:
-        return None, True
+        due = loop.time() + limit
+        while True:
+            done, _ = await asyncio.wait({read}, timeout=max(0.0, due - loop.time()))
+            if done:
+                return read.result(), False
+            late = loop.time() - due
+            if late < LOOP_LAG_S:
+                break
+            due = loop.time() + min(late, limit)
+    except BaseException:
+        read.cancel()
+        raise
+    read.cancel()
+    return None, True
