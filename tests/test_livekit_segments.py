@@ -166,6 +166,33 @@ def test_an_interruption_mutes_up_to_the_first_block_without_real_samples() -> N
     assert ledger.interrupts == 2 and ledger.segments_ended == 1
 
 
+def test_a_reply_straight_after_the_interrupted_speech_is_not_muted() -> None:
+    """A burst sent right after an interruption is re-planned by the server into the positions after the
+    interrupted speech's queued blocks: no silent block lies between. The reply's first block consumed audio past
+    what was sent before the Interrupt (its source_end_sample), so muting ends there and the reply plays."""
+    ledger = SegmentLedger(BLOCK)
+    pushed(ledger, 6 * BLOCK)
+    ledger.end_segment()
+    assert ledger.block(0, BLOCK, 0, BLOCK, source_end=BLOCK).play
+    ledger.interrupt()
+    pushed(ledger, 2 * BLOCK)  # the reply, pushed before the writer has sent the Interrupt
+    ledger.end_segment()
+    ledger.interrupt_sent(6 * BLOCK, stream=0)
+    for k in (1, 2):  # rendered before the Interrupt reached the server
+        assert ledger.block(k, BLOCK, 0, BLOCK, source_end=(k + 1) * BLOCK) == BlockPlayout(False, 0)
+    assert ledger.block(3, BLOCK, 0, BLOCK, source_end=7 * BLOCK) == BlockPlayout(play=True, segment_ends=0)
+    assert not ledger.muting and ledger.muted_blocks == 2
+    assert ledger.block(4, BLOCK, 0, BLOCK, source_end=8 * BLOCK) == BlockPlayout(play=True, segment_ends=1)
+
+    # On a stream resumed since the Interrupt, nothing voided by it comes again: muting ends at the first block.
+    pushed(ledger, 6 * BLOCK)
+    ledger.interrupt()
+    ledger.interrupt_sent(14 * BLOCK, stream=0)
+    assert ledger.muting
+    assert ledger.block(9, BLOCK, 0, BLOCK, source_end=BLOCK, stream=1).play
+    assert not ledger.muting
+
+
 def test_muting_stops_after_max_drain_blocks_without_a_silent_block() -> None:
     ledger = SegmentLedger(BLOCK, max_drain_blocks=16)
     pushed(ledger, BLOCK)

@@ -29,8 +29,10 @@ the audio frames yielded since the segment started; on ``clear_buffer`` the runn
   up to ``max_blocks_ahead`` + 1 of them) is muted, from the middle of the block being yielded up
   to the first block with ``real_samples == 0``: on ``Interrupt`` the server empties the blocks in
   its window (they come out silent, ``real_samples == 0``), so that block marks where audio pushed
-  after the interruption starts, and counting starts afresh there. If no such block comes, muting
-  stops after 16 blocks.
+  after the interruption starts, and counting starts afresh there. A reply sent at once may follow the
+  interrupted speech with no such block between (the server re-plans its window for it): muting also
+  stops at the first block whose ``source_end_sample`` passes the audio sent before the ``Interrupt``.
+  If neither comes, muting stops after 16 blocks.
 - ``KeepAlive``: the SDK's :class:`~avatarforcing_client.Session` sends it when nothing was sent for
   a third of the server's idle timeout (``auto_keepalive``, on by default), so a quiet agent does
   not hit ``END_REASON_IDLE_TIMEOUT``.
@@ -394,6 +396,7 @@ class AvatarForcingVideoGenerator(VideoGenerator):
                 elif req.HasField("end_of_audio"):
                     await self.session.end_of_audio()
                 elif req.HasField("interrupt"):
+                    self._ledger.interrupt_sent(self.session.stream_audio_sent, self.session.generation)
                     await self.session.interrupt()
         except asyncio.CancelledError:
             raise
@@ -474,7 +477,8 @@ class AvatarForcingVideoGenerator(VideoGenerator):
         """Bookkeeping for one block: whether to yield its audio, and which segments it ends."""
         pcm = np.frombuffer(ev.data, dtype="<i2").astype(np.int16)
         j = int(ev.block_index)
-        plan = self._ledger.block(j, int(ev.real_samples), int(ev.real_offset), int(pcm.shape[0]))
+        plan = self._ledger.block(j, int(ev.real_samples), int(ev.real_offset), int(pcm.shape[0]),
+                                  int(ev.source_end_sample), self.session.generation)
         spf = self._samples_per_frame
         chunks = [pcm[i * spf : (i + 1) * spf] for i in range(self.frames_per_block)]
         if self.frames_per_block * spf < pcm.shape[0]:

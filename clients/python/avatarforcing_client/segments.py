@@ -7,7 +7,9 @@ the samples pushed up to a segment's end, counted from the last point where the 
 has played out once the blocks' ``real_samples`` over the same span reach ``C``; blocks the server dropped
 (gaps in ``block_index``) count as full blocks toward a bound that ends a segment at the next block without
 real samples. After an interruption the blocks rendered before it are muted up to the first block without real
-samples (at most ``max_drain_blocks`` of them).
+samples, or up to the first block past the audio sent before the Interrupt went out (its ``source_end_sample``
+says so, see :meth:`SegmentLedger.interrupt_sent`: a reply re-planned straight after the interrupted speech has
+no silent block before it), at most ``max_drain_blocks`` of them.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class SegmentLedger:
         self._playing = False  # a segment's audio is being yielded
         self._draining = False  # after an interruption: muting audio rendered before it
         self._drain_left = 0
+        self._mute_upto: int | None = None  # blocks whose source_end_sample is past this carry newer audio...
+        self._mute_stream = 0  # ...on this stream (a resumed stream never re-sends audio voided by an Interrupt)
         self._last_block = -1
         #: Counters, for logs and tests.
         self.segments_ended = 0
@@ -90,24 +94,39 @@ class SegmentLedger:
         if had_audio and not self._draining:
             self._draining = True
             self._drain_left = self.max_drain_blocks
+        self._mute_upto = None
         self.interrupts += 1
+
+    def interrupt_sent(self, stream_audio_sent: int, stream: int) -> None:
+        """The ``Interrupt`` went out on stream ``stream`` (the session's resume count) after ``stream_audio_sent``
+        samples of it: a block whose ``source_end_sample`` passes that holds audio pushed after the interruption,
+        so muting ends there (with nothing silent between the interrupted speech and a re-planned reply)."""
+        if self._draining:
+            self._mute_upto, self._mute_stream = stream_audio_sent, stream
 
     # -- the server's side ---------------------------------------------------------------------
 
-    def block(self, block_index: int, real_samples: int, real_offset: int, samples: int) -> BlockPlayout:
-        """One ``AudioOut``: its ``block_index``, ``real_samples``, ``real_offset`` and the samples its data holds."""
+    def block(self, block_index: int, real_samples: int, real_offset: int, samples: int,
+              source_end: int | None = None, stream: int = 0) -> BlockPlayout:
+        """One ``AudioOut``: its ``block_index``, ``real_samples``, ``real_offset`` and the samples its data holds;
+        its ``source_end_sample`` and the stream it came on (the session's resume count), where known."""
         gap = block_index - self._last_block - 1 if self._last_block >= 0 else 0
         self._last_block = max(self._last_block, block_index)
         real = max(0, min(real_samples, samples - real_offset))
         self.samples_returned += real
         silent = real == 0  # only silence the server inserted
         ends = 0
+        if self._draining and self._mute_upto is not None and (
+                stream != self._mute_stream or (source_end is not None and source_end > self._mute_upto)):
+            self._draining = False  # audio pushed after the interruption: everything rendered before it has come
+            self._mute_upto = None
         if self._draining:
             # Rendered before the Interrupt reached the server: muted. The blocks that were in the
             # server's window come back with real_samples == 0: the first one ends the old audio.
             self._drain_left -= 1
             if silent or self._drain_left <= 0:
                 self._draining = False
+                self._mute_upto = None
             if not silent:
                 self.muted_blocks += 1
             play = False
