@@ -132,13 +132,16 @@ class AudioInput:
         """When the oldest buffered sample arrived (monotonic), or None with nothing buffered."""
         return self._arrivals[0][1] if self.buffered and self._arrivals else None
 
-    def rewind(self, blocks: Sequence[Block], silent_blocks: int = 0) -> None:
+    def rewind(self, blocks: Sequence[Block], given_back: int = 0, given_back_silence: int | None = None) -> None:
         """A re-plan gives back the timeline of the blocks cut last, never shown: ``blocks`` (oldest first) and
-        ``silent_blocks`` silent ones cut just before them. The next block is cut where the first of them began;
-        their inserted silence no longer counts, and the client audio in ``blocks`` is buffered again (with its
-        arrival), to be cut anew."""
-        self._timeline -= (len(blocks) + silent_blocks) * self.in_block
-        self.silence_inserted -= silent_blocks * self.in_block + sum(self.in_block - b.real_samples for b in blocks)
+        ``given_back`` queued ones cut just before them (silent, or voided by an Interrupt), holding
+        ``given_back_silence`` inserted samples (default: all silent). The next block is cut where the first of
+        them began; their inserted silence no longer counts, and the client audio in ``blocks`` is buffered again
+        (with its arrival), to be cut anew."""
+        if given_back_silence is None:
+            given_back_silence = given_back * self.in_block
+        self._timeline -= (len(blocks) + given_back) * self.in_block
+        self.silence_inserted -= given_back_silence + sum(self.in_block - b.real_samples for b in blocks)
         real = [b for b in blocks if b.real_samples]
         if real:
             back = np.concatenate([b.pcm_in[b.real_offset : b.real_offset + b.real_samples] for b in real])

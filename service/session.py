@@ -53,6 +53,8 @@ class OutItem:
     arrival: float | None = None  # when the newest audio sample of this frame arrived
     end: bool = False
     silent: bool | None = None  # a block's AudioOut (its first item): whether the block carries no client audio
+    inserted: int = 0  # ...the silence inserted into it (samples)
+    voided: bool = False  # ...rendered before an Interrupt and not sent yet: a burst after it may take its place
     onset_from: float | None = None  # the first frame of a re-planned utterance: when its burst arrived
 
 
@@ -81,10 +83,16 @@ class OutputQueue:
         self.frames -= dropped
         return dropped
 
-    def queued_blocks(self) -> list[tuple[int, bool, float | None]]:
-        """(block, silent, due) of each block none of whose items has been taken yet (its AudioOut, the
-        block's first item, is still queued), oldest first."""
-        return [(it.block, bool(it.silent), it.due) for it in self._q if it.silent is not None]
+    def queued_blocks(self) -> list[OutItem]:
+        """The AudioOut item of each block none of whose items has been taken yet (the AudioOut is a block's
+        first item), oldest first."""
+        return [it for it in self._q if it.silent is not None]
+
+    def void_queued(self) -> None:
+        """An Interrupt: the blocks queued so far hold speech the client no longer wants (see OutItem.voided)."""
+        for it in self._q:
+            if it.silent is not None:
+                it.voided = True
 
     def drop_from_block(self, block: int) -> int:
         """Drops every media item of blocks ``block`` and later; returns the frames dropped."""
@@ -178,7 +186,7 @@ class Session:
     shift: int = 0  # engine steps taken ahead of the output timeline by re-plans (the discarded blocks)
     skipped: int = 0  # engine-emitted blocks whose output positions a re-plan gave back (dropped unsent)
     replace_from: int = -1  # a re-plan's first given-back position, until its first block is queued...
-    replace_count: int = 0  # ...and how many (queued, silent, unsent) follow from there: see queue_block
+    replace_silence: list[int] = field(default_factory=list)  # ...the silence inserted into each: queue_block
     sample_shift: int = 0  # audio-timeline samples added back for given-back blocks that went out after all
     warm_until: int = 0  # steps below this fill a re-planned window: unpaced
     blocks_emitted: int = 0  # blocks the engine emitted for this session...
@@ -230,7 +238,9 @@ class Session:
         engine step to clear the slot's audio (the scheduler collects that with :meth:`take_clear_request`)."""
         self.audio.clear()
         self.clear_requested = True
+        self.out.void_queued()
         for b in self.pending:  # blocks in the window finish silent
+            self.audio.silence_inserted += b.real_samples
             b.pcm_in[:] = 0
             b.real_samples = b.real_offset = 0
         self.last_real_block = -1
@@ -340,19 +350,20 @@ class Session:
         if not self.replan_due(now):
             return False
         tl = self.timeline
-        # Not while a block is being encoded: it would be queued behind the ones given back.
-        give_back: list[int] = []
+        # The queued blocks planned on silence, or voided by an Interrupt (speech the client cut off). Not while
+        # a block is being encoded: it would be queued behind the ones given back.
+        give_back: list[OutItem] = []
         if self.blocks_queued == self.blocks_emitted:
-            for block, silent, _due in reversed(self.out.queued_blocks()):
-                if not silent:
+            for it in reversed(self.out.queued_blocks()):
+                if not (it.silent or it.voided):
                     break
-                give_back.insert(0, block)
+                give_back.insert(0, it)
         if give_back:
-            self.replace_from, self.replace_count = give_back[0], len(give_back)
+            self.replace_from, self.replace_silence = give_back[0].block, [it.inserted for it in give_back]
             if self.spec.inter_coded:  # the utterance's first frame may follow any of them: it refers to none
                 self.encoder.force_keyframe()
         d, w = len(give_back), len(self.pending)
-        self.audio.rewind(list(self.pending), d)
+        self.audio.rewind(list(self.pending), d, sum(it.inserted for it in give_back))
         self.pending.clear()
         self.shift += w + d
         self.skipped += d
@@ -451,9 +462,10 @@ class Session:
         given-back position still unsent (its block's AudioOut still queued), and the rest are dropped. Those that
         went out while the window warmed up stay on the timeline: the utterance and all later blocks move on by
         as many positions (and their audio by as many blocks)."""
-        c0, n = self.replace_from, self.replace_count
-        self.replace_from, self.replace_count = -1, 0
-        unsent = [b for b, _, _ in self.out.queued_blocks() if c0 <= b < c0 + n]
+        c0, silence = self.replace_from, self.replace_silence
+        n = len(silence)
+        self.replace_from, self.replace_silence = -1, []
+        unsent = [it.block for it in self.out.queued_blocks() if c0 <= it.block < c0 + n]
         start = unsent[0] if unsent else c0 + n
         self.out.drop_from_block(start)
         late = start - c0
@@ -461,12 +473,12 @@ class Session:
             self.skipped -= late
             self.shift -= late
             self.sample_shift += late * self.audio.in_block
-            self.audio.silence_inserted += late * self.audio.in_block
+            self.audio.silence_inserted += sum(silence[:late])
             self.onset_block += late
 
     def queue_block(self, emitted_block: int, blk: Block, encoded: list[EncodedFrame]) -> None:
         """Queues an emitted block: its audio, its frames and (once a second) Stats, each due in real time."""
-        if self.replace_count:
+        if self.replace_silence:
             self._settle_replan()
         # Resumed sessions continue the client's block numbering; re-plans gave some positions back.
         j = emitted_block + self.block_offset - self.skipped
@@ -476,7 +488,8 @@ class Session:
         fps = self.timeline.fps
         first = j * fpb
         self.out.put(OutItem(messages.audio_out(j, blk, blk.start_sample + a_off), block=j,
-                             due=self.frame_due(first), silent=blk.real_samples == 0))
+                             due=self.frame_due(first), silent=blk.real_samples == 0,
+                             inserted=self.audio.in_block - blk.real_samples))
         arrival = blk.newest_arrival if blk.real_samples else None
         onset = None
         if self.onset_from is not None and j >= self.onset_block:

@@ -291,7 +291,7 @@ async def send_through(s: Session, block: int) -> None:
 async def test_replan_gives_the_silent_future_back_to_the_utterance() -> None:
     s = unit_session()
     emitted = run_idle(s, 8)  # blocks 0..4 emitted and queued (none sent), 5..7 in the window
-    assert [b for b, _, _ in s.out.queued_blocks()] == [0, 1, 2, 3, 4]
+    assert [it.block for it in s.out.queued_blocks()] == [0, 1, 2, 3, 4]
     pcm = speechlike_pcm(1.0, seed=7)
     push(s, pcm, now=s.t_start + 0.5)
     # Ready at once, long before its paced deadline: the burst need not wait for it.
@@ -300,7 +300,7 @@ async def test_replan_gives_the_silent_future_back_to_the_utterance() -> None:
     assert s.take_replan_request() and not s.take_replan_request()
     assert s.onset_block == 0 and s.warming()
     # The given-back blocks stay queued and go out while the window warms up: here blocks 0..2 do.
-    assert [b for b, _, _ in s.out.queued_blocks()] == [0, 1, 2, 3, 4]
+    assert [it.block for it in s.out.queued_blocks()] == [0, 1, 2, 3, 4]
     await send_through(s, 3)
     # The warm-up: L - 1 steps emit nothing, are due at once; the L-th emits the utterance's first block,
     # which takes the earliest position still unsent (3); block 4 is dropped.
@@ -346,6 +346,34 @@ async def test_a_slow_warm_up_leaves_no_gap_and_a_burst_cut_mid_arrival_is_cut_a
     assert audio[0].start_sample == 6 * FPB * SPF
     assert s.audio.silence_inserted == 6 * FPB * SPF  # the silence of blocks 0..5 only
     assert s.deadline() == pytest.approx(s.t_start + (7 + L) * 0.16 + 0.12)
+
+
+async def test_a_burst_after_an_interrupt_takes_the_place_of_the_interrupted_speech_not_yet_sent() -> None:
+    s = unit_session()
+    emitted = run_idle(s, L)  # block 0 queued
+    speech = speechlike_pcm(2.0, seed=9)
+    n = FPB * SPF
+    for k in range(6):  # a live person: a block's worth of speech per step, each stepped as it comes
+        push(s, speech[k * n : (k + 1) * n], now=s.t_start + 0.16 * k)
+        step(s, True, emitted)
+        emitted += 1
+    spoken = [it.block for it in s.out.queued_blocks() if not it.silent]
+    assert spoken == [4, 5, 6]  # blocks 1..3 came out of the first warm-up on silence
+    await send_through(s, 5)  # block 4 was shown: the speech is on screen
+    s.interrupt()
+    reply = speechlike_pcm(1.0, seed=10)
+    push(s, reply, now=s.t_start + 2.0)
+    assert s.maybe_replan(now=s.t_start + 2.0)
+    await send_through(s, 6)  # block 5, rendered before the Interrupt, went out while the window warmed up
+    for _ in range(L - 1):
+        step(s, False, -1)
+    step(s, True, emitted)
+    audio = [it.msg.audio for it in s.out._q if it.msg.HasField("audio")]
+    # The reply takes block 6's place: the interrupted speech's last block never goes out.
+    assert [a.block_index for a in audio] == [6] and audio[0].real_samples == n
+    assert np.array_equal(np.frombuffer(audio[0].data, "<i2"), reply[:n])
+    assert audio[0].start_sample == 6 * n
+    assert s.audio.silence_inserted == 4 * n  # blocks 0..3; 4 and 5 were speech, 6 was given back
 
 
 def test_no_replan_for_real_time_audio_a_speaking_window_or_when_off() -> None:
