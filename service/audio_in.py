@@ -63,6 +63,7 @@ class Block:
     newest_arrival: float | None  # monotonic time the newest real sample of the block arrived
     source_end: int = 0  # client samples consumed (rendered or dropped by an interrupt) through this block
     step: int = -1  # the session's engine step that took it (set by the session)
+    voided: bool = False  # emitted before an Interrupt, not yet queued: speech the client cut off (the session)
 
 
 class AudioInput:

@@ -158,7 +158,8 @@ class Scheduler:
 
     def _pick(self, now: float, horizon: float) -> list[Session]:
         """The sessions of the next step: those due, earliest deadline first, at most ``max_batch``."""
-        ready = [s for s in self.sessions.values() if s.ready(now, horizon)]
+        lead = self.onset_lead_s()
+        ready = [s for s in self.sessions.values() if s.ready(now, horizon, lead)]
         if not ready:
             return ready
         ready.sort(key=Session.deadline)
@@ -174,9 +175,9 @@ class Scheduler:
         return now - self.last_step_at < stall_s
 
     async def _step(self, batch: list[Session]) -> None:
-        now = time.monotonic()
+        now, lead = time.monotonic(), self.onset_lead_s()
         for s in batch:  # before its block is cut: a re-plan puts the audio in hand at the earliest open block
-            if s.maybe_replan(now):
+            if s.maybe_replan(now, lead):
                 self.metrics.onset_replans.inc()
         blocks = [s.start_step() for s in batch]
         # Interrupts of any session (stepped now or not) clear their slot's audio before this step runs.
@@ -234,6 +235,7 @@ class Scheduler:
             dropped = s.make_room(s.fpb)
             if dropped:
                 self.metrics.frames_dropped.inc(dropped)
+            s.before_encode(blk)
             t0 = time.perf_counter()
             try:
                 encoded = await asyncio.get_running_loop().run_in_executor(self._codec_pool, s.encoder.encode, r.frames)

@@ -546,10 +546,12 @@ class App:
         c = self.engine.cfg
         lat = self.timeline.latency_s * 1000 if s.realtime else self.lookahead_ms() + s.timeline.block_s * 1000
         # A burst lands on the first block whose frames are due after the warm-up (L steps and an encode, from
-        # recent step times): at most a block later than that.
+        # recent step times): at most a block later than that. The server re-plans only where an idle session's
+        # queue (about half the processing budget) covers the warm-up but for a block (Session.replan_due).
         onset = lat
-        if s.realtime and self.timeline.onset_replan:
-            onset = min(lat, (s.timeline.block_s + self.scheduler.onset_lead_s()) * 1000)
+        lead = self.scheduler.onset_lead_s()
+        if s.realtime and self.timeline.onset_replan and lead <= s.timeline.budget_s / 2 + s.timeline.block_s:
+            onset = min(lat, (s.timeline.block_s + lead) * 1000)
         return messages.session_started(
             session_id=s.id, fps=c.fps, width=c.width, height=c.height, frames_per_block=self.engine.frames_per_block,
             lookahead_ms=self.lookahead_ms(), latency_ms=lat, video_encoding=s.spec.video_encoding,

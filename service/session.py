@@ -117,6 +117,10 @@ class OutputQueue:
         self.frames -= it.frames
         return it
 
+    def playout_until(self) -> float | None:
+        """When the last queued frame is due (REALTIME), or None with no frame queued."""
+        return next((it.due for it in reversed(self._q) if it.frames), None)
+
     def peek(self) -> OutItem | None:
         """The item :meth:`get` would return next, without taking it."""
         return self._q[0] if self._q else None
@@ -176,6 +180,7 @@ class Session:
     steps: int = 0
     in_flight: bool = False
     pending: collections.deque[Block] = field(default_factory=collections.deque)  # taken, not yet emitted
+    encoding: collections.deque[Block] = field(default_factory=collections.deque)  # emitted, not yet queued
     last_real_block: int = -1
     delivered_block: int = -1
     eoa: bool = False  # EndOfAudio received and not followed by more audio
@@ -185,6 +190,9 @@ class Session:
     replan_requested: bool = False  # a re-plan's engine-side half: the next step replans the slot's window
     shift: int = 0  # engine steps taken ahead of the output timeline by re-plans (the discarded blocks)
     skipped: int = 0  # engine-emitted blocks whose output positions a re-plan gave back (dropped unsent)
+    replan_step: int = -1  # the step that took a re-plan's first block, until that block is queued...
+    skipped_before: int = 0  # ...and ``skipped`` before it: blocks emitted earlier keep their positions
+    keyframe_step: int = -1  # ...and until it is encoded (inter-coded: its first frame is a keyframe)
     replace_from: int = -1  # a re-plan's first given-back position, until its first block is queued...
     replace_silence: list[int] = field(default_factory=list)  # ...the silence inserted into each: queue_block
     sample_shift: int = 0  # audio-timeline samples added back for given-back blocks that went out after all
@@ -239,6 +247,8 @@ class Session:
         self.audio.clear()
         self.clear_requested = True
         self.out.void_queued()
+        for b in self.encoding:
+            b.voided = True
         for b in self.pending:  # blocks in the window finish silent
             self.audio.silence_inserted += b.real_samples
             b.pcm_in[:] = 0
@@ -280,7 +290,7 @@ class Session:
         """Real audio is still in the window (or buffered) and must be rendered out."""
         return self.audio.buffered > 0 or self.steps <= self.last_real_block + self.timeline.window_blocks - 1
 
-    def ready(self, now: float, horizon: float) -> bool:
+    def ready(self, now: float, horizon: float, lead_s: float = 0.0) -> bool:
         if self.ending or self.in_flight or self.released:
             return False
         if not self.realtime:
@@ -291,7 +301,7 @@ class Session:
             # Flushing: a partial block (an utterance shorter than a block included), then the window.
             return self._flushing() and (self.audio.buffered > 0 or
                                          (self._drain_needed() and self.last_real_block >= 0))
-        if self.warming() or self.replan_due(now):
+        if self.warming() or self.replan_due(now, lead_s):
             return True
         d = self.deadline()
         if now >= d - horizon:
@@ -331,15 +341,24 @@ class Session:
         recent = now - self.timeline.block_s
         return all((p[i].newest_arrival or 0.0) >= recent for i in real)
 
-    def replan_due(self, now: float) -> bool:
+    def replan_due(self, now: float, lead_s: float) -> bool:
         """This REALTIME session's window holds only silence and the audio in hand runs ahead of its timeline:
-        the next step re-plans (:meth:`maybe_replan`), so the session need not wait for its paced deadline."""
+        the next step re-plans (:meth:`maybe_replan`), so the session need not wait for its paced deadline.
+
+        ``lead_s``: how long the warm-up takes (L steps and an encode, from recent step times). The frames queued
+        must cover it, less one block: the idle frames may come up to a block late (a short hitch before the
+        avatar speaks), never more. A session whose output is not far enough ahead of the wall clock (a loaded
+        server, whose queue runs dry) would show nothing for the whole warm-up, and would gain nothing either, as
+        the window's blocks planned on silence come out in as many steps as the warm-up takes."""
         tl = self.timeline
         if not (tl.onset_replan and self.realtime) or self.ending or self.in_flight or self.warming():
             return False
-        return self._window_silent(now) and self.audio_ahead(sum(b.real_samples for b in self.pending))
+        if not (self._window_silent(now) and self.audio_ahead(sum(b.real_samples for b in self.pending))):
+            return False
+        until = self.out.playout_until()
+        return until is not None and until + 1 / tl.fps + tl.block_s >= now + lead_s
 
-    def maybe_replan(self, now: float) -> bool:
+    def maybe_replan(self, now: float, lead_s: float) -> bool:
         """Re-plans (module doc) when :meth:`replan_due`; True when it did (the scheduler then replans the slot,
         see :meth:`take_replan_request`).
 
@@ -347,27 +366,31 @@ class Session:
         and keep going out while the window warms up: when the utterance's first block is queued
         (:meth:`queue_block`) it takes the earliest of those positions still unsent, and only then are the
         rest dropped. So the output never waits for the warm-up, however long it takes on a loaded server."""
-        if not self.replan_due(now):
+        if not self.replan_due(now, lead_s):
             return False
         tl = self.timeline
-        # The queued blocks planned on silence, or voided by an Interrupt (speech the client cut off). Not while
-        # a block is being encoded: it would be queued behind the ones given back.
-        give_back: list[OutItem] = []
-        if self.blocks_queued == self.blocks_emitted:
+        # The blocks emitted and not sent yet, planned on silence or voided by an Interrupt (speech the client cut
+        # off): those queued whose items are all unsent, and those being encoded (queued next), newest first.
+        n = self.audio.in_block
+        give_back: list[int] = []  # the silence inserted into each, oldest first
+        if all(b.real_samples == 0 or b.voided for b in self.encoding):
+            give_back = [n - b.real_samples for b in self.encoding]
             for it in reversed(self.out.queued_blocks()):
                 if not (it.silent or it.voided):
                     break
-                give_back.insert(0, it)
+                give_back.insert(0, it.inserted)
+        next_pos = self.blocks_emitted - self.skipped + self.block_offset
+        if self.replan_step < 0:  # (a re-plan whose first block is not queued yet holds the older count)
+            self.skipped_before = self.skipped
         if give_back:
-            self.replace_from, self.replace_silence = give_back[0].block, [it.inserted for it in give_back]
-            if self.spec.inter_coded:  # the utterance's first frame may follow any of them: it refers to none
-                self.encoder.force_keyframe()
+            self.replace_from, self.replace_silence = next_pos - len(give_back), give_back
         d, w = len(give_back), len(self.pending)
-        self.audio.rewind(list(self.pending), d, sum(it.inserted for it in give_back))
+        self.audio.rewind(list(self.pending), d, sum(give_back))
         self.pending.clear()
         self.shift += w + d
         self.skipped += d
         self.warm_until = self.steps + tl.window_blocks
+        self.replan_step = self.keyframe_step = self.steps
         self.replan_requested = True
         self.onsets += 1
         self.onset_from = self.audio.oldest_arrival() or now
@@ -409,7 +432,9 @@ class Session:
         if not emitted:
             return None
         self.blocks_emitted += 1
-        return self.pending.popleft()
+        blk = self.pending.popleft()
+        self.encoding.append(blk)
+        return blk
 
     def step_failed(self, failure: SessionFailure) -> None:
         self.in_flight = False
@@ -442,6 +467,14 @@ class Session:
             return None
         index -= self.block_offset * self.fpb
         return self.t_start + self.timeline.latency_s + index / self.timeline.fps
+
+    def before_encode(self, blk: Block) -> None:
+        """An emitted block is about to be encoded: a re-plan's first block starts with a keyframe (inter-coded),
+        as the blocks before it may be given back unsent."""
+        if self.keyframe_step >= 0 and blk.step >= self.keyframe_step:
+            self.keyframe_step = -1
+            if self.spec.inter_coded:
+                self.encoder.force_keyframe()
 
     def make_room(self, incoming: int) -> int:
         """Applies the slow-client policy before a block is queued; returns frames dropped."""
@@ -478,10 +511,19 @@ class Session:
 
     def queue_block(self, emitted_block: int, blk: Block, encoded: list[EncodedFrame]) -> None:
         """Queues an emitted block: its audio, its frames and (once a second) Stats, each due in real time."""
-        if self.replace_silence:
-            self._settle_replan()
+        if self.encoding and self.encoding[0] is blk:
+            self.encoding.popleft()
+        skipped = self.skipped
+        if self.replan_step >= 0:
+            if blk.step < self.replan_step:  # emitted before the re-plan: its position was set then
+                skipped = self.skipped_before
+            else:
+                self.replan_step = -1
+                if self.replace_silence:
+                    self._settle_replan()
+                skipped = self.skipped
         # Resumed sessions continue the client's block numbering; re-plans gave some positions back.
-        j = emitted_block + self.block_offset - self.skipped
+        j = emitted_block + self.block_offset - skipped
         fpb = self.fpb
         a_off = self.block_offset * self.audio.in_block + self.sample_shift
         spf = self.audio.in_block // fpb

@@ -109,6 +109,7 @@ class Tracked:
     announced_onset_ms: float | None = None  # SessionStarted.onset_latency_ms, where the wire has it
     announced_latency_ms: float = 0.0
     errors: list[str] = field(default_factory=list)  # bursts not rendered in time (the session stopped there)
+    resumes: int = 0  # the SDK resumed the session (its stream stalled or broke): positions stay session-wide
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def onsets(self) -> list[Onset | None]:
@@ -128,8 +129,11 @@ async def _read(s: Any, tr: Tracked) -> None:
         if isinstance(ev, pb.VideoFrame):
             tr.frames.append(FrameSeen(now, ev.block_index, ev.index, ev.audio_start_sample, ev.audio_end_sample))
         elif isinstance(ev, pb.AudioOut):
+            # source_end_sample counts from the current stream's start: made session-wide, so a burst's position
+            # (samples sent before it, over the session) still finds it after a resume.
             tr.audio.append(AudioSeen(now, ev.block_index, ev.start_sample, ev.real_samples, ev.real_offset,
-                                      ev.source_end_sample))
+                                      getattr(s, "stream_start_sample", 0) + ev.source_end_sample))
+            tr.resumes = int(getattr(s, "resumes", 0))
         elif isinstance(ev, pb.Stats) and _has_field(ev, "onset_latency_ms"):
             v = float(ev.onset_latency_ms)
             if v > 0 and (not tr.stats_onset_ms or tr.stats_onset_ms[-1] != v):
@@ -212,6 +216,9 @@ class OnsetRun:
     idle_s: float = 3.0
     utterance_s: float = 3.5
     speak_s: float = 1.0  # how long the avatar speaks before the Interrupt
+    # Added to each idle and speaking time, uniform: a burst lands anywhere in the output's block (its first frame
+    # can only start a block), not always at the same point of it.
+    jitter_s: float = 0.5
     sessions: int = 8
     session_bursts: int = 3
     session_idle_s: tuple[float, float] = (1.0, 4.0)  # each session's idle before a burst, uniform
@@ -253,6 +260,7 @@ async def _session_interrupt(target: str, image: bytes, pcm: np.ndarray, rate: i
     The first burst (after idle) is not counted: ``tr.bursts[1:]`` are the bursts after an interrupt."""
     from avatarforcing_client import AvatarForcingClient, pb
 
+    rng = np.random.default_rng(run.seed + 1)
     async with AvatarForcingClient(target) as c, _opened(c.session(image=image, sample_rate=rate, seed=7,
                                                                    video_encoding=pb.VIDEO_ENCODING_H264,
                                                                    pacing=pb.PACING_REALTIME)) as s:
@@ -271,7 +279,7 @@ async def _session_interrupt(target: str, image: bytes, pcm: np.ndarray, rate: i
                                      f"({_where(tr)})")
                     print(f"  onset: {tr.errors[-1]}", file=sys.stderr, flush=True)
                     break
-                await asyncio.sleep(run.speak_s)
+                await asyncio.sleep(run.speak_s + float(rng.uniform(0, run.jitter_s)))
                 await s.interrupt()
                 b = await _burst(s, tr, pcm, rate)
             else:  # the last burst: wait for its onset too
@@ -291,9 +299,9 @@ def _stats(xs: Sequence[float]) -> dict[str, Any]:
             "min_ms": float(a.min()), "max_ms": float(a.max()), "mean_ms": float(a.mean())}
 
 
-def _summarize(onsets: Sequence[Onset | None], errors: Sequence[str] = ()) -> dict[str, Any]:
+def _summarize(onsets: Sequence[Onset | None], errors: Sequence[str] = (), resumes: int = 0) -> dict[str, Any]:
     found = [o for o in onsets if o is not None]
-    return {"bursts": len(onsets), "missed": len(onsets) - len(found),
+    return {"bursts": len(onsets), "missed": len(onsets) - len(found), "resumes": resumes,
             "frame": _stats([o.frame_s for o in found]), "audio": _stats([o.audio_s for o in found]),
             "frame_s": [o.frame_s for o in found], "errors": list(errors)}
 
@@ -318,23 +326,26 @@ async def measure(target: str, run: OnsetRun) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     tr = Tracked()
-    await _guarded(tr, _session_idle(target, image, pcm, rate, run, [run.idle_s] * run.reps, 1, tr))
-    out["idle"] = _summarize(tr.onsets(), tr.errors)
+    rng = np.random.default_rng(run.seed)
+    idle = (run.idle_s + rng.uniform(0, run.jitter_s, run.reps)).tolist()
+    await _guarded(tr, _session_idle(target, image, pcm, rate, run, idle, 1, tr))
+    out["idle"] = _summarize(tr.onsets(), tr.errors, tr.resumes)
     announced = {"latency_ms": tr.announced_latency_ms, "onset_latency_ms": tr.announced_onset_ms}
     stats_onset = list(tr.stats_onset_ms)
 
     tr = Tracked()
     await _guarded(tr, _session_interrupt(target, image, pcm, rate, run, tr))
-    out["interrupt"] = _summarize(tr.onsets()[1:], tr.errors)
+    out["interrupt"] = _summarize(tr.onsets()[1:], tr.errors, tr.resumes)
     stats_onset += tr.stats_onset_ms
 
-    rng = np.random.default_rng(run.seed)
+    rng = np.random.default_rng(run.seed + 2)
     lo, hi = run.session_idle_s
     trs = [Tracked() for _ in range(run.sessions)]
     await asyncio.gather(*(_guarded(t, _session_idle(target, image, pcm, rate, run,
                                                      rng.uniform(lo, hi, run.session_bursts).tolist(), 100 + i, t))
                            for i, t in enumerate(trs)))
-    out["sessions"] = _summarize([o for t in trs for o in t.onsets()], [e for t in trs for e in t.errors])
+    out["sessions"] = _summarize([o for t in trs for o in t.onsets()], [e for t in trs for e in t.errors],
+                                 sum(t.resumes for t in trs))
     out["sessions"]["n_sessions"] = run.sessions
     for t in trs:
         stats_onset += t.stats_onset_ms
@@ -461,10 +472,10 @@ def bench_onset(quick: bool, sessions: int, threads: int | None, run: OnsetRun |
         for kind, label in (("idle", "burst after idle"), ("interrupt", "burst after interrupt"),
                             ("sessions", f"{run.sessions} sessions, random bursts")):
             r = v[kind]
-            rows.append([name, label, r["bursts"], r["missed"], r["frame"]["p50_ms"], r["frame"]["p99_ms"],
-                         r["audio"]["p50_ms"], r["frame"]["max_ms"]])
+            rows.append([name, label, r["bursts"], r["missed"], r.get("resumes", 0), r["frame"]["p50_ms"],
+                         r["frame"]["p99_ms"], r["audio"]["p50_ms"], r["frame"]["max_ms"]])
     print_table("Speech onset: burst sent -> first frame carrying it (REALTIME, H.264, measured from outside)",
-                ["server", "run", "bursts", "missed", "frame p50 ms", "frame p99 ms", "AudioOut p50 ms",
+                ["server", "run", "bursts", "missed", "resumes", "frame p50 ms", "frame p99 ms", "AudioOut p50 ms",
                  "frame max ms"], rows)
     pub = published_onset(results_dir)
     res["published_computed"] = pub

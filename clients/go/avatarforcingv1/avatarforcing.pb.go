@@ -810,7 +810,8 @@ type SessionStarted struct {
 	// utterance closed by EndOfAudio) to its first frame being sent: the server re-plans the frames
 	// not yet shown, so speech starts within about a block plus the warm-up compute, instead of
 	// latency_ms. Audio streamed in real time keeps latency_ms. Equal to latency_ms where the server
-	// does not re-plan (PACING_ASAP, or re-planning turned off).
+	// does not re-plan (PACING_ASAP, re-planning turned off, or a warm-up too slow to hide: the server
+	// re-plans only where the frames it has queued cover the warm-up but for a block).
 	OnsetLatencyMs float64 `protobuf:"fixed64,16,opt,name=onset_latency_ms,json=onsetLatencyMs,proto3" json:"onset_latency_ms,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache

@@ -649,6 +649,13 @@ class Session:
         return self._state.stream_audio_sent
 
     @property
+    def stream_start_sample(self) -> int:
+        """Where the current stream's audio starts in the session's audio (samples from the first sent; 0
+        until a resume): ``stream_start_sample + AudioOut.source_end_sample`` is a position that holds across
+        resumes, comparable with the samples sent over the whole session."""
+        return self._state.stream_base
+
+    @property
     def end(self) -> pb.End | None:
         """The ``End`` message once received, else ``None``."""
         return self._end
