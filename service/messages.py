@@ -57,6 +57,11 @@ def stats(*, frames_sent: int, frames_dropped: int, audio_samples_received: int,
         onsets=onsets))
 
 
+def stats_slot() -> pb.StreamResponse:
+    """Where a Stats goes in a session's output queue: it is built when it goes out (``Session.message``)."""
+    return pb.StreamResponse()
+
+
 def end(reason: int, message: str = "") -> pb.StreamResponse:
     return pb.StreamResponse(end=pb.End(reason=reason, message=message))  # type: ignore[arg-type]
 

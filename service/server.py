@@ -195,7 +195,7 @@ class AvatarForcingServicer(pb_grpc.AvatarForcingServicer):
                     raise session.failure
                 if item.frames:  # when this replica decided to send it (the send may end after a freeze)
                     session.stamp_send(time.time())
-                yield item.msg
+                yield session.message(item)
                 if item.frames:
                     app.on_frame_sent(session, item)
         except SessionFailure as e:

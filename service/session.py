@@ -56,6 +56,7 @@ class OutItem:
     inserted: int = 0  # ...the silence inserted into it (samples)
     voided: bool = False  # ...rendered before an Interrupt and not sent yet: a burst after it may take its place
     onset_from: float | None = None  # the first frame of a re-planned utterance: when its burst arrived
+    stats: bool = False  # a Stats: built when it goes out (Session.message), so its counts are of that moment
 
 
 class OutputQueue:
@@ -116,10 +117,6 @@ class OutputQueue:
         it = self._q.popleft()
         self.frames -= it.frames
         return it
-
-    def playout_until(self) -> float | None:
-        """When the last queued frame is due (REALTIME), or None with no frame queued."""
-        return next((it.due for it in reversed(self._q) if it.frames), None)
 
     def peek(self) -> OutItem | None:
         """The item :meth:`get` would return next, without taking it."""
@@ -200,7 +197,8 @@ class Session:
     blocks_emitted: int = 0  # blocks the engine emitted for this session...
     blocks_queued: int = 0  # ...and those of them queued (the rest are being encoded)
     onset_from: float | None = None  # a re-plan waiting for its first frame: when its burst arrived...
-    onset_block: int = -1  # ...and that frame's block (output numbering)
+    onset_block: int = -1  # ...that frame's block (output numbering; settled when it is queued)...
+    onset_step: int = -1  # ...and the step that took it
     onsets: int = 0
     onset_latency_s: float = 0.0  # the last measured: burst arrival to its first frame sent
     ending: bool = False  # End queued or failure set: no more steps
@@ -328,35 +326,46 @@ class Session:
         held = self.audio.buffered + taken
         return held >= self.timeline.window_blocks * self.audio.in_block or (self.eoa and held > 0)
 
-    def _window_silent(self, now: float) -> bool:
+    def _window_silent(self) -> bool:
         """The window was planned on silence: past the first warm-up (or a re-plan's), its oldest block silent,
-        and any block with client audio after it cut from audio that arrived within the last block: a burst that
-        was still arriving when a step came due (its audio is cut again on a re-plan)."""
+        and any block with client audio after it cut from the same burst as the audio still buffered (it arrived
+        less than half a block before that audio: at least twice as fast as real time), which was still arriving
+        when a step came due (its audio is cut again on a re-plan)."""
         p = self.pending
         if len(p) < self.timeline.window_blocks - 1 or not p or p[0].real_samples:
             return False
         real = [i for i, b in enumerate(p) if b.real_samples]
         if real and real != list(range(real[0], len(p))):
             return False
-        recent = now - self.timeline.block_s
-        return all((p[i].newest_arrival or 0.0) >= recent for i in real)
+        if not real:
+            return True
+        buffered_from = self.audio.oldest_arrival()
+        if buffered_from is None:
+            return False
+        return all(buffered_from - (p[i].newest_arrival or 0.0) < self.timeline.block_s / 2 for i in real)
 
     def replan_due(self, now: float, lead_s: float) -> bool:
         """This REALTIME session's window holds only silence and the audio in hand runs ahead of its timeline:
         the next step re-plans (:meth:`maybe_replan`), so the session need not wait for its paced deadline.
 
-        ``lead_s``: how long the warm-up takes (L steps and an encode, from recent step times). The frames queued
-        must cover it, less one block: the idle frames may come up to a block late (a short hitch before the
-        avatar speaks), never more. A session whose output is not far enough ahead of the wall clock (a loaded
-        server, whose queue runs dry) would show nothing for the whole warm-up, and would gain nothing either, as
+        ``lead_s``: how long the warm-up takes (L steps and an encode, from recent step times). The frames emitted
+        (queued or being encoded) must cover it, less one block: the idle frames may come up to a block late (a
+        short hitch before the avatar speaks), never more. A session whose output is not far enough ahead of the
+        wall clock (a loaded server) would show nothing for the whole warm-up, and would gain nothing either, as
         the window's blocks planned on silence come out in as many steps as the warm-up takes."""
         tl = self.timeline
         if not (tl.onset_replan and self.realtime) or self.ending or self.in_flight or self.warming():
             return False
-        if not (self._window_silent(now) and self.audio_ahead(sum(b.real_samples for b in self.pending))):
+        if not (self._window_silent() and self.audio_ahead(sum(b.real_samples for b in self.pending))):
             return False
-        until = self.out.playout_until()
+        until = self.planned_until()
         return until is not None and until + 1 / tl.fps + tl.block_s >= now + lead_s
+
+    def planned_until(self) -> float | None:
+        """When the last frame emitted so far (queued, or being encoded) is due (REALTIME), or None before any."""
+        if not self.blocks_emitted:
+            return None
+        return self.frame_due((self.blocks_emitted - self.skipped + self.block_offset) * self.fpb - 1)
 
     def maybe_replan(self, now: float, lead_s: float) -> bool:
         """Re-plans (module doc) when :meth:`replan_due`; True when it did (the scheduler then replans the slot,
@@ -396,6 +405,7 @@ class Session:
         self.onset_from = self.audio.oldest_arrival() or now
         # The first block of the utterance: the last emitted (or being emitted) block kept, plus one.
         self.onset_block = self.blocks_emitted - self.skipped + self.block_offset
+        self.onset_step = self.steps
         return True
 
     def take_replan_request(self) -> bool:
@@ -534,7 +544,7 @@ class Session:
                              inserted=self.audio.in_block - blk.real_samples))
         arrival = blk.newest_arrival if blk.real_samples else None
         onset = None
-        if self.onset_from is not None and j >= self.onset_block:
+        if self.onset_from is not None and blk.step >= self.onset_step:  # not a block emitted before the re-plan
             onset, self.onset_from = self.onset_from, None
         for i, ef in enumerate(encoded):
             n = first + i
@@ -542,7 +552,7 @@ class Session:
             self.out.put(OutItem(msg, frames=1, block=j, due=self.frame_due(n), arrival=arrival,
                                  onset_from=onset if i == 0 else None))
         if (j + 1) * fpb // int(fps) != j * fpb // int(fps):
-            self.out.put(OutItem(self.stats(), block=j, due=self.frame_due(first + fpb - 1)))
+            self.out.put(OutItem(messages.stats_slot(), block=j, due=self.frame_due(first + fpb - 1), stats=True))
         self.delivered_block = blk.step  # the step that took it: compared with last_real_block
         self.blocks_queued += 1
         self.maybe_finish()
@@ -563,6 +573,10 @@ class Session:
         self.last_frame_at = now
         self.frames_sent += 1
         return first, gap
+
+    def message(self, item: OutItem) -> pb.StreamResponse:
+        """What goes out for a queued item: its message (a Stats is built now)."""
+        return self.stats() if item.stats else item.msg
 
     def stats(self) -> pb.StreamResponse:
         sim = float(np.mean(self.recent_sim)) if self.recent_sim else 0.0
