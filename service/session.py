@@ -371,10 +371,11 @@ class Session:
         """Re-plans (module doc) when :meth:`replan_due`; True when it did (the scheduler then replans the slot,
         see :meth:`take_replan_request`).
 
-        The queued silent blocks none of whose items went out are given back to the utterance, but stay queued
-        and keep going out while the window warms up: when the utterance's first block is queued
-        (:meth:`queue_block`) it takes the earliest of those positions still unsent, and only then are the
-        rest dropped. So the output never waits for the warm-up, however long it takes on a loaded server."""
+        The blocks emitted and not sent yet (queued with none of their items out, or being encoded), silent or
+        voided by an Interrupt, are given back to the utterance, but stay queued and keep going out while the
+        window warms up: when the utterance's first block is queued (:meth:`queue_block`) it takes the earliest
+        of those positions still unsent, and only then are the rest dropped. So the output waits for the warm-up
+        at most about a block (:meth:`replan_due`), whatever the estimate of its duration said."""
         if not self.replan_due(now, lead_s):
             return False
         tl = self.timeline
