@@ -39,8 +39,8 @@ def test_a_pass_depends_only_on_relative_positions() -> None:
 
 
 def test_reference_positions_tables() -> None:
-    eng = make_engine(StreamConfig(positions="reference"), max_sessions=2)
-    B, H, L = eng.B, eng.H, eng.L
+    eng = make_engine(StreamConfig(positions="reference"), max_sessions=4)
+    B, H = eng.B, eng.H
 
     def anchor_pos(t: RopeTable, row: int) -> int:
         cos, sin = t.cos[row, : eng.P], t.sin[row, : eng.P]
@@ -50,8 +50,10 @@ def test_reference_positions_tables() -> None:
                 return pos
         raise AssertionError("no position matches")
 
-    steps = [0, L - 1, L, L + 5]  # warm-up, first emission, then steady
-    window, clean = eng._reference_ropes(steps, rows=[1, 2, 3])
+    # Blocks emitted before this step by slots 0..3: in the warm-up, at the first emission, the next, steady. The
+    # tables follow what each slot emitted, not its step count (a re-plan takes steps that emit nothing).
+    eng._emitted[:4] = [0, 0, 1, 6]
+    window, clean = eng._reference_ropes([0, 1, 2, 3], rows=[1, 2, 3])
     assert [anchor_pos(window, i) for i in range(4)] == [H, H, H - min(H, B), 0]
     assert [anchor_pos(clean, i) for i in range(3)] == [H, H - B, H - 6 * B]
     assert torch.equal(window.cos[3], eng.rope_prefix.cos)  # steady window pass: the same as relative

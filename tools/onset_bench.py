@@ -226,9 +226,9 @@ class OnsetRun:
     seed: int = 0
 
 
-async def _session_idle(target: str, image: bytes, pcm: np.ndarray, rate: int, run: OnsetRun,
-                        idle: Sequence[float], seed: int, tr: Tracked) -> None:
-    """One session: for each entry of ``idle``, idle that long after the previous utterance, then burst."""
+@contextlib.asynccontextmanager
+async def _tracked(target: str, image: bytes, rate: int, seed: int, run: OnsetRun, tr: Tracked) -> AsyncIterator[Any]:
+    """A started REALTIME H.264 session whose events ``tr`` logs, once its first frame came; closed afterwards."""
     from avatarforcing_client import AvatarForcingClient, pb
 
     async with AvatarForcingClient(target) as c, _opened(c.session(image=image, sample_rate=rate, seed=seed,
@@ -239,18 +239,25 @@ async def _session_idle(target: str, image: bytes, pcm: np.ndarray, rate: int, r
         try:
             if not await _until(tr, lambda: bool(tr.frames), run.timeout_s):
                 raise TimeoutError("no frame from the server")
-            for wait in idle:
-                await asyncio.sleep(wait)
-                await _burst(s, tr, pcm, rate)
-                if not await _until(tr, lambda: _done(tr), run.timeout_s + run.utterance_s):
-                    # A measurement reports what it saw: this burst counts as missed (if it never showed),
-                    # and the session stops here.
-                    tr.errors.append(f"session {seed}: burst {len(tr.bursts)} was not rendered within "
-                                     f"{run.timeout_s + run.utterance_s:g} s ({_where(tr)})")
-                    print(f"  onset: {tr.errors[-1]}", file=sys.stderr, flush=True)
-                    break
+            yield s
         finally:
             _stop_reader(reader, tr)
+
+
+async def _session_idle(target: str, image: bytes, pcm: np.ndarray, rate: int, run: OnsetRun,
+                        idle: Sequence[float], seed: int, tr: Tracked) -> None:
+    """One session: for each entry of ``idle``, idle that long after the previous utterance, then burst."""
+    async with _tracked(target, image, rate, seed, run, tr) as s:
+        for wait in idle:
+            await asyncio.sleep(wait)
+            await _burst(s, tr, pcm, rate)
+            if not await _until(tr, lambda: _done(tr), run.timeout_s + run.utterance_s):
+                # A measurement reports what it saw: this burst counts as missed (if it never showed), and the
+                # session stops here.
+                tr.errors.append(f"session {seed}: burst {len(tr.bursts)} was not rendered within "
+                                 f"{run.timeout_s + run.utterance_s:g} s ({_where(tr)})")
+                print(f"  onset: {tr.errors[-1]}", file=sys.stderr, flush=True)
+                break
 
 
 async def _session_interrupt(target: str, image: bytes, pcm: np.ndarray, rate: int, run: OnsetRun,
@@ -258,36 +265,25 @@ async def _session_interrupt(target: str, image: bytes, pcm: np.ndarray, rate: i
     """One session: a burst; then ``reps`` times: speak a while, Interrupt, a new burst at once.
 
     The first burst (after idle) is not counted: ``tr.bursts[1:]`` are the bursts after an interrupt."""
-    from avatarforcing_client import AvatarForcingClient, pb
-
     rng = np.random.default_rng(run.seed + 1)
-    async with AvatarForcingClient(target) as c, _opened(c.session(image=image, sample_rate=rate, seed=7,
-                                                                   video_encoding=pb.VIDEO_ENCODING_H264,
-                                                                   pacing=pb.PACING_REALTIME)) as s:
-        _started_info(s, tr)
-        reader = asyncio.create_task(_read(s, tr))
-        try:
-            if not await _until(tr, lambda: bool(tr.frames), run.timeout_s):
-                raise TimeoutError("no frame from the server")
-            await asyncio.sleep(min(run.idle_s, 1.0))
+    async with _tracked(target, image, rate, 7, run, tr) as s:
+        await asyncio.sleep(min(run.idle_s, 1.0))
+        b = await _burst(s, tr, pcm, rate)
+        for _ in range(run.reps):
+            cur = b
+            if not await _until(tr, lambda: find_onset(tr.audio, tr.frames, cur) is not None,  # noqa: B023
+                                run.timeout_s):
+                tr.errors.append(f"burst {len(tr.bursts)} did not start within {run.timeout_s:g} s "
+                                 f"({_where(tr)})")
+                print(f"  onset: {tr.errors[-1]}", file=sys.stderr, flush=True)
+                break
+            await asyncio.sleep(run.speak_s + float(rng.uniform(0, run.jitter_s)))
+            await s.interrupt()
             b = await _burst(s, tr, pcm, rate)
-            for _ in range(run.reps):
-                cur = b
-                if not await _until(tr, lambda: find_onset(tr.audio, tr.frames, cur) is not None,  # noqa: B023
-                                    run.timeout_s):
-                    tr.errors.append(f"burst {len(tr.bursts)} did not start within {run.timeout_s:g} s "
-                                     f"({_where(tr)})")
-                    print(f"  onset: {tr.errors[-1]}", file=sys.stderr, flush=True)
-                    break
-                await asyncio.sleep(run.speak_s + float(rng.uniform(0, run.jitter_s)))
-                await s.interrupt()
-                b = await _burst(s, tr, pcm, rate)
-            else:  # the last burst: wait for its onset too
-                await _until(tr, lambda: find_onset(tr.audio, tr.frames, b) is not None,  # noqa: B023
-                             run.timeout_s)
-            await s.interrupt()  # no need to watch the rest of the last utterance
-        finally:
-            _stop_reader(reader, tr)
+        else:  # the last burst: wait for its onset too
+            await _until(tr, lambda: find_onset(tr.audio, tr.frames, b) is not None,  # noqa: B023
+                         run.timeout_s)
+        await s.interrupt()  # no need to watch the rest of the last utterance
 
 
 def _stats(xs: Sequence[float]) -> dict[str, Any]:
