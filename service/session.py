@@ -196,9 +196,7 @@ class Session:
     warm_until: int = 0  # steps below this fill a re-planned window: unpaced
     blocks_emitted: int = 0  # blocks the engine emitted for this session...
     blocks_queued: int = 0  # ...and those of them queued (the rest are being encoded)
-    onset_from: float | None = None  # a re-plan waiting for its first frame: when its burst arrived...
-    onset_block: int = -1  # ...that frame's block (output numbering; settled when it is queued)...
-    onset_step: int = -1  # ...and the step that took it
+    onset_from: float | None = None  # a re-plan waiting for its first frame: when its burst arrived
     onsets: int = 0
     onset_latency_s: float = 0.0  # the last measured: burst arrival to its first frame sent
     ending: bool = False  # End queued or failure set: no more steps
@@ -404,9 +402,6 @@ class Session:
         self.replan_requested = True
         self.onsets += 1
         self.onset_from = self.audio.oldest_arrival() or now
-        # The first block of the utterance: the last emitted (or being emitted) block kept, plus one.
-        self.onset_block = self.blocks_emitted - self.skipped + self.block_offset
-        self.onset_step = self.steps
         return True
 
     def take_replan_request(self) -> bool:
@@ -518,18 +513,17 @@ class Session:
             self.shift -= late
             self.sample_shift += late * self.audio.in_block
             self.audio.silence_inserted += sum(silence[:late])
-            self.onset_block += late
 
     def queue_block(self, emitted_block: int, blk: Block, encoded: list[EncodedFrame]) -> None:
         """Queues an emitted block: its audio, its frames and (once a second) Stats, each due in real time."""
         if self.encoding and self.encoding[0] is blk:
             self.encoding.popleft()
-        skipped = self.skipped
+        skipped, replan_first = self.skipped, False
         if self.replan_step >= 0:
             if blk.step < self.replan_step:  # emitted before the re-plan: its position was set then
                 skipped = self.skipped_before
-            else:
-                self.replan_step = -1
+            else:  # the re-plan's first block
+                self.replan_step, replan_first = -1, True
                 if self.replace_silence:
                     self._settle_replan()
                 skipped = self.skipped
@@ -545,7 +539,7 @@ class Session:
                              inserted=self.audio.in_block - blk.real_samples))
         arrival = blk.newest_arrival if blk.real_samples else None
         onset = None
-        if self.onset_from is not None and blk.step >= self.onset_step:  # not a block emitted before the re-plan
+        if replan_first and self.onset_from is not None:
             onset, self.onset_from = self.onset_from, None
         for i, ef in enumerate(encoded):
             n = first + i
