@@ -194,8 +194,7 @@ class Session:
     replace_silence: list[int] = field(default_factory=list)  # ...the silence inserted into each: queue_block
     sample_shift: int = 0  # audio-timeline samples added back for given-back blocks that went out after all
     warm_until: int = 0  # steps below this fill a re-planned window: unpaced
-    blocks_emitted: int = 0  # blocks the engine emitted for this session...
-    blocks_queued: int = 0  # ...and those of them queued (the rest are being encoded)
+    blocks_emitted: int = 0  # blocks the engine emitted for this session (those not queued yet: ``encoding``)
     onset_from: float | None = None  # a re-plan waiting for its first frame: when its burst arrived
     onsets: int = 0
     onset_latency_s: float = 0.0  # the last measured: burst arrival to its first frame sent
@@ -549,7 +548,6 @@ class Session:
         if (j + 1) * fpb // int(fps) != j * fpb // int(fps):
             self.out.put(OutItem(messages.stats_slot(), block=j, due=self.frame_due(first + fpb - 1), stats=True))
         self.delivered_block = blk.step  # the step that took it: compared with last_real_block
-        self.blocks_queued += 1
         self.maybe_finish()
 
     def stamp_send(self, wall: float) -> None:
