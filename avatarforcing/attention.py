@@ -6,6 +6,12 @@ Inside ``prefer("cudnn")`` (the engine enters it around every pass), ``attend`` 
 with the preferred kernel alone; a call whose inputs that kernel refuses runs with PyTorch's own
 choice instead, and the decision is remembered per input signature (shapes, strides, dtype,
 mask), so it is made once, before any CUDA graph capture, and never inside one.
+
+``prefer("fastest")`` times every fused kernel that accepts a signature's inputs the first time it is seen
+(a few runs each, on the device, outside any graph capture) and keeps the fastest for that signature: the
+window pass and the clean-history pass have different shapes and need not share a kernel. Which flash
+kernel "flash" is can be switched process-wide to FlashAttention-3/4 where that package is installed
+(``use_flash_impl``).
 """
 
 from __future__ import annotations
@@ -14,20 +20,101 @@ import contextlib
 import logging
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+BACKENDS = ("auto", "fastest", "flash", "cudnn", "efficient", "math")
+# The kernels "fastest" chooses among (math is never the fastest on a GPU and holds the whole score matrix).
+CANDIDATES = ("cudnn", "flash", "efficient")
 
 _local = threading.local()  # .preferred: this thread's preferred kernel (engines may run on several threads)
 # (preferred kernel, input signature) -> True when that kernel runs these inputs.
 _runs: dict[tuple[object, ...], bool] = {}
 # Why a preferred kernel refused some inputs (signature -> reason), for reports.
 refusals: dict[str, str] = {}
+# "fastest": input signature -> the kernel chosen for it (None: PyTorch's choice), and the timings behind it.
+_fastest: dict[tuple[object, ...], str | None] = {}
+timings: dict[str, dict[str, float | str]] = {}
+
+
+def use_flash_impl(impl: str | None) -> str | None:
+    """Makes the "flash" kernel FlashAttention-3 or -4 (``impl`` "FA3" / "FA4", which PyTorch lists in
+    ``torch.nn.attention.list_flash_attention_impls`` and loads from their own packages, e.g.
+    ``flash_attn_interface`` for FA3), or PyTorch's own again (None). Process-wide. Returns the implementation
+    active after the call; raises ValueError with the reason when it cannot be activated."""
+    from torch.nn import attention as nn_attention
+
+    if impl is None:
+        if nn_attention.current_flash_attention_impl() is not None:
+            nn_attention.restore_flash_attention_impl()
+        return None
+    known = nn_attention.list_flash_attention_impls()
+    if impl not in known:
+        raise ValueError(f"flash attention implementation {impl!r} is not one this PyTorch offers ({known})")
+    try:
+        nn_attention.activate_flash_attention_impl(impl)
+    except Exception as e:  # the kernels' package is not installed, or does not fit this card
+        raise ValueError(f"flash attention {impl} cannot be activated: {type(e).__name__}: {e}") from None
+    _fastest.clear()  # earlier choices were made against the other flash kernel
+    _runs.clear()
+    return nn_attention.current_flash_attention_impl()
+
+
+def choose_fastest(run: Callable[[str], float | None], candidates: tuple[str, ...] = CANDIDATES
+                   ) -> tuple[str | None, dict[str, float | str]]:
+    """The candidate with the least time ``run(name)`` measures (None from ``run``: that kernel refuses the
+    inputs), and every candidate's time or refusal; (None, ...) when all refuse."""
+    times: dict[str, float | str] = {}
+    for name in candidates:
+        try:
+            t = run(name)
+        except RuntimeError as e:
+            t = None
+            times[name] = f"refused: {str(e).splitlines()[0] if str(e) else type(e).__name__}"[:300]
+        if t is not None:
+            times[name] = t
+        elif name not in times:
+            times[name] = "refused"
+    timed = {k: v for k, v in times.items() if isinstance(v, float)}
+    return (min(timed, key=lambda k: timed[k]) if timed else None), times
+
+
+def _time_kernel(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 repeats: int = 3) -> float:
+    """Median seconds of one call with kernel ``name`` alone (CUDA events, after one warm-up call)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with only(name):
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            ts = []
+            for _ in range(repeats):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                b.record()
+                b.synchronize()
+                ts.append(a.elapsed_time(b) / 1000)
+    return sorted(ts)[len(ts) // 2]
+
+
+def _attend_fastest(sig: tuple[object, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor | None) -> torch.Tensor:
+    if sig not in _fastest:
+        if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: PyTorch's choice there
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        best, times = choose_fastest(lambda name: _time_kernel(name, q, k, v, mask))
+        _fastest[sig] = best
+        timings[repr(sig[1:])] = times
+        log.info("fastest attention for %s: %s (%s)", sig[1:], best, times)
+    best = _fastest[sig]
+    if best is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with only(best):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def _backend(name: str) -> object:
@@ -69,6 +156,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     sig = (pref, tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), v.stride(), q.dtype,
            None if mask is None else (tuple(mask.shape), mask.dtype))
+    if pref == "fastest":
+        return _attend_fastest(sig, q, k, v, mask)
     ok = _runs.get(sig)
     if ok is None:
         with warnings.catch_warnings(record=True) as caught:

@@ -21,7 +21,7 @@ from torch import nn
 from .attention import attend
 from .audio import AudioFrontEnd
 from .config import ModelConfig
-from .rope import RopeTable, rotate
+from .rope import RopeTable, half_split_permutation, rotate
 
 
 class RMSNorm(nn.Module):
@@ -64,16 +64,33 @@ def _rms_heads(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int, co
 
 
 def _norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-               heads: int, keep_normed: bool, contiguous: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+               heads: int, keep_normed: bool, contiguous: bool,
+               half_split: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
     """QK RMSNorm over the width, split into heads, rotate: (normed [n, N, h, hd] if asked for, rotated
-    [n, h, N, hd])."""
+    [n, h, N, hd]). ``half_split``: the heads' dimensions are in the half-split RoPE layout."""
     y = _rms_norm(x, weight, eps).unflatten(-1, (heads, -1))
-    return (y if keep_normed else None), _heads_first(rotate(y, cos, sin), contiguous)
+    return (y if keep_normed else None), _heads_first(rotate(y, cos, sin, half_split), contiguous)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, contiguous: bool) -> torch.Tensor:
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, contiguous: bool,
+          half_split: bool = False) -> torch.Tensor:
     """Rotate stored un-rotated keys [n, M, h, hd] -> [n, h, M, hd]."""
-    return _heads_first(rotate(x, cos, sin), contiguous)
+    return _heads_first(rotate(x, cos, sin, half_split), contiguous)
+
+
+def _residual_layer_norm(x: torch.Tensor, gate: torch.Tensor | None, delta: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add (gated: x + gate * delta) and the LayerNorm after it: (new x, its norm). Fused, the
+    residual stream is read once for both instead of written by the add and read back by the norm."""
+    y = x + delta if gate is None else torch.addcmul(x, gate, delta)
+    return y, F.layer_norm(y, (y.shape[-1],), weight, bias, eps)
+
+
+def _residual_modulated_norm(x: torch.Tensor, gate: torch.Tensor | None, delta: torch.Tensor, shift: torch.Tensor,
+                             scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add (gated or not) and the adaLN after it: (new x, modulated norm of it)."""
+    y = x + delta if gate is None else torch.addcmul(x, gate, delta)
+    return y, _modulated_norm(y, shift, scale, eps)
 
 
 def _ffn(ffn: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -86,8 +103,8 @@ def _ffn_fused_gelu(ffn: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 
     Only on CUDA: the CPU's ``_addmm_activation`` applies the exact (erf) GELU, not the model's tanh one.
     """
-    if not x.is_cuda:
-        return _ffn(ffn, x)
+    if not x.is_cuda or type(ffn[0]) is not nn.Linear or type(ffn[2]) is not nn.Linear:
+        return _ffn(ffn, x)  # (also a quantized FFN: its own products)
     up, down = cast(nn.Linear, ffn[0]), cast(nn.Linear, ffn[2])
     h = torch._addmm_activation(up.bias, x.reshape(-1, x.shape[-1]), up.weight.t(), use_gelu=True)
     return down(h).reshape(*x.shape[:-1], down.out_features)
@@ -102,10 +119,12 @@ class BlockOps:
     norm_rope: Callable[..., tuple[torch.Tensor | None, torch.Tensor]]
     rope: Callable[..., torch.Tensor]
     ffn: Callable[[nn.Sequential, torch.Tensor], torch.Tensor]
+    residual_layer_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    residual_modulated_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 EAGER_OPS = BlockOps(_modulated_norm, partial(_rms_heads, contiguous=False), partial(_norm_rope, contiguous=False),
-                     partial(_rope, contiguous=False), _ffn)
+                     partial(_rope, contiguous=False), _ffn, _residual_layer_norm, _residual_modulated_norm)
 _compiled_ops: BlockOps | None = None
 
 
@@ -113,7 +132,8 @@ def compiled_ops() -> BlockOps:
     """The same stages fused: the norms, modulation and RoPE through ``torch.compile`` (one kernel per
     call, which also writes the attention inputs in the heads-first layout the cuDNN kernel runs fastest
     on; compiled once for every shape with ``dynamic=True``, so batch size and resolution cause no
-    recompilation), and the FFN's GELU inside its first matrix product."""
+    recompilation), the residual adds inside the norms that follow them, and the FFN's GELU inside its
+    first matrix product."""
     global _compiled_ops
     if _compiled_ops is None:
         def fuse(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -121,7 +141,7 @@ def compiled_ops() -> BlockOps:
 
         _compiled_ops = BlockOps(fuse(_modulated_norm), partial(fuse(_rms_heads), contiguous=True),
                                  partial(fuse(_norm_rope), contiguous=True), partial(fuse(_rope), contiguous=True),
-                                 _ffn_fused_gelu)
+                                 _ffn_fused_gelu, fuse(_residual_layer_norm), fuse(_residual_modulated_norm))
     return _compiled_ops
 
 
@@ -155,6 +175,54 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 1, 6, d) / d**0.5)
         self.audio_proj = nn.Linear(cfg.audio_token_dim, d) if audio else None
+        # The RoPE layout of the q/k projections' rows (``set_half_split``); the state dict is always in the
+        # interleaved layout of the published weights, whichever this block runs in.
+        self.half_split = False
+        self.register_state_dict_post_hook(Block._state_dict_interleaved)
+        self.register_load_state_dict_pre_hook(Block._load_interleaved)
+
+    # ---- the RoPE layout -----------------------------------------------------------------------
+    _ROPE_ROWS = ("q.weight", "q.bias", "k.weight", "k.bias", "norm_q.weight", "norm_k.weight")
+
+    def _permutation(self, device: torch.device) -> torch.Tensor:
+        return half_split_permutation(self.heads, self.head_dim).to(device)
+
+    @torch.no_grad()
+    def set_half_split(self, on: bool) -> None:
+        """Permutes the q/k projections' rows (and their RMSNorm weights) into the half-split RoPE layout
+        (``on``) or back to the interleaved one, in place; a no-op if already there. The block computes the
+        same function either way (``rope.half_split_permutation``); keys it returned before the switch are in
+        the old layout and must not be mixed with those after it."""
+        if on == self.half_split:
+            return
+        params = dict(self.named_parameters())
+        for name in self._ROPE_ROWS:
+            if name not in params:
+                raise ValueError(f"cannot change the RoPE layout of a block whose {name} is not a plain "
+                                 "parameter (a quantized block): change it before quantizing")
+        for name in self._ROPE_ROWS:
+            p = params[name]
+            perm = self._permutation(p.device)
+            p.copy_(p[perm] if on else p[torch.argsort(perm)])
+        self.half_split = on
+
+    @staticmethod
+    def _state_dict_interleaved(module: nn.Module, sd: dict[str, Any], prefix: str, _meta: Any) -> None:
+        blk = cast(Block, module)
+        if blk.half_split:
+            for name in Block._ROPE_ROWS:
+                if prefix + name in sd:
+                    t = sd[prefix + name]
+                    sd[prefix + name] = t[torch.argsort(blk._permutation(t.device))]
+
+    @staticmethod
+    def _load_interleaved(module: nn.Module, sd: dict[str, Any], prefix: str, *_: Any) -> None:
+        blk = cast(Block, module)
+        if blk.half_split:
+            for name in Block._ROPE_ROWS:
+                if prefix + name in sd:
+                    t = sd[prefix + name]
+                    sd[prefix + name] = t[blk._permutation(t.device)]
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads, self.head_dim))
@@ -178,9 +246,11 @@ class Block(nn.Module):
         sh_a, sc_a, g_a, sh_f, sc_f, g_f = mod.unbind(2)
         h = ops.modulated_norm(x, sh_a, sc_a, self.norm1.eps).reshape(n, f * p, d)
         # Attention inputs are [n, heads, tokens, hd]; keys/values kept for the cache are [n, tokens, heads, hd].
-        _, q = ops.norm_rope(self.q(h), self.norm_q.weight, self.norm_q.eps, rope.cos, rope.sin, self.heads, False)
+        hs = self.half_split
+        _, q = ops.norm_rope(self.q(h), self.norm_q.weight, self.norm_q.eps, rope.cos, rope.sin, self.heads, False,
+                             half_split=hs)
         k, kr = ops.norm_rope(self.k(h), self.norm_k.weight, self.norm_k.eps, rope.cos, rope.sin, self.heads,
-                              kv_keep != 0)
+                              kv_keep != 0, half_split=hs)
         v = self._heads(self.v(h))
         kv_out = None
         if kv_keep != 0:
@@ -189,20 +259,23 @@ class Block(nn.Module):
         vt = v.transpose(1, 2)
         if prefix is not None:
             assert prefix_rope is not None
-            kr = torch.cat([ops.rope(prefix.k, prefix_rope.cos, prefix_rope.sin), kr], dim=2)
+            kr = torch.cat([ops.rope(prefix.k, prefix_rope.cos, prefix_rope.sin, half_split=hs), kr], dim=2)
             vt = torch.cat([prefix.v.transpose(1, 2), vt], dim=2)
         mask = None if key_mask is None else key_mask[:, None, None, :]
         a = attend(q, kr, vt, mask)
         a = self.o(a.transpose(1, 2).reshape(n, f * p, d)).reshape(n, f, p, d)
-        x = torch.addcmul(x, g_a, a)
+        # Each residual add runs inside the norm that reads its result (ops.residual_*).
         if self.cross:
             assert cross is not None
             ck, cv = cross
-            hq = ops.rms_heads(self.cq(self.norm3(x).reshape(n, f * p, d)), self.norm_cq.weight, self.norm_cq.eps,
-                               self.heads)
+            x, hn = ops.residual_layer_norm(x, g_a, a, self.norm3.weight, self.norm3.bias, self.norm3.eps)
+            hq = ops.rms_heads(self.cq(hn.reshape(n, f * p, d)), self.norm_cq.weight, self.norm_cq.eps, self.heads)
             c = attend(hq, ck.expand(n, -1, -1, -1).transpose(1, 2), cv.expand(n, -1, -1, -1).transpose(1, 2))
-            x = x + self.co(c.transpose(1, 2).reshape(n, f * p, d)).reshape(n, f, p, d)
-        x = torch.addcmul(x, g_f, ops.ffn(self.ffn, ops.modulated_norm(x, sh_f, sc_f, self.norm2.eps)))
+            x, hf = ops.residual_modulated_norm(x, None, self.co(c.transpose(1, 2).reshape(n, f * p, d))
+                                                .reshape(n, f, p, d), sh_f, sc_f, self.norm2.eps)
+        else:
+            x, hf = ops.residual_modulated_norm(x, g_a, a, sh_f, sc_f, self.norm2.eps)
+        x = torch.addcmul(x, g_f, ops.ffn(self.ffn, hf))
         if self.audio_proj is not None and audio is not None:
             x = x + self.audio_proj(audio)[:, :, None, :]
         return x, kv_out
@@ -234,6 +307,20 @@ class AvatarDiT(nn.Module):
         self.head_norm = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
         self.head_modulation = nn.Parameter(torch.randn(1, 1, 2, d) / d**0.5)
         self.head = nn.Linear(d, cfg.latent_channels * pt * ph * pw)
+
+    # ---- the RoPE layout -------------------------------------------------------------------
+    @property
+    def half_split_rope(self) -> bool:
+        """Whether the blocks run RoPE on contiguous halves (``set_half_split_rope``)."""
+        return all(cast(Block, b).half_split for b in self.blocks)
+
+    def set_half_split_rope(self, on: bool = True) -> None:
+        """Every block's q/k rows permuted (in place, exactly) into the half-split RoPE layout, or back: the
+        rotation then reads two contiguous halves of each head instead of strided pairs, with no change to
+        what the model computes or to its state dict. Keys cached from this model before the switch (a
+        style anchor, a history) are in the old layout: switch before computing any."""
+        for b in self.blocks:
+            cast(Block, b).set_half_split(on)
 
     # ---- inputs -------------------------------------------------------------------------
     def audio_tokens(self, pcm: torch.Tensor) -> torch.Tensor:

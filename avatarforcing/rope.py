@@ -66,13 +66,35 @@ class RopeTable:
         return t
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [n, N, heads, head_dim] (pairs interleaved) by a table's cos/sin [N, head_dim / 2], or by
-    one table per row [n, N, head_dim / 2]."""
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half_split: bool = False) -> torch.Tensor:
+    """Rotate x [n, N, heads, head_dim] by a table's cos/sin [N, head_dim / 2], or by one table per row
+    [n, N, head_dim / 2].
+
+    Pair i of a head is (x[2i], x[2i + 1]) (interleaved: Wan's layout, the published weights') or, with
+    ``half_split``, (x[i], x[i + head_dim / 2]): the same rotation of a head whose dimensions were permuted
+    by ``half_split_permutation``, computed on two contiguous halves instead of strided pairs.
+    """
     dtype = x.dtype
     xf = x.to(cos.dtype)
-    x0, x1 = xf[..., 0::2], xf[..., 1::2]
+    if half_split:
+        x0, x1 = xf.chunk(2, dim=-1)
+    else:
+        x0, x1 = xf[..., 0::2], xf[..., 1::2]
     c = cos.unsqueeze(-2) if cos.dim() == 3 else cos[None, :, None, :]
     s = sin.unsqueeze(-2) if sin.dim() == 3 else sin[None, :, None, :]
-    out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
+    if half_split:
+        out = torch.cat([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)
+    else:
+        out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
     return out.to(dtype)
+
+
+def half_split_permutation(heads: int, head_dim: int) -> torch.Tensor:
+    """The permutation of a [heads * head_dim] width that takes every head from the interleaved pair layout
+    to the half-split one: new dimension j < head_dim / 2 of a head is its old 2j, j >= head_dim / 2 its old
+    2(j - head_dim / 2) + 1. Applied to the rows of the q and k projections (and their RMSNorm weights) it
+    changes no attention score: q.k sums the same products in another order, and the RMSNorm over the
+    width is the same sum of squares."""
+    half = head_dim // 2
+    within = torch.cat([torch.arange(half) * 2, torch.arange(half) * 2 + 1])
+    return (torch.arange(heads)[:, None] * head_dim + within[None, :]).reshape(-1)

@@ -25,7 +25,8 @@ class ServerConfig:
     # (auto: on CUDA, where it saves 15% of a step; on a CPU it only adds start-up time).
     compile: str = "auto"  # auto | on | off
     cuda_graphs: bool = False  # replay steady-state steps from CUDA graphs (about 1% at 1.3B; memory per batch size)
-    attention: str = "auto"  # auto (PyTorch's choice) | cudnn | flash | efficient | math
+    attention: str = "auto"  # auto (PyTorch's choice) | fastest (timed per shape) | cudnn | flash | efficient | math
+    flash_impl: str = ""  # the "flash" kernel: "" PyTorch's own | FA3 | FA4 (FlashAttention-3/4, where installed)
     # The published model (docs/published-model.md). decoder: auto (the checkpoint's: Wan's VAE for a
     # converted one) | wan | tiny (the project's small decoder: much cheaper; untrained for Wan's latents
     # unless the checkpoint carries one). positions: auto (the checkpoint's stream) | relative | reference.
@@ -122,8 +123,9 @@ class ServerConfig:
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), ("dtype",),
              "unknown dtype (auto, float32, bfloat16, float16)"),
             (self.compile in ("auto", "on", "off"), ("compile",), "compile must be auto, on or off"),
-            (self.attention in ("auto", "cudnn", "flash", "efficient", "math"), ("attention",),
-             "unknown attention kernel (auto, cudnn, flash, efficient, math)"),
+            (self.attention in ("auto", "fastest", "cudnn", "flash", "efficient", "math"), ("attention",),
+             "unknown attention kernel (auto, fastest, cudnn, flash, efficient, math)"),
+            (self.flash_impl in ("", "FA3", "FA4"), ("flash_impl",), "flash_impl must be empty, FA3 or FA4"),
             (self.log_level in ("debug", "info", "warning", "error"), ("log_level",),
              "unknown log level (debug, info, warning, error)"),
             (self.log_format in LOG_FORMATS, ("log_format",), "log_format must be auto, json or console"),

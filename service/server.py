@@ -260,6 +260,10 @@ class App:
         self.loaded = loaded or load_default(cfg.checkpoint or None, cfg.preset)
         device, dtype = cfg.resolved_device(), cfg.resolved_dtype()
         stream = self.loaded.stream_cfg
+        if cfg.flash_impl:
+            from avatarforcing.attention import use_flash_impl
+
+            use_flash_impl(cfg.flash_impl)  # a ValueError saying why when its package is missing
         if cfg.positions != "auto":
             stream = dataclasses.replace(stream, positions=cast(Literal["relative", "reference"], cfg.positions))
         self.engine = StreamEngine(self.loaded.model, self.loaded.vae, stream,

@@ -2,9 +2,10 @@
 
 On a CUDA GPU the engine adds bfloat16, the cuDNN attention kernel, CUDA graphs and pinned output
 buffers; ``avatarforcing bench --gpu`` checks those there. Here, at reduced size: the compiled
-elementwise stages, the host-known masks, the cached cross-attention keys/values and the results
-``step`` hands back compute what the plain path computes; bfloat16 stays within its stated tolerance; the FLOP count
-the benchmark reports agrees with PyTorch's own operation counter.
+elementwise stages (with the residual adds fused into the norms), the half-split RoPE layout, the host-known
+masks, the cached cross-attention keys/values and the results ``step`` hands back compute what the plain path
+computes; bfloat16 stays within its stated tolerance; the FLOP count the benchmark reports agrees with PyTorch's
+own operation counter.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def _engines(stream: StreamConfig, **fast: object) -> tuple[StreamEngine, Stream
     m2, v2 = AvatarDiT(CFG), TinyAutoencoder(CFG)
     m2.load_state_dict(model.state_dict())
     v2.load_state_dict(vae.state_dict())
-    return (StreamEngine(model, vae, stream, max_sessions=3),
+    # The plain path: eager float32 in the published (interleaved) RoPE layout; the engine's default is half-split.
+    return (StreamEngine(model, vae, stream, max_sessions=3, half_split_rope=False),
             StreamEngine(m2, v2, stream, max_sessions=3, **fast))  # type: ignore[arg-type]
 
 
@@ -215,3 +217,36 @@ def test_attend_is_attention_under_any_preference() -> None:
             assert torch.allclose(attention.attend(q, k, v, mask), ref, atol=1e-5)
     with pytest.raises(ValueError, match="unknown attention kernel"), attention.prefer("fa9"):
         pass
+
+
+def test_fastest_attention_keeps_the_least_time_and_skips_refusals() -> None:
+    from avatarforcing import attention
+
+    measured = {"cudnn": 2.0e-3, "flash": 1.5e-3, "efficient": 3.0e-3}
+
+    def run(name: str) -> float | None:
+        if name == "flash":
+            raise RuntimeError("No available kernel. Aborting execution.\nmore detail")
+        return measured[name]
+
+    best, times = attention.choose_fastest(run)
+    assert best == "cudnn"  # flash would be faster, but it refused these inputs
+    assert times["cudnn"] == 2.0e-3 and str(times["flash"]).startswith("refused: No available kernel")
+    assert attention.choose_fastest(lambda name: measured[name])[0] == "flash"
+    assert attention.choose_fastest(lambda name: None) == (None, {k: "refused" for k in attention.CANDIDATES})
+
+
+def test_flash_impl_refuses_what_cannot_be_activated() -> None:
+    import importlib.util
+
+    from avatarforcing import attention
+    from service.config import ServerConfig
+
+    with pytest.raises(ValueError, match="not one this PyTorch offers"):
+        attention.use_flash_impl("FA9")
+    if importlib.util.find_spec("flash_attn_interface") is None:  # FlashAttention-3's package is not installed
+        with pytest.raises(ValueError, match="FA3 cannot be activated"):
+            attention.use_flash_impl("FA3")
+    assert attention.use_flash_impl(None) is None
+    with pytest.raises(ValueError, match="flash_impl must be"):
+        ServerConfig(flash_impl="fa3")

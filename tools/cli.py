@@ -28,8 +28,11 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="fuse the elementwise stages with torch.compile (default auto: on CUDA)")
     p.add_argument("--cuda-graphs", action="store_true", default=None,
                    help="replay steady-state steps from CUDA graphs (CUDA only)")
-    p.add_argument("--attention", default=None, choices=["auto", "cudnn", "flash", "efficient", "math"],
-                   help="preferred fused attention kernel (default auto: PyTorch's choice)")
+    p.add_argument("--attention", default=None, choices=["auto", "fastest", "cudnn", "flash", "efficient", "math"],
+                   help="preferred fused attention kernel (default auto: PyTorch's choice; fastest: each shape's "
+                        "fastest kernel, timed once)")
+    p.add_argument("--flash-impl", default=None, choices=["FA3", "FA4"],
+                   help="make the flash kernel FlashAttention-3 or -4 (their package installed; default PyTorch's)")
     p.add_argument("--decoder", default=None, choices=["auto", "wan", "tiny"],
                    help="the published model's decoder: auto (the checkpoint's), wan (Wan's VAE) or tiny (small)")
     p.add_argument("--positions", default=None, choices=["auto", "relative", "reference"],

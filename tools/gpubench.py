@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from avatarforcing import attention as attn
-from avatarforcing.attention import BACKENDS as ATTENTION_BACKENDS
 from avatarforcing.config import ModelConfig, StreamConfig, model_preset
 from avatarforcing.engine import StreamEngine
 from avatarforcing.flops import step_flops
@@ -120,10 +119,21 @@ def attention_kernels(device: torch.device, cfg: ModelConfig, stream: StreamConf
     cases = [("window", "model"), ("window", "contiguous"), ("clean", "model")]
     rows: list[list[Any]] = []
     res: dict[str, dict[str, Any]] = {}
-    names = [b for b in ATTENTION_BACKENDS if b not in ("auto", "math")] if device.type == "cuda" else ["auto"]
-    for name in names:
+    names: list[tuple[str, str, str | None]] = [(b, b, None) for b in attn.CANDIDATES] if device.type == "cuda" \
+        else [("auto", "auto", None)]
+    impls = _flash_impls()
+    if device.type == "cuda" and isinstance(impls, list):  # FlashAttention-3/4 as "flash", where installed
+        names += [(f"flash ({impl})", "flash", impl) for impl in impls]
+    for label, name, impl in names:
         rec: dict[str, Any] = {}
-        row: list[Any] = [name]
+        row: list[Any] = [label]
+        if impl is not None:
+            try:
+                attn.use_flash_impl(impl)
+            except ValueError as e:
+                res[label] = {"error": str(e)[:600]}
+                rows.append([label] + ["not installed"] * len(cases))
+                continue
         for pass_name, layout in cases:
             nq, nk = shapes[pass_name]
             if layout == "model":
@@ -147,19 +157,42 @@ def attention_kernels(device: torch.device, cfg: ModelConfig, stream: StreamConf
                 continue
             rec[key] = {"queries": nq, "keys": nk, "ms": t * 1000, "tflops": flops / t / 1e12}
             row.append(f"{t * 1000:.2f} ms {flops / t / 1e12:.0f}")
-        res[name] = rec
+        if impl is not None:
+            attn.use_flash_impl(None)
+        res[label] = rec
         rows.append(row)
-    impls = _flash_impls()
-    timed = {k: r["window/model"]["ms"] for k, r in res.items() if "ms" in r.get("window/model", {})}
-    best = min(timed, key=lambda k: timed[k]) if timed else "auto"
+    # Per pass: the fastest kernel on its own shape (what attention "fastest" picks at run time).
+    fastest: dict[str, str] = {}
+    for pass_name, layout in cases:
+        key = f"{pass_name}/{layout}"
+        t_of = {k: r[key]["ms"] for k, r in res.items() if "ms" in r.get(key, {})}
+        if t_of:
+            fastest[key] = min(t_of, key=lambda k: t_of[k])
+    best = fastest.get("window/model", "auto")
     _table(f"Attention kernels alone, {h} heads x {d} (ms, TFLOP/s); window {shapes['window']}, "
            f"clean {shapes['clean']} (queries, keys)", ["kernel"] + [f"{a} {b}" for a, b in cases], rows)
     for name, rec in res.items():
+        if isinstance(rec.get("error"), str):
+            print(f"  {name}: {rec['error'][:300]}")
+            continue
         for key, r in rec.items():
             if "error" in r:
                 print(f"  {name} refused {key}: {r['error'][:300]}")
-    print(f"  fastest on the window pass: {best}; flash attention implementations this PyTorch offers: {impls}")
-    return {"shapes": shapes, "kernels": res, "best": best, "flash_impls": impls}
+    print(f"  fastest per pass: {fastest}; flash attention implementations this PyTorch offers: {impls}")
+    return {"shapes": shapes, "kernels": res, "best": best, "fastest": fastest, "flash_impls": impls}
+
+
+def _attention_choice(att: dict[str, Any] | None) -> str:
+    """The engines' attention setting from the kernel timings: the one kernel fastest on every pass, else
+    "fastest" (chosen per shape at run time); a FlashAttention-3/4 kernel among them is activated for the run."""
+    if not att or not att.get("fastest"):
+        return "auto"
+    chosen = set(att["fastest"].values())
+    for label in chosen:
+        if label.startswith("flash ("):
+            attn.use_flash_impl(label[len("flash ("):-1])
+    kernels = {"flash" if c.startswith("flash (") else c for c in chosen}
+    return kernels.pop() if len(kernels) == 1 else "fastest"
 
 
 def _flash_impls() -> list[str] | str:
@@ -207,6 +240,10 @@ def denoise_variants(model: AvatarDiT, vae: TinyAutoencoder, stream: StreamConfi
     ]
     if cuda:
         variants.append((f"CUDA graphs, {attention}", dict(dtype=dtype, attention=attention, cuda_graphs=True)))
+    # The fast path as measured before the half-split RoPE layout and the fused residual norms (interleaved RoPE;
+    # the residual-norm fusion has no switch), then as it is now.
+    variants.append((f"compiled{', CUDA graphs' if cuda else ''}, {attention}, interleaved RoPE",
+                     dict(dtype=dtype, attention=attention, cuda_graphs=cuda, compile=True, half_split_rope=False)))
     variants.append((f"compiled{', CUDA graphs' if cuda else ''}, {attention}",
                      dict(dtype=dtype, attention=attention, cuda_graphs=cuda, compile=True)))
     rows: list[list[Any]] = []
@@ -576,7 +613,7 @@ def run(argv: list[str] | None = None) -> int:
     ceil = section("ceilings", lambda: ceilings(device, a.smoke))
     peak = ceil["matmul_tflops"] if ceil else float("nan")
     att = section("attention", lambda: attention_kernels(device, full, stream, a.smoke))
-    attention = res["attention"] = att["best"] if att else "auto"
+    attention = res["attention"] = _attention_choice(att)
     section("equivalence", lambda: equivalence(device, attention))
     cuda = device.type == "cuda"
     fast: dict[str, Any] = dict(dtype="bfloat16" if cuda else "float32", attention=attention, cuda_graphs=cuda,
