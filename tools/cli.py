@@ -30,6 +30,8 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="replay steady-state steps from CUDA graphs (CUDA only)")
     p.add_argument("--attention", default=None, choices=["auto", "cudnn", "flash", "efficient", "math"],
                    help="preferred fused attention kernel (default auto: PyTorch's choice)")
+    p.add_argument("--fp8", action="store_true", default=None,
+                   help="the transformer blocks' per-token linears as FP8 products (2x rate on Hopper; default off)")
     p.add_argument("--decoder", default=None, choices=["auto", "wan", "tiny"],
                    help="the published model's decoder: auto (the checkpoint's), wan (Wan's VAE) or tiny (small)")
     p.add_argument("--positions", default=None, choices=["auto", "relative", "reference"],
