@@ -96,14 +96,17 @@ class StreamEngine:
                  device: str | torch.device = "cpu", dtype: str = "float32", compile: bool = False,
                  cuda_graphs: bool = False, attention: str = "auto", audio: Wav2VecFeatures | None = None,
                  context: torch.Tensor | None = None, audio_context_s: float | None = None,
-                 decoder: TinyAutoencoder | None = None, half_split_rope: bool = True) -> None:
+                 decoder: TinyAutoencoder | None = None, half_split_rope: bool = True,
+                 fp8: bool = False) -> None:
         """``audio``: the wav2vec2 features of a model whose ``audio_source`` is wav2vec2, run on a sliding
         window of ``audio_context_s`` seconds before each block (default ``wav2vec.DEFAULT_CONTEXT_S``);
         ``context``: the default umT5 text context [text_len, text_dim] of a model with an external one;
         ``decoder``: a small autoencoder that decodes instead of ``vae`` (which then only encodes references);
         ``half_split_rope``: the model's q/k rows permuted into the half-split RoPE layout (exact: the same
         function, cheaper rotation; ``AvatarDiT.set_half_split_rope``). The engine takes the model over: it
-        moves it, and the layout is the model's, shared with any other engine built on it."""
+        moves it, and the layout is the model's, shared with any other engine built on it;
+        ``fp8``: the blocks' per-token linears run as FP8 products (``fp8.quantize_blocks``, which changes the model;
+        with ``compile`` their activations are quantized by fused kernels)."""
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         if attention not in attention_kernels.BACKENDS:
@@ -118,6 +121,10 @@ class StreamEngine:
             raise ValueError("cuda_graphs needs a CUDA device")
         self.model = model.to(self.device, self.dtype).eval()
         self.model.set_half_split_rope(half_split_rope)
+        if fp8:
+            from .fp8 import quantize_blocks
+
+            quantize_blocks(self.model, compiled=compile)
         self.vae = vae.to(self.device, self.dtype).eval()
         if (model.cfg.audio_source == "wav2vec2") != (audio is not None):
             raise ValueError(f"a model with audio_source {model.cfg.audio_source!r} "

@@ -27,6 +27,7 @@ class ServerConfig:
     cuda_graphs: bool = False  # replay steady-state steps from CUDA graphs (about 1% at 1.3B; memory per batch size)
     attention: str = "auto"  # auto (PyTorch's choice) | fastest (timed per shape) | cudnn | flash | efficient | math
     flash_impl: str = ""  # the "flash" kernel: "" PyTorch's own | FA3 | FA4 (FlashAttention-3/4, where installed)
+    fp8: bool = False  # the blocks' per-token linears as FP8 (e4m3) products (avatarforcing/fp8.py; Hopper: 2x rate)
     # The published model (docs/published-model.md). decoder: auto (the checkpoint's: Wan's VAE for a
     # converted one) | wan | tiny (the project's small decoder: much cheaper; untrained for Wan's latents
     # unless the checkpoint carries one). positions: auto (the checkpoint's stream) | relative | reference.
@@ -126,6 +127,7 @@ class ServerConfig:
             (self.attention in ("auto", "fastest", "cudnn", "flash", "efficient", "math"), ("attention",),
              "unknown attention kernel (auto, fastest, cudnn, flash, efficient, math)"),
             (self.flash_impl in ("", "FA3", "FA4"), ("flash_impl",), "flash_impl must be empty, FA3 or FA4"),
+            (isinstance(self.fp8, bool), ("fp8",), "fp8 must be true or false"),
             (self.log_level in ("debug", "info", "warning", "error"), ("log_level",),
              "unknown log level (debug, info, warning, error)"),
             (self.log_format in LOG_FORMATS, ("log_format",), "log_format must be auto, json or console"),

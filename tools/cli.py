@@ -33,6 +33,8 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                         "fastest kernel, timed once)")
     p.add_argument("--flash-impl", default=None, choices=["FA3", "FA4"],
                    help="make the flash kernel FlashAttention-3 or -4 (their package installed; default PyTorch's)")
+    p.add_argument("--fp8", action="store_true", default=None,
+                   help="the transformer blocks' per-token linears as FP8 products (2x rate on Hopper; default off)")
     p.add_argument("--decoder", default=None, choices=["auto", "wan", "tiny"],
                    help="the published model's decoder: auto (the checkpoint's), wan (Wan's VAE) or tiny (small)")
     p.add_argument("--positions", default=None, choices=["auto", "relative", "reference"],
