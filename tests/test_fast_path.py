@@ -173,16 +173,21 @@ def test_gpu_bench_runs_at_smoke_size(tmp_path) -> None:  # type: ignore[no-unty
 
 def test_gpu_bench_published_section_at_smoke_size(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The published model's end-to-end section (wav2vec2, text context, Wan decode with slot caches, then the
-    small decoder) runs on a CPU at replica size, so a GPU session can run it at full size unchanged."""
+    small decoder, then FP8) and the FP8 section run on a CPU at replica size, so a GPU session can run them at
+    full size unchanged."""
     # The fused stages are compiled once per process; the other tests here compiled them for other sizes and
     # dtypes up to dynamo's recompile limit, which a server (one model) never meets. Start from a clean slate.
     torch._dynamo.reset()
     out = tmp_path / "p.json"
     rc = gpubench(["--device", "cpu", "--smoke", "--steps", "1", "--published-batches", "1", "--encoding", "jpeg",
-                   "--sections", "published", "--out", str(out)])
+                   "--sections", "fp8,published", "--out", str(out)])
     assert rc == 0
-    pub = json.loads(out.read_text())["sections"]["published"]
+    sections = json.loads(out.read_text())["sections"]
+    pub, fp8 = sections["published"], sections["fp8"]
     assert "error" not in pub, pub.get("error")
+    assert "error" not in fp8, fp8.get("error")
+    assert fp8["fp8_layers"] > 0 and 0 < fp8["stated_error"]["latent_rel"] < 0.05 and fp8["stated_error"]["frames"] > 0
+    assert pub["wan_decoder_fp8"]["by_batch"][0]["frames_per_s"] > 0
     wan, small = pub["wan_decoder"]["by_batch"][0], pub["tiny_decoder"]["by_batch"][0]
     assert wan["decoder_cache_bytes_per_slot"] > 0 and small["decoder_cache_bytes_per_slot"] == 0
     assert wan["slot_bytes"] > small["slot_bytes"] and wan["audio_features_ms"] > 0 and wan["frames_per_s"] > 0

@@ -418,10 +418,11 @@ def end_to_end(model: AvatarDiT, vae: TinyAutoencoder | WanVAE, stream: StreamCo
 
 
 def published(device: torch.device, opts: dict[str, Any], steps: int, encoding: str, smoke: bool,
-              batches: list[int]) -> dict[str, Any]:
+              batches: list[int], fp8: bool = True) -> dict[str, Any]:
     """The published model's configuration end to end at 480x832 (random weights in its layout: timing does not
     depend on them): wav2vec2-base features on a sliding window, the umT5 context's cross-attention, the
-    transformer, and Wan's VAE decode with each slot's cache; then the same with the small decoder."""
+    transformer, and Wan's VAE decode with each slot's cache; then the same with the small decoder, and (``fp8``)
+    with Wan's decode and FP8 products."""
     from avatarforcing.published import published_config, published_stream
     from avatarforcing.wan_vae import WanVAEConfig
     from avatarforcing.wav2vec import Wav2VecFeatures
@@ -448,6 +449,35 @@ def published(device: torch.device, opts: dict[str, Any], steps: int, encoding: 
     small = TinyAutoencoder(dataclasses.replace(cfg, latent_channels=vcfg.z_dim))
     out["tiny_decoder"] = end_to_end(model, wan, stream, device, opts, batches[:1], steps, encoding,
                                      engine_kw={**kw, "decoder": small})
+    _free(device)
+    if fp8:  # last: FP8 replaces the model's linears in place
+        out["wan_decoder_fp8"] = end_to_end(model, wan, stream, device, {**opts, "fp8": True}, batches, steps,
+                                            encoding, engine_kw=kw)
+    return out
+
+
+def fp8_section(cfg: ModelConfig, stream: StreamConfig, device: torch.device, opts: dict[str, Any],
+                steps: int) -> dict[str, Any]:
+    """FP8 products against the same engine without them: the stated error on every emitted frame (relative
+    error of the latents, PSNR of the decoded frames; random weights, so it is the numerics' error, not a
+    trained model's) and the time of a step of each."""
+    from avatarforcing.fp8_bench import compare_fp8
+
+    kw = {k: v for k, v in opts.items() if k not in ("dtype", "fp8")}
+    vae = TinyAutoencoder(cfg)
+    out = compare_fp8(lambda: AvatarDiT(cfg), vae, stream, device=device, dtype=opts.get("dtype", "bfloat16"),
+                      steps=max(steps, 8), **kw)
+    # (Not "error": that key marks a failed section.)
+    e = out["stated_error"] = out.pop("error")
+    fl = step_flops(cfg, stream)
+    _table(f"FP8 products vs {out['dtype']}, {cfg.name} {cfg.height}x{cfg.width}, one session ({out['fp8_layers']} "
+           f"linears in FP8, {e['frames']} frames compared)",
+           ["what", "value"],
+           [["step ms, reference", out["reference_ms_per_step"]], ["step ms, FP8", out["fp8_ms_per_step"]],
+            ["ms per frame, FP8", out["fp8_ms_per_step"] / fl.frames], ["speed-up", out["speedup"]],
+            ["latent relative error (all / worst frame)", f"{e['latent_rel']:.4f} / {e['latent_rel_max']:.4f}"],
+            ["frame PSNR dB (mean / lowest)", f"{e['psnr_db']:.1f} / {e['psnr_min_db']:.1f}"],
+            ["largest pixel difference", e["max_pixel_diff"]]])
     return out
 
 
@@ -564,7 +594,8 @@ def run(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/gpu-<card>-<date>.json)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script (runs on a CPU)")
-    ap.add_argument("--sections", default="ceilings,attention,equivalence,denoise,profile,e2e-full,e2e-512,published",
+    ap.add_argument("--sections",
+                    default="ceilings,attention,equivalence,denoise,profile,e2e-full,fp8,e2e-512,published",
                     help="comma-separated subset to run")
     ap.add_argument("--published-batches", default="1,2", help="batch sizes of the published model's table")
     ap.add_argument("--batches", default="1,2,3,4,8", help="batch sizes of the 512x512 end-to-end table")
@@ -629,6 +660,7 @@ def run(argv: list[str] | None = None) -> int:
         section("e2e-full", lambda: end_to_end(model, vae, stream, device, fast, [1], a.steps, a.encoding))
         del model, vae
         _free(device)
+    section("fp8", lambda: fp8_section(full, stream, device, fast, a.steps))
     res["engine_options"] = fast
     if "e2e-512" in sections:
         batches = [int(b) for b in a.batches.split(",")]
@@ -640,7 +672,8 @@ def run(argv: list[str] | None = None) -> int:
         section("e2e-512", square_e2e)
     if "published" in sections:
         section("published", lambda: published(device, fast, a.steps, a.encoding, a.smoke,
-                                                [int(b) for b in a.published_batches.split(",")]))
+                                                [int(b) for b in a.published_batches.split(",")],
+                                                fp8="fp8" in sections))
     res["seconds"] = time.perf_counter() - t_all
     save()
     print(f"\nwrote {out_path} ({res['seconds']:.0f} s)")
