@@ -169,22 +169,97 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     return LoadedModel(model, vae, mcfg, scfg, trained=True, source=str(path), meta=json.loads(md.get("meta", "{}")))
 
 
-def choose_decoder(lm: LoadedModel, choice: str) -> TinyAutoencoder | None:
+def choose_decoder(lm: LoadedModel, choice: str, path: str | Path | None = None) -> TinyAutoencoder | None:
     """The decoder to run instead of the checkpoint's own autoencoder (None: its own).
 
     ``choice``: "auto" or "wan" (the checkpoint's: Wan's VAE for a converted one) or "tiny" (the project's
     small decoder at the model's sizes: a fraction of Wan's decode time and no per-session cache, but it
-    has to be trained for Wan's latents; without weights in the checkpoint it is random and says so)."""
+    has to be trained for Wan's latents; without weights in the checkpoint it is random and says so).
+    ``path``: with "tiny", a small decoder distilled for this model's Wan latents (``avatarforcing
+    distill-decoder``, ``load_decoder``), loaded instead of a random one."""
+    if path and choice != "tiny":
+        raise ValueError(f"decoder file {path}: a distilled small decoder goes with decoder 'tiny', not {choice!r}")
     if choice in ("auto", "wan"):
         if choice == "wan" and not isinstance(lm.vae, WanVAE):
             raise ValueError(f"{lm.source}: has no Wan VAE (decoder 'wan' needs a converted published checkpoint)")
         return None
     if not isinstance(lm.vae, WanVAE):
+        if path:
+            raise ValueError(f"{path}: a distilled decoder decodes Wan's latents, and {lm.source} has no Wan VAE "
+                             "(it decodes with its own small autoencoder)")
         return None  # the project's own models already decode with the small autoencoder
+    if path:
+        return load_decoder(path, lm.model_cfg, lm.vae.config.z_dim)
     dec = TinyAutoencoder(dataclasses.replace(lm.model_cfg, latent_channels=lm.vae.config.z_dim))
     log.warning("decoder 'tiny' for %s: no trained small decoder for Wan's latents ships with it, so it is "
                 "randomly initialised: frames show noise (use it to measure time and memory only)", lm.source)
     return dec
+
+
+DECODER_FORMAT = "avatarforcing-distilled-decoder-v1"
+
+
+def small_decoder(model_cfg: ModelConfig, z_dim: int) -> TinyAutoencoder:
+    """The small autoencoder at the model's sizes for a VAE of ``z_dim`` latent channels (only its decoder is used)."""
+    return TinyAutoencoder(dataclasses.replace(model_cfg, latent_channels=z_dim))
+
+
+def save_decoder(path: str | Path, decoder: TinyAutoencoder, model_cfg: ModelConfig, z_dim: int,
+                 meta: dict[str, Any] | None = None) -> int:
+    """One safetensors file: the small autoencoder's decoder (float32, keys ``decoder.*``) and in the metadata the
+    model's configuration, ``z_dim`` and each entry of ``meta`` as JSON. Returns its size in bytes.
+
+    Its latent statistics are not stored: a distilled decoder is trained through ``decode`` with them at their
+    defaults (zero mean, unit std), on the latents the engine hands it, and ``load_decoder`` builds it so."""
+    if not (torch.all(decoder.latent_mean == 0) and torch.all(decoder.latent_std == 1)):
+        raise ValueError("save_decoder: the decoder's latent statistics are not the defaults (mean 0, std 1)")
+    tensors = {f"decoder.{k}": v.detach().float().cpu().contiguous() for k, v in decoder.decoder.state_dict().items()}
+    md = {"format": DECODER_FORMAT, "model_config": json.dumps(model_cfg.to_dict()), "z_dim": str(int(z_dim))}
+    md.update({k: json.dumps(v) for k, v in (meta or {}).items() if k not in md})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=md)
+    return Path(path).stat().st_size
+
+
+def read_decoder_meta(path: str | Path) -> dict[str, Any]:
+    """A distilled decoder file's metadata, each entry decoded (``model_config`` a dict, ``z_dim`` an int, ...)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"decoder {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); a file from `avatarforcing "
+                         "distill-decoder` is") from None
+    if md.get("format") != DECODER_FORMAT:
+        raise ValueError(f"{path} is not a distilled decoder (no format {DECODER_FORMAT} in its metadata; make one "
+                         "with `avatarforcing distill-decoder`)")
+    try:
+        return {k: v if k == "format" else json.loads(v) for k, v in md.items()}
+    except ValueError as e:
+        raise ValueError(f"{path}: its metadata is not valid ({e})") from None
+
+
+def load_decoder(path: str | Path, model_cfg: ModelConfig, z_dim: int) -> TinyAutoencoder:
+    """A decoder file of ``save_decoder`` as the small autoencoder of this model (``small_decoder``), in eval mode.
+
+    A file made for other sizes is refused in one line naming the file and its first bad key (``check_state``);
+    one distilled at another resolution loads (the decoder is convolutional) with a warning."""
+    path = Path(path)
+    meta = read_decoder_meta(path)
+    try:
+        sd = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: cannot be read ({e}); is it truncated?") from None
+    dec = small_decoder(model_cfg, z_dim)
+    check_state(nn.ModuleDict({"decoder": dec.decoder}), sd, str(path), "")
+    dec.decoder.load_state_dict({k[len("decoder."):]: v.float() for k, v in sd.items()}, strict=True)
+    made = meta.get("model_config", {})
+    if (made.get("height"), made.get("width")) != (model_cfg.height, model_cfg.width):
+        log.warning("decoder %s was distilled at %sx%s; this model runs at %dx%d", path, made.get("height"),
+                    made.get("width"), model_cfg.height, model_cfg.width)
+    return dec.eval()
 
 
 def random_init(preset: str = "tiny", stream_cfg: StreamConfig | None = None, seed: int = 0) -> LoadedModel:

@@ -32,7 +32,9 @@ class ServerConfig:
     # converted one) | wan | tiny (the project's small decoder: much cheaper; untrained for Wan's latents
     # unless the checkpoint carries one). positions: auto (the checkpoint's stream) | relative | reference.
     # audio_context_s: seconds of past audio wav2vec2 sees before each block (-1: avatarforcing.wav2vec's default).
+    # decoder_path: with decoder tiny, a small decoder distilled for the checkpoint (`avatarforcing distill-decoder`).
     decoder: str = "auto"
+    decoder_path: str = ""
     positions: str = "auto"
     audio_context_s: float = -1.0
     # Capacity and scheduling.
@@ -132,6 +134,10 @@ class ServerConfig:
              "unknown log level (debug, info, warning, error)"),
             (self.log_format in LOG_FORMATS, ("log_format",), "log_format must be auto, json or console"),
             (self.decoder in ("auto", "wan", "tiny"), ("decoder",), "decoder must be auto, wan or tiny"),
+            (not self.decoder_path or os.path.isfile(self.decoder_path), ("decoder_path",),
+             "decoder_path is not a file (a small decoder from `avatarforcing distill-decoder`)"),
+            (not self.decoder_path or self.decoder == "tiny", ("decoder_path", "decoder"),
+             "decoder_path goes with decoder tiny (the small decoder it holds)"),
             (self.positions in ("auto", "relative", "reference"), ("positions",),
              "positions must be auto, relative or reference"),
             (self.audio_context_s == -1.0 or self.audio_context_s >= 0, ("audio_context_s",),

@@ -37,6 +37,9 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="the transformer blocks' per-token linears as FP8 products (2x rate on Hopper; default off)")
     p.add_argument("--decoder", default=None, choices=["auto", "wan", "tiny"],
                    help="the published model's decoder: auto (the checkpoint's), wan (Wan's VAE) or tiny (small)")
+    p.add_argument("--decoder-path", default=None,
+                   help="with --decoder tiny: the small decoder distilled for the checkpoint (a file from "
+                        "`avatarforcing distill-decoder`; default: a random one, for timing only)")
     p.add_argument("--positions", default=None, choices=["auto", "relative", "reference"],
                    help="RoPE positions: auto (the checkpoint's), relative (unbounded streams) or reference")
     p.add_argument("--audio-context", type=float, default=None, dest="audio_context_s",
@@ -255,6 +258,37 @@ def cmd_convert(a: argparse.Namespace) -> int:
     print(f"{rep.out}: {c.name} {c.layers} layers x {c.dim} ({rep.parameters / 1e9:.2f} B parameters, LoRA merged) "
           f"from {rep.source_keys} keys of {rep.generator_key}, {c.height}x{c.width}, {a.dtype}, "
           f"{rep.bytes / 2**30:.2f} GiB; serve it with `avatarforcing serve --checkpoint {rep.out}`")
+    return 0
+
+
+def cmd_distill_decoder(a: argparse.Namespace) -> int:
+    """Trains the small decoder to reproduce Wan's on a converted published checkpoint's own latents."""
+    try:
+        import torch
+
+        from avatarforcing.distill import DistillConfig, distill_decoder
+
+        device = a.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device here (use --device cpu)")
+        dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        dc = DistillConfig(streams=a.streams, blocks_per_stream=a.blocks_per_stream, steps=a.steps, batch=a.batch,
+                           lr=a.lr, weight_decay=a.weight_decay, mse_weight=a.mse_weight, heldout=a.heldout,
+                           eval_every=a.eval_every, sessions=a.sessions, device=device, dtype=dtype, seed=a.seed)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        rep = distill_decoder(a.checkpoint, a.out, dc, progress=lambda line: print(line, flush=True))
+    except (ValueError, OSError) as e:  # one actionable line naming the file, no traceback
+        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"avatarforcing distill-decoder: error: {line}", file=sys.stderr)
+        return 2
+    print(f"{rep.out}: held-out error against Wan's decoder {rep.start} at the start, {rep.end} after {rep.steps} "
+          f"steps ({rep.train_frames} latent frames trained on, {rep.heldout_frames} held out; "
+          f"{rep.seconds_data:.0f} s collecting, {rep.seconds_train:.0f} s training); serve it with "
+          f"`avatarforcing serve --checkpoint {a.checkpoint} --decoder tiny --decoder-path {rep.out}`")
     return 0
 
 
@@ -481,6 +515,28 @@ def main(argv: list[str] | None = None) -> int:
                     help="encoder and stored context dtype (default float32, as the reference)")
     ep.add_argument("--text-len", type=int, default=512, help="context rows (default 512, Wan's text_len)")
     ep.set_defaults(fn=cmd_encode_prompt)
+    dd = sub.add_parser("distill-decoder",
+                        help="train the small decoder to reproduce Wan's VAE on a converted published checkpoint's "
+                             "own latents (`serve --decoder tiny --decoder-path` loads it)")
+    dd.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint from `avatarforcing convert`")
+    dd.add_argument("--out", required=True, type=Path, help="the decoder file to write (.safetensors)")
+    dd.add_argument("--streams", type=int, default=16, help="reference faces streamed, one per stream (default 16)")
+    dd.add_argument("--blocks-per-stream", type=int, default=8, help="emitted blocks per stream (default 8)")
+    dd.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
+    dd.add_argument("--batch", type=int, default=8, help="latent frames per step (default 8)")
+    dd.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")
+    dd.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
+    dd.add_argument("--mse-weight", type=float, default=0.0, help="loss: L1 + this times MSE (default 0)")
+    dd.add_argument("--heldout", type=float, default=0.2, help="fraction of the streams held out (default 0.2)")
+    dd.add_argument("--eval-every", type=int, default=100, help="held-out error every this many steps (default 100)")
+    dd.add_argument("--sessions", type=int, default=8, help="streams the engine runs at once (default 8)")
+    dd.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    dd.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="the engine's and Wan's decoder's dtype (default auto: bfloat16 on CUDA, float32 on a CPU); "
+                         "the small decoder trains in float32")
+    dd.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    dd.add_argument("--seed", type=int, default=0, help="faces, audio, noise and initialisation (default 0)")
+    dd.set_defaults(fn=cmd_distill_decoder)
     a = ap.parse_args(args)
     try:
         return int(a.fn(a) or 0)
