@@ -140,16 +140,21 @@ def _load_published(path: Path, md: dict[str, str], mcfg: ModelConfig, scfg: Str
                        meta=json.loads(md.get("meta", "{}")), audio=audio, context=context.float())
 
 
-def load_checkpoint(path: str | Path) -> LoadedModel:
-    path = Path(path)
+def _metadata(path: Path, what: str, expected: str) -> dict[str, str]:
+    """A safetensors file's metadata; FileNotFoundError ("``what`` PATH does not exist") or one ValueError line
+    saying the file is unreadable and what was ``expected``."""
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
-            md = f.metadata() or {}
+            return f.metadata() or {}
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e}); a converted or trained checkpoint "
-                         "of this project is") from None
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); {expected}") from None
+
+
+def load_checkpoint(path: str | Path) -> LoadedModel:
+    path = Path(path)
+    md = _metadata(path, "checkpoint", "a converted or trained checkpoint of this project is")
     if "model_config" not in md:
         raise ValueError(f"{path} is not an AvatarForcing checkpoint (no model_config in its metadata)")
     try:
@@ -224,14 +229,7 @@ def save_decoder(path: str | Path, decoder: TinyAutoencoder, model_cfg: ModelCon
 def read_decoder_meta(path: str | Path) -> dict[str, Any]:
     """A distilled decoder file's metadata, each entry decoded (``model_config`` a dict, ``z_dim`` an int, ...)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"decoder {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            md = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e}); a file from `avatarforcing "
-                         "distill-decoder` is") from None
+    md = _metadata(path, "decoder", "a file from `avatarforcing distill-decoder` is")
     if md.get("format") != DECODER_FORMAT:
         raise ValueError(f"{path} is not a distilled decoder (no format {DECODER_FORMAT} in its metadata; make one "
                          "with `avatarforcing distill-decoder`)")
