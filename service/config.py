@@ -29,8 +29,8 @@ class ServerConfig:
     flash_impl: str = ""  # the "flash" kernel: "" PyTorch's own | FA3 | FA4 (FlashAttention-3/4, where installed)
     fp8: bool = False  # the blocks' per-token linears as FP8 (e4m3) products (avatarforcing/fp8.py; Hopper: 2x rate)
     # The published model (docs/published-model.md). decoder: auto (the checkpoint's: Wan's VAE for a
-    # converted one) | wan | tiny (the project's small decoder: much cheaper; untrained for Wan's latents
-    # unless the checkpoint carries one). positions: auto (the checkpoint's stream) | relative | reference.
+    # converted one) | wan | tiny (the project's small decoder: much cheaper; random for Wan's latents
+    # unless decoder_path gives a distilled one). positions: auto (the checkpoint's stream) | relative | reference.
     # audio_context_s: seconds of past audio wav2vec2 sees before each block (-1: avatarforcing.wav2vec's default).
     # decoder_path: with decoder tiny, a small decoder distilled for the checkpoint (`avatarforcing distill-decoder`).
     decoder: str = "auto"
