@@ -73,12 +73,9 @@ def choose_fastest(run: Callable[[str], float | None], candidates: tuple[str, ..
         try:
             t = run(name)
         except RuntimeError as e:
-            t = None
             times[name] = f"refused: {str(e).splitlines()[0] if str(e) else type(e).__name__}"[:300]
-        if t is not None:
-            times[name] = t
-        elif name not in times:
-            times[name] = "refused"
+            continue
+        times[name] = "refused" if t is None else t
     timed = {k: v for k, v in times.items() if isinstance(v, float)}
     return (min(timed, key=lambda k: timed[k]) if timed else None), times
 

@@ -195,7 +195,7 @@ def choose_decoder(lm: LoadedModel, choice: str, path: str | Path | None = None)
         return None  # the project's own models already decode with the small autoencoder
     if path:
         return load_decoder(path, lm.model_cfg, lm.vae.config.z_dim)
-    dec = TinyAutoencoder(dataclasses.replace(lm.model_cfg, latent_channels=lm.vae.config.z_dim))
+    dec = small_decoder(lm.model_cfg, lm.vae.config.z_dim)
     log.warning("decoder 'tiny' for %s: no trained small decoder for Wan's latents ships with it, so it is "
                 "randomly initialised: frames show noise (use it to measure time and memory only)", lm.source)
     return dec

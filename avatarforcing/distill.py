@@ -49,6 +49,7 @@ from .checkpoint import (
 )
 from .config import ModelConfig
 from .engine import DTYPES, StreamEngine
+from .train.common import pick_device
 from .vae import TinyAutoencoder, to_pixels
 from .wan_vae import WanVAE
 
@@ -207,15 +208,6 @@ def reference_inputs(cfg: ModelConfig, streams: int, samples: int, block_samples
 
 
 # ---- latents and the teacher's frames -------------------------------------------------------------------------
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name}: no CUDA device here (use cpu)")
-    return dev
-
-
 def stream_seed(dc: DistillConfig, stream: int) -> int:
     """The engine's noise seed of a stream (``StreamEngine.allocate``)."""
     return dc.seed * 100_003 + stream
@@ -232,7 +224,7 @@ def collect(lm: LoadedModel, dc: DistillConfig, progress: Progress | None = None
     if not isinstance(vae, WanVAE):
         raise ValueError(f"{lm.source}: not a converted published checkpoint (it has no Wan VAE to distil from; "
                          "convert the published files with `avatarforcing convert`)")
-    dev = _device(dc.device)
+    dev = pick_device(dc.device)
     sessions = min(dc.sessions, dc.streams)
     # The engine only encodes the references and denoises here (``decoder``: a stand-in, never run), so it keeps
     # no decoder cache of its own; the teacher's caches below are the ones it would keep.
@@ -310,7 +302,7 @@ def train_student(train: DistillData, heldout: DistillData, model_cfg: ModelConf
                   progress: Progress | None = None) -> tuple[TinyAutoencoder, list[tuple[int, HeldOutError]]]:
     """Trains the small decoder on ``train`` (AdamW, L1 + ``mse_weight`` MSE, a short warm-up then cosine decay to a
     tenth of ``lr``); returns it and the held-out error at step 0, every ``eval_every`` steps and the last step."""
-    dev = _device(dc.device)
+    dev = pick_device(dc.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(dc.seed)
         student = small_decoder(model_cfg, z_dim)

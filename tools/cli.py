@@ -267,13 +267,11 @@ def cmd_distill_decoder(a: argparse.Namespace) -> int:
         import torch
 
         from avatarforcing.distill import DistillConfig, distill_decoder
+        from avatarforcing.train.common import pick_device
 
-        device = a.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA device here (use --device cpu)")
-        dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+        dev = pick_device(a.device)  # auto: CUDA where there is one
+        device = str(dev)
+        dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
         if a.threads:
             torch.set_num_threads(a.threads)
         dc = DistillConfig(streams=a.streams, blocks_per_stream=a.blocks_per_stream, steps=a.steps, batch=a.batch,

@@ -423,6 +423,7 @@ def published(device: torch.device, opts: dict[str, Any], steps: int, encoding: 
     depend on them): wav2vec2-base features on a sliding window, the umT5 context's cross-attention, the
     transformer, and Wan's VAE decode with each slot's cache; then the same with the small decoder, and (``fp8``)
     with Wan's decode and FP8 products."""
+    from avatarforcing.checkpoint import small_decoder
     from avatarforcing.published import published_config, published_stream
     from avatarforcing.wan_vae import WanVAEConfig
     from avatarforcing.wav2vec import Wav2VecFeatures
@@ -446,7 +447,7 @@ def published(device: torch.device, opts: dict[str, Any], steps: int, encoding: 
     out: dict[str, Any] = {"weights_bytes": _weights_bytes(model, wan, opts, w2v)}
     out["wan_decoder"] = end_to_end(model, wan, stream, device, opts, batches, steps, encoding, engine_kw=kw)
     _free(device)
-    small = TinyAutoencoder(dataclasses.replace(cfg, latent_channels=vcfg.z_dim))
+    small = small_decoder(cfg, vcfg.z_dim)
     out["tiny_decoder"] = end_to_end(model, wan, stream, device, opts, batches[:1], steps, encoding,
                                      engine_kw={**kw, "decoder": small})
     _free(device)
