@@ -356,8 +356,14 @@ async def test_concurrent_claims_never_overfill_a_node(redis_server: RedisServer
     from avatarforcing_service.routing import Full, NodeInfo, RoutingLimits
     from avatarforcing_service.routing.redis_store import RedisRouter
 
-    routers = [RedisRouter(NodeInfo(f"n{i}", f"127.0.0.1:{1000 + i}", 4), RoutingLimits(), lambda: 4,
-                           url=redis_server.url) for i in range(3)]
+    # What is tested is the claim's atomicity with Redis reachable: 40 connections opened at once on a loaded CI
+    # machine can take longer than the routers' 0.5-s default to connect, and a router that times out places
+    # sessions locally (the designed outage mode), which is another test's subject. Hence a generous timeout.
+    def router(i: int) -> RedisRouter:
+        return RedisRouter(NodeInfo(f"n{i}", f"127.0.0.1:{1000 + i}", 4), RoutingLimits(), lambda: 4,
+                           url=redis_server.url, op_timeout_s=10.0)
+
+    routers = [router(i) for i in range(3)]
     for r in routers:
         await r.start()
     try:
@@ -370,8 +376,7 @@ async def test_concurrent_claims_never_overfill_a_node(redis_server: RedisServer
         for r in routers:
             await r.stop()
         await asyncio.to_thread(redis_server.cli, "FLUSHALL")
-        routers = [RedisRouter(NodeInfo(f"n{i}", f"127.0.0.1:{1000 + i}", 4), RoutingLimits(), lambda: 4,
-                               url=redis_server.url) for i in range(3)]
+        routers = [router(i) for i in range(3)]
         for r in routers:
             await r.start()
         results = await asyncio.gather(*(routers[i % 3].create("acme", 5) for i in range(12)), return_exceptions=True)
