@@ -175,9 +175,6 @@ def test_gpu_bench_published_section_at_smoke_size(tmp_path) -> None:  # type: i
     """The published model's end-to-end section (wav2vec2, text context, Wan decode with slot caches, then the
     small decoder, then FP8) and the FP8 section run on a CPU at replica size, so a GPU session can run them at
     full size unchanged."""
-    # The fused stages are compiled once per process; the other tests here compiled them for other sizes and
-    # dtypes up to dynamo's recompile limit, which a server (one model) never meets. Start from a clean slate.
-    torch._dynamo.reset()
     out = tmp_path / "p.json"
     rc = gpubench(["--device", "cpu", "--smoke", "--steps", "1", "--published-batches", "1", "--encoding", "jpeg",
                    "--sections", "fp8,published", "--out", str(out)])
