@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import attention as attention_kernels
 from .config import ModelConfig, StreamConfig
@@ -91,6 +92,21 @@ def _mix_seed(seed: int, step: int) -> int:
     return (seed * 6364136223846793005 + step * 1442695040888963407 + 1) % (2**63 - 1)
 
 
+def channels_last(module: nn.Module) -> nn.Module:
+    """Puts a module's convolution weights in the channels-last layouts, in place: 4-D ones in
+    ``channels_last``, 5-D ones (Wan's 3D convolutions) in ``channels_last_3d``. The convolutions then run
+    cuDNN's NHWC/NDHWC kernels on CUDA (their outputs follow the weights' layout); the function is the same.
+    (``Module.to(memory_format=channels_last)`` refuses a module with 5-D weights.)"""
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 4:
+            return t.contiguous(memory_format=torch.channels_last)
+        if t.dim() == 5:
+            return t.contiguous(memory_format=torch.channels_last_3d)
+        return t
+
+    return module._apply(convert)
+
+
 class StreamEngine:
     def __init__(self, model: AvatarDiT, vae: Autoencoder, stream: StreamConfig, *, max_sessions: int,
                  device: str | torch.device = "cpu", dtype: str = "float32", compile: bool = False,
@@ -132,10 +148,10 @@ class StreamEngine:
         self.w2v = audio.to(self.device, self.dtype).eval() if audio is not None else None
         self.decoder = decoder.to(self.device, self.dtype).eval() if decoder is not None else None
         if self.decoder is not None and self.cuda:
-            self.decoder.to(memory_format=torch.channels_last)
+            channels_last(self.decoder)
         self.streamed_decode = isinstance(vae, WanVAE) and decoder is None
         if self.cuda:
-            self.vae.to(memory_format=torch.channels_last)
+            channels_last(self.vae)
         self.compiled = compile
         self.use_graphs = cuda_graphs
         self.attention = attention

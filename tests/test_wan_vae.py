@@ -148,6 +148,34 @@ def test_batched_streams_equal_each_alone(world: dict[str, Any]) -> None:
     assert rel_err(both[:1], both[1:]) > 0.01  # the two streams do differ
 
 
+@torch.no_grad()
+def test_channels_last_layouts_keep_the_function(world: dict[str, Any]) -> None:
+    """The engine's layout change on a CUDA device (``engine.channels_last``): Wan's 3D convolutions go
+    channels_last_3d and its 2D ones channels_last (``Module.to(memory_format=channels_last)`` raises on the
+    5-D weights), and the streamed decode and the encode give the same numbers in the new layout."""
+    import copy
+
+    from avatarforcing.engine import channels_last
+
+    with pytest.raises(RuntimeError):
+        copy.deepcopy(world["ours"]).to(memory_format=torch.channels_last)
+    vae = channels_last(copy.deepcopy(world["ours"]))
+    ranks = {p.dim() for p in vae.parameters()}
+    assert {4, 5} <= ranks
+    five = [p for p in vae.parameters() if p.dim() == 5]
+    four = [p for n, p in vae.named_parameters() if p.dim() == 4 and not n.endswith("gamma")]
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in five)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in four)
+    # (a 1x1 kernel's weight is contiguous in both layouts; the 3x3 ones have moved)
+    assert any(not p.is_contiguous() for p in five) and any(not p.is_contiguous() for p in four)
+    z = world["z"]
+    frames, cache = vae.decode_step(z[:, :, :2], None, first=True)
+    more, _ = vae.decode_step(z[:, :, 2:], cache, first=False)
+    assert rel_err(torch.cat([frames, more], dim=2), world["dec_ref"]) <= RTOL
+    assert rel_err(vae.encode(world["video"]), world["enc_ref"]) <= RTOL
+    assert vae.latents_std.dtype == torch.float32  # (WanVAE._apply rebuilt its statistics)
+
+
 # --- structure -----------------------------------------------------------------------------------------
 
 
