@@ -18,8 +18,11 @@ asking the device: a batch whose slots are all past their warm-up runs with
 no attention mask (the fused attention kernels), at static shapes.
 
 On CUDA the engine runs on a stream of its own, and ``step`` waits for its step: denoising, decoding,
-then the frames' copy into a pinned host buffer. (A two-stream pipeline that overlapped step k+1's
-denoising with step k's decoding measured no gain and was removed; see docs/gpu.md.) With
+then the frames' copy into a pinned host buffer. With ``overlap_decode`` the decoding runs on a second
+stream instead: ``step(..., deferred=True)`` returns as soon as the denoising is done, with results whose
+frames ``SlotResult.wait`` collects, so the next step's denoising runs while this one's blocks decode
+(Wan's VAE decoder is a sizeable share of a step; the tiny one is not, and an earlier two-stream pipeline
+measured no gain with it, see docs/gpu.md). With
 ``cuda_graphs`` the steady-state denoising of each batch size is captured once as a CUDA graph and
 replayed; with ``compile`` the blocks' elementwise stages run fused (``model.compiled_ops``).
 """
@@ -28,8 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import dataclasses
+import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -79,6 +85,38 @@ class AnchorState:
         return sum(t.numel() * t.element_size() for t in ts)
 
 
+class _Decoded:
+    """The decoded blocks of one step's emitting slots, on their way to the host: the frames [m, F, H, W, 3]
+    and anchor similarities [m], in (pinned) host tensors that the copy fills once ``done`` has fired (None:
+    already there). The first ``row`` waits for them and copies them out once, for every slot of the step (the
+    pinned buffers then go back to PyTorch's host allocator); it may be called from any thread."""
+
+    def __init__(self, done: torch.cuda.Event | None, frames: torch.Tensor, sims: torch.Tensor) -> None:
+        self._done = done
+        self._tensors: tuple[torch.Tensor, torch.Tensor] | None = (frames, sims)
+        self._host: tuple[np.ndarray, list[float]] | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def ready(cls, frames: np.ndarray, sims: list[float]) -> _Decoded:
+        """Blocks already on the host (copied out of any buffer the engine reuses)."""
+        d = cls(None, torch.empty(0), torch.empty(0))
+        d._tensors, d._host = None, (frames, sims)
+        return d
+
+    def row(self, e: int) -> tuple[np.ndarray, float]:
+        with self._lock:
+            if self._host is None:
+                if self._done is not None:
+                    self._done.synchronize()
+                assert self._tensors is not None
+                frames, sims = self._tensors
+                # Copied out: the caller keeps these frames, and the pinned buffers are reused.
+                self._host = (frames.numpy().copy(), sims.tolist())
+                self._tensors = None
+        return self._host[0][e], self._host[1][e]
+
+
 @dataclass
 class SlotResult:
     slot: int
@@ -86,6 +124,17 @@ class SlotResult:
     emitted_block: int | None  # index of the emitted block in the stream, None during warm-up
     frames: np.ndarray | None  # uint8 [frames_per_block, H, W, 3]
     anchor_similarity: float | None  # cosine similarity of the emitted latents to the reference
+    # ``step(..., deferred=True)``: the emitted block still on its way (frames and similarity None until ``wait``)
+    decoded: _Decoded | None = field(default=None, repr=False, compare=False)
+    row: int = field(default=0, repr=False, compare=False)
+
+    def wait(self) -> SlotResult:
+        """This result with its frames and similarity: waits for a deferred block's decoding and copy (blocks the
+        calling thread; any thread may call it). A result that is complete already is returned as it is."""
+        if self.decoded is None:
+            return self
+        frames, sim = self.decoded.row(self.row)
+        return dataclasses.replace(self, frames=frames, anchor_similarity=sim, decoded=None, row=0)
 
 
 def _mix_seed(seed: int, step: int) -> int:
@@ -113,7 +162,7 @@ class StreamEngine:
                  cuda_graphs: bool = False, attention: str = "auto", audio: Wav2VecFeatures | None = None,
                  context: torch.Tensor | None = None, audio_context_s: float | None = None,
                  decoder: TinyAutoencoder | None = None, half_split_rope: bool = True,
-                 fp8: bool = False) -> None:
+                 fp8: bool = False, overlap_decode: bool = False) -> None:
         """``audio``: the wav2vec2 features of a model whose ``audio_source`` is wav2vec2, run on a sliding
         window of ``audio_context_s`` seconds before each block (default ``wav2vec.DEFAULT_CONTEXT_S``);
         ``context``: the default umT5 text context [text_len, text_dim] of a model with an external one;
@@ -122,7 +171,9 @@ class StreamEngine:
         function, cheaper rotation; ``AvatarDiT.set_half_split_rope``). The engine takes the model over: it
         moves it, and the layout is the model's, shared with any other engine built on it;
         ``fp8``: the blocks' per-token linears run as FP8 products (``fp8.quantize_blocks``, which changes the model;
-        with ``compile`` their activations are quantized by fused kernels)."""
+        with ``compile`` their activations are quantized by fused kernels);
+        ``overlap_decode`` (CUDA): emitted blocks decode on a second stream, overlapped with the next step's
+        denoising when the caller takes deferred results (``step(..., deferred=True)``)."""
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         if attention not in attention_kernels.BACKENDS:
@@ -135,12 +186,18 @@ class StreamEngine:
         self.cuda = self.device.type == "cuda"
         if cuda_graphs and not self.cuda:
             raise ValueError("cuda_graphs needs a CUDA device")
+        if overlap_decode and not self.cuda:
+            raise ValueError("overlap_decode needs a CUDA device (it decodes on a second CUDA stream)")
         self.model = model.to(self.device, self.dtype).eval()
         self.model.set_half_split_rope(half_split_rope)
-        if fp8:
-            from .fp8 import quantize_blocks
+        from .fp8 import FP8Linear, quantize_blocks
 
+        quantized = any(isinstance(m, FP8Linear) for m in self.model.blocks.modules())
+        if fp8 and not quantized:  # (quantized already: by an earlier engine built on this model, which it shares)
             quantize_blocks(self.model, compiled=compile)
+        elif quantized and not fp8:
+            raise ValueError("this model's linears are FP8 already (an engine built on it with fp8 quantized them "
+                             "in place): build this engine with fp8=True too, or load the model again")
         self.vae = vae.to(self.device, self.dtype).eval()
         if (model.cfg.audio_source == "wav2vec2") != (audio is not None):
             raise ValueError(f"a model with audio_source {model.cfg.audio_source!r} "
@@ -221,6 +278,10 @@ class StreamEngine:
         self._gen = torch.Generator(device=dev)
         # ---- the stream, pinned output buffers, graphs (CUDA) -------------------------------------
         self._compute = torch.cuda.Stream(dev) if self.cuda else None
+        # overlap_decode: the decoding's own stream, and the completion events of the decodes still queued on it
+        # (at most ``_MAX_DECODES``: a decoder slower than the denoising makes ``step`` wait, not the queue grow).
+        self._decode_stream = torch.cuda.Stream(dev) if overlap_decode else None
+        self._decodes: deque[torch.cuda.Event] = deque()
         self._graphs: dict[int, _Graph] = {}
         self.graph_errors: dict[int, str] = {}
         with self._on_compute(), torch.inference_mode():
@@ -286,6 +347,11 @@ class StreamEngine:
         self._emitted[s] = 0
         self._seeds[s] = int(seed)
         with self._on_compute(), torch.inference_mode():
+            if self._decode_stream is not None:
+                # The slot's previous session may still be decoding its last blocks from this slot's decoder
+                # cache, which priming the new one overwrites: everything queued there goes first.
+                assert self._compute is not None
+                self._compute.wait_stream(self._decode_stream)
             self.win_lat[s].zero_()
             self.win_audio[s].zero_()
             self.ref_lat[s] = anchor.ref_latent.to(self.device, self.dtype)
@@ -424,12 +490,18 @@ class StreamEngine:
             return noise.to(self.dtype)
         return out.copy_(noise)
 
+    _MAX_DECODES = 2
+
     @torch.inference_mode()
-    def step(self, slots: Sequence[int], pcm: np.ndarray | torch.Tensor) -> list[SlotResult]:
-        """One denoising step for each slot in ``slots`` (one batched pass), waited for: the results in the
-        order of ``slots``, with the decoded frames of those past their warm-up.
+    def step(self, slots: Sequence[int], pcm: np.ndarray | torch.Tensor, *,
+             deferred: bool = False) -> list[SlotResult]:
+        """One denoising step for each slot in ``slots`` (one batched pass): the results in the order of
+        ``slots``, with the decoded frames of those past their warm-up.
 
         pcm: float32 [n, block_samples] in [-1, 1], the newest block's audio at 16 kHz per slot.
+        ``deferred``: the emitted results' frames and similarities are collected by ``SlotResult.wait`` (from any
+        thread). With ``overlap_decode`` the step then returns once its denoising is done, its blocks decoding on
+        the second stream; otherwise it returns when everything is done, as without ``deferred``.
         """
         if not slots:
             return []
@@ -441,15 +513,10 @@ class StreamEngine:
             emit_idx = torch.tensor([slots[i] for i in rows], device=self.device)
             ref = self.ref_lat[emit_idx]
             sims = F.cosine_similarity(clean.float().flatten(2), ref.float().flatten(1)[:, None], dim=-1).mean(1)
-            frames = to_pixels(self._decode(emit_idx, clean))
-            m = len(rows)
-            if self._host_frames is not None and self._host_sims is not None and self._compute is not None:
-                frames = self._host_frames[:m].copy_(frames, non_blocking=True)
-                sims = self._host_sims[:m].copy_(sims, non_blocking=True)
-                self._compute.synchronize()
-        # Copied out: the pinned buffers are the next step's, and the caller keeps these frames.
-        host_frames = frames.cpu().numpy().copy()
-        host_sims = sims.cpu().tolist()
+            if self._decode_stream is None:
+                decoded = self._decode_here(emit_idx, clean, sims)
+            else:
+                decoded = self._decode_beside(emit_idx, clean, sims)
         emitted = {r: e for e, r in enumerate(rows)}
         out: list[SlotResult] = []
         for i, (s, k) in enumerate(zip(slots, steps, strict=True)):
@@ -457,8 +524,46 @@ class StreamEngine:
             if e is None:
                 out.append(SlotResult(s, k, None, None, None))
             else:
-                out.append(SlotResult(s, k, numbers[e], host_frames[e], host_sims[e]))
-        return out
+                out.append(SlotResult(s, k, numbers[e], None, None, decoded=decoded, row=e))
+        return out if deferred else [r.wait() for r in out]
+
+    def _decode_here(self, idx: torch.Tensor, clean: torch.Tensor, sims: torch.Tensor) -> _Decoded:
+        """Decodes on the engine's stream and waits: the frames are on the host when this returns, and copied
+        out of the pinned buffers (the next step's) at once."""
+        frames = to_pixels(self._decode(idx, clean))
+        m = idx.shape[0]
+        if self._host_frames is not None and self._host_sims is not None and self._compute is not None:
+            frames = self._host_frames[:m].copy_(frames, non_blocking=True)
+            sims = self._host_sims[:m].copy_(sims, non_blocking=True)
+            self._compute.synchronize()
+        return _Decoded.ready(frames.cpu().numpy().copy(), sims.cpu().tolist())
+
+    def _decode_beside(self, idx: torch.Tensor, clean: torch.Tensor, sims: torch.Tensor) -> _Decoded:
+        """Queues the decoding and the copy to the host on the decode stream, behind this step's denoising, and
+        returns when the denoising is done (the next step's may start; this one's blocks are still decoding)."""
+        compute, ds = self._compute, self._decode_stream
+        assert compute is not None and ds is not None
+        clean = clean.clone()  # a CUDA graph's output buffer: the next replay overwrites it
+        denoised = torch.cuda.Event()
+        denoised.record(compute)
+        while len(self._decodes) >= self._MAX_DECODES:
+            self._decodes.popleft().synchronize()
+        with torch.cuda.stream(ds):
+            ds.wait_event(denoised)
+            for t in (idx, clean, sims):  # made on the engine's stream, read on this one
+                t.record_stream(ds)
+            frames = to_pixels(self._decode(idx, clean))
+            # Fresh page-locked buffers (PyTorch's host allocator caches them), as the copies of several steps
+            # may be outstanding; each goes back to it when its results have been collected and dropped.
+            host_frames = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+            host_sims = torch.empty(sims.shape, dtype=sims.dtype, pin_memory=True)
+            host_frames.copy_(frames, non_blocking=True)
+            host_sims.copy_(sims, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(ds)
+        self._decodes.append(done)
+        denoised.synchronize()
+        return _Decoded(done, host_frames, host_sims)
 
     @torch.inference_mode()
     def denoise_step(self, slots: Sequence[int], pcm: np.ndarray | torch.Tensor) -> torch.Tensor:

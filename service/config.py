@@ -28,6 +28,8 @@ class ServerConfig:
     attention: str = "auto"  # auto (PyTorch's choice) | fastest (timed per shape) | cudnn | flash | efficient | math
     flash_impl: str = ""  # the "flash" kernel: "" PyTorch's own | FA3 | FA4 (FlashAttention-3/4, where installed)
     fp8: bool = False  # the blocks' per-token linears as FP8 (e4m3) products (avatarforcing/fp8.py; Hopper: 2x rate)
+    # Decode emitted blocks on a second CUDA stream while the next step denoises (CUDA only; for Wan's VAE decoder).
+    overlap_decode: bool = False
     # The published model (docs/published-model.md). decoder: auto (the checkpoint's: Wan's VAE for a
     # converted one) | wan | tiny (the project's small decoder: much cheaper; random for Wan's latents
     # unless decoder_path gives a distilled one). positions: auto (the checkpoint's stream) | relative | reference.
@@ -130,6 +132,9 @@ class ServerConfig:
              "unknown attention kernel (auto, fastest, cudnn, flash, efficient, math)"),
             (self.flash_impl in ("", "FA3", "FA4"), ("flash_impl",), "flash_impl must be empty, FA3 or FA4"),
             (isinstance(self.fp8, bool), ("fp8",), "fp8 must be true or false"),
+            (isinstance(self.overlap_decode, bool), ("overlap_decode",), "overlap_decode must be true or false"),
+            (not self.overlap_decode or self.resolved_device().startswith("cuda"), ("overlap_decode", "device"),
+             "overlap_decode needs a CUDA device (it decodes on a second CUDA stream)"),
             (self.log_level in ("debug", "info", "warning", "error"), ("log_level",),
              "unknown log level (debug, info, warning, error)"),
             (self.log_format in LOG_FORMATS, ("log_format",), "log_format must be auto, json or console"),

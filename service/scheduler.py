@@ -9,7 +9,9 @@ Each wake-up it collects the sessions whose next block is due (REALTIME: the dea
 or a full block of audio is waiting and the session is not too far ahead; ASAP: a block of audio
 is waiting or the tail must be flushed), sorts them by deadline, and runs up to ``max_batch`` of
 them as ONE engine step in the engine thread. Encoding runs in a separate thread pool, so the
-next step can start while the previous block is being encoded. Every engine call (step, slot
+next step can start while the previous block is being encoded; the engine's results are deferred
+(``StreamEngine.step(..., deferred=True)``), so with ``overlap_decode`` a block's decoding also runs
+beside the next step's denoising, and the encode thread waits for its frames. Every engine call (step, slot
 allocation and release, interrupts, re-plans) runs in the single engine thread, so slot state never races.
 
 Speech onset: a session with audio far ahead of its silent timeline is ready at once and re-plans
@@ -212,7 +214,7 @@ class Scheduler:
             for r in replan_slots or ():
                 if self.engine.is_allocated(r):
                     self.engine.replan(r)
-            return self.engine.step(slots, pcm)
+            return self.engine.step(slots, pcm, deferred=True)
 
         return await self.in_engine(work)
 
@@ -231,18 +233,19 @@ class Scheduler:
         async with s.deliver_lock:  # FIFO: blocks of one session are delivered in order
             if not s.accepts_output():
                 return
-            assert r.frames is not None and r.emitted_block is not None
+            assert r.emitted_block is not None
             dropped = s.make_room(s.fpb)
             if dropped:
                 self.metrics.frames_dropped.inc(dropped)
             s.before_encode(blk)
             t0 = time.perf_counter()
             try:
-                encoded = await asyncio.get_running_loop().run_in_executor(self._codec_pool, s.encoder.encode, r.frames)
+                r, encoded = await asyncio.get_running_loop().run_in_executor(self._codec_pool, _decoded_encoded,
+                                                                              r, s.encoder)
             except Exception as e:
                 if not s.released:
-                    log.exception("encoding failed", session_id=s.id)
-                    s.fail(SessionFailure(grpc.StatusCode.INTERNAL, f"encoding failed: {e}"))
+                    log.exception("decoding or encoding a block failed", session_id=s.id)
+                    s.fail(SessionFailure(grpc.StatusCode.INTERNAL, f"decoding or encoding a block failed: {e}"))
                 return
             enc = time.perf_counter() - t0
             self._encode_s = enc if self._encode_s is None else 0.8 * self._encode_s + 0.2 * enc
@@ -261,3 +264,10 @@ class Scheduler:
         self.metrics.drift_alerts.inc()
         log.warning("session drifting: anchor similarity below the calibrated floor", session_id=s.id,
                     similarity=round(mean, 4), floor=round(self.drift_floor, 4))
+
+
+def _decoded_encoded(r: SlotResult, encoder: Any) -> tuple[SlotResult, Any]:
+    """In an encode thread: the block's frames (waiting for its decoding, when deferred) and their encoding."""
+    r = r.wait()
+    assert r.frames is not None
+    return r, encoder.encode(r.frames)

@@ -107,6 +107,46 @@ def test_same_seed_same_video_regardless_of_slot() -> None:
         assert (x is None and y is None) or np.array_equal(x, y)
 
 
+def test_deferred_results_are_the_waited_ones() -> None:
+    """``step(..., deferred=True)`` (what the scheduler calls): the emitted results carry their block on its way,
+    ``wait`` (from any thread, any number of times) gives exactly the frames and similarity ``step`` gives, and a
+    step's pending rows do not move when the engine steps on before they are collected."""
+    import concurrent.futures
+
+    waited, deferred = make_engine(max_sessions=2), make_engine(max_sessions=2)
+    anchors = [waited.prepare_anchor(face(i)) for i in range(2)]
+    a = [waited.allocate(x, seed=7 + i) for i, x in enumerate(anchors)]
+    b = [deferred.allocate(x, seed=7 + i) for i, x in enumerate(anchors)]
+    audio = pcm_blocks(waited, 12, seed=3).reshape(6, 2, -1)
+    pending = []
+    for k in range(6):
+        ref = waited.step(a, audio[k])
+        res = deferred.step(b, audio[k], deferred=True)
+        assert [(r.slot, r.step, r.emitted_block) for r in res] == [(r.slot, r.step, r.emitted_block) for r in ref]
+        for r, want in zip(res, ref, strict=True):
+            if want.emitted_block is None:
+                assert r.decoded is None and r.wait() is r
+            else:
+                assert r.frames is None and r.anchor_similarity is None and r.decoded is not None
+                pending.append((r, want))
+    assert len(pending) == 2 * (6 - (waited.L - 1))
+    # Collected only now (the engine stepped on meanwhile), two rows of one step from two threads at once.
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda rw: rw[0].wait(), pending))
+    for g, (r, want) in zip(got, pending, strict=True):
+        assert g.decoded is None and g.frames is not None and want.frames is not None
+        assert np.array_equal(g.frames, want.frames) and g.anchor_similarity == want.anchor_similarity
+        again = r.wait()
+        assert again.frames is not None and np.array_equal(again.frames, g.frames)
+    assert not np.array_equal(got[0].frames, got[1].frames)  # the two slots' blocks are their own
+
+
+def test_overlap_decode_needs_cuda() -> None:
+    lm = random_init("tiny", seed=0)
+    with pytest.raises(ValueError, match="overlap_decode needs a CUDA device"):
+        StreamEngine(lm.model, lm.vae, StreamConfig(), max_sessions=1, overlap_decode=True)
+
+
 def test_slots_allocated_and_freed_exactly_once() -> None:
     eng = make_engine(max_sessions=2)
     a = eng.prepare_anchor(face())

@@ -176,7 +176,7 @@ def test_gpu_bench_published_section_at_smoke_size(tmp_path) -> None:  # type: i
     small decoder, then FP8) and the FP8 section run on a CPU at replica size, so a GPU session can run them at
     full size unchanged."""
     out = tmp_path / "p.json"
-    rc = gpubench(["--device", "cpu", "--smoke", "--steps", "1", "--published-batches", "1", "--encoding", "jpeg",
+    rc = gpubench(["--device", "cpu", "--smoke", "--steps", "1", "--published-batches", "1,2", "--encoding", "jpeg",
                    "--sections", "fp8,published", "--out", str(out)])
     assert rc == 0
     sections = json.loads(out.read_text())["sections"]
@@ -184,7 +184,9 @@ def test_gpu_bench_published_section_at_smoke_size(tmp_path) -> None:  # type: i
     assert "error" not in pub, pub.get("error")
     assert "error" not in fp8, fp8.get("error")
     assert fp8["fp8_layers"] > 0 and 0 < fp8["stated_error"]["latent_rel"] < 0.05 and fp8["stated_error"]["frames"] > 0
-    assert pub["wan_decoder_fp8"]["by_batch"][0]["frames_per_s"] > 0
+    # Two batch sizes: each builds an engine on the same model, so the second FP8 one finds it quantized.
+    assert [r["batch"] for r in pub["wan_decoder_fp8"]["by_batch"]] == [1, 2]
+    assert all(r["frames_per_s"] > 0 for r in pub["wan_decoder_fp8"]["by_batch"])
     wan, small = pub["wan_decoder"]["by_batch"][0], pub["tiny_decoder"]["by_batch"][0]
     assert wan["decoder_cache_bytes_per_slot"] > 0 and small["decoder_cache_bytes_per_slot"] == 0
     assert wan["slot_bytes"] > small["slot_bytes"] and wan["audio_features_ms"] > 0 and wan["frames_per_s"] > 0
@@ -206,6 +208,11 @@ def test_server_config_selects_the_fast_path(monkeypatch) -> None:  # type: igno
         ServerConfig(compile="yes")
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         StreamEngine(AvatarDiT(CFG), TinyAutoencoder(CFG), StreamConfig(), max_sessions=1, cuda_graphs=True)
+    # The decode's second stream: a server on a CPU refuses the setting at start, naming the variable.
+    monkeypatch.setenv("AVATARFORCING_OVERLAP_DECODE", "true")
+    with pytest.raises(ValueError, match=r"overlap_decode needs a CUDA device .*AVATARFORCING_OVERLAP_DECODE=.true."):
+        ServerConfig.from_env(device="cpu")
+    assert ServerConfig.from_env(device="cuda").overlap_decode
 
 
 def test_attend_is_attention_under_any_preference() -> None:

@@ -290,6 +290,12 @@ def test_engine_fp8_setting_quantizes_its_model() -> None:
     assert _fp8_paths(plain.model) == []
     fused = StreamEngine(AvatarDiT(CFG), TinyAutoencoder(CFG), STREAM, max_sessions=1, compile=True, fp8=True)
     assert all(m.compiled for m in fused.model.modules() if isinstance(m, FP8Linear))
+    # Engines share their model: another FP8 engine on it (a benchmark's next batch size) takes it as it is, and
+    # one without FP8 is refused rather than run FP8 unasked.
+    again = StreamEngine(eng.model, TinyAutoencoder(CFG), STREAM, max_sessions=2, dtype="bfloat16", fp8=True)
+    assert again.model is eng.model and len(_fp8_paths(again.model)) == CFG.layers * len(DEFAULT_TARGETS)
+    with pytest.raises(ValueError, match="linears are FP8 already"):
+        StreamEngine(eng.model, TinyAutoencoder(CFG), STREAM, max_sessions=1, dtype="bfloat16")
 
 
 def test_fp8_engine_within_stated_error_of_bf16() -> None:

@@ -35,6 +35,9 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="make the flash kernel FlashAttention-3 or -4 (their package installed; default PyTorch's)")
     p.add_argument("--fp8", action="store_true", default=None,
                    help="the transformer blocks' per-token linears as FP8 products (2x rate on Hopper; default off)")
+    p.add_argument("--overlap-decode", action="store_true", default=None,
+                   help="decode emitted blocks on a second CUDA stream while the next step denoises (CUDA only; "
+                        "for Wan's VAE decoder; default off)")
     p.add_argument("--decoder", default=None, choices=["auto", "wan", "tiny"],
                    help="the published model's decoder: auto (the checkpoint's), wan (Wan's VAE) or tiny (small)")
     p.add_argument("--decoder-path", default=None,

@@ -300,11 +300,14 @@ def _weights_bytes(model: AvatarDiT, vae: torch.nn.Module, opts: dict[str, Any],
     return sum(p.numel() for m in (model, vae, *more) for p in m.parameters()) * size
 
 
-def _encode_after(prev: concurrent.futures.Future[Any] | None, encoder: Any, frames: np.ndarray) -> None:
-    """Encodes a session's block once its previous block is encoded (a session's frames stay in order)."""
+def _encode_after(prev: concurrent.futures.Future[Any] | None, encoder: Any, result: Any) -> None:
+    """Collects a session's block (a deferred result: waits for its decoding) and encodes it, once its previous
+    block is encoded (a session's frames stay in order), as the server's encode threads do."""
     if prev is not None:
         prev.result()
-    encoder.encode(frames)
+    frames = result.wait().frames
+    if encoder is not None:
+        encoder.encode(frames)
 
 
 def _encoder_factory(encoding: str, cfg: ModelConfig) -> tuple[Callable[[], Any] | None, str | None]:
@@ -323,8 +326,9 @@ def _encoder_factory(encoding: str, cfg: ModelConfig) -> tuple[Callable[[], Any]
 def end_to_end(model: AvatarDiT, vae: TinyAutoencoder | WanVAE, stream: StreamConfig, device: torch.device,
                opts: dict[str, Any], batches: list[int], steps: int, encoding: str,
                engine_kw: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Steps through ``step`` (denoising, decoding, the frames' copy to the host, waited for), each session's
-    frames encoded by its own encoder on a thread pool, as the server does.
+    """Steps as the server does: ``step`` with deferred results (denoising, decoding, the frames' copy to the
+    host; with ``overlap_decode`` the decoding runs beside the next step's denoising), each session's frames
+    collected and encoded by its own encoder on a thread pool.
     ``engine_kw``: more engine arguments (the published model's wav2vec2, text context, decoder)."""
     cfg = model.cfg
     clock = Clock(device)
@@ -347,11 +351,11 @@ def end_to_end(model: AvatarDiT, vae: TinyAutoencoder | WanVAE, stream: StreamCo
 
         def deliver(results: list[Any], encoders: list[Any] = encoders, chains: list[Any] = chains) -> None:
             for i, r in enumerate(results):
-                if r.frames is not None and encoders:
-                    chains[i] = pool.submit(_encode_after, chains[i], encoders[i], r.frames)
+                if r.emitted_block is not None:
+                    chains[i] = pool.submit(_encode_after, chains[i], encoders[i] if encoders else None, r)
 
         for _ in range(eng.warmup_steps + 2):
-            deliver(eng.step(slots, pcm))
+            deliver(eng.step(slots, pcm, deferred=True))
         for f in chains:
             if f is not None:
                 f.result()
@@ -359,7 +363,7 @@ def end_to_end(model: AvatarDiT, vae: TinyAutoencoder | WanVAE, stream: StreamCo
         clock.sync()
         t = time.perf_counter()
         for _ in range(steps):
-            deliver(eng.step(slots, pcm))
+            deliver(eng.step(slots, pcm, deferred=True))
         for f in chains:
             if f is not None:
                 f.result()
@@ -451,9 +455,18 @@ def published(device: torch.device, opts: dict[str, Any], steps: int, encoding: 
     out["tiny_decoder"] = end_to_end(model, wan, stream, device, opts, batches[:1], steps, encoding,
                                      engine_kw={**kw, "decoder": small})
     _free(device)
+    if device.type == "cuda":  # Wan's decode on its own stream, beside the next step's denoising
+        out["wan_decoder_overlap"] = end_to_end(model, wan, stream, device, {**opts, "overlap_decode": True},
+                                                batches, steps, encoding, engine_kw=kw)
+        _free(device)
     if fp8:  # last: FP8 replaces the model's linears in place
         out["wan_decoder_fp8"] = end_to_end(model, wan, stream, device, {**opts, "fp8": True}, batches, steps,
                                             encoding, engine_kw=kw)
+        if device.type == "cuda":
+            _free(device)
+            out["wan_decoder_fp8_overlap"] = end_to_end(model, wan, stream, device,
+                                                        {**opts, "fp8": True, "overlap_decode": True}, batches,
+                                                        steps, encoding, engine_kw=kw)
     return out
 
 
