@@ -30,8 +30,8 @@ replayed; with ``compile`` the blocks' elementwise stages run fused (``model.com
 from __future__ import annotations
 
 import contextlib
-import logging
 import dataclasses
+import logging
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence

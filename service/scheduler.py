@@ -233,7 +233,8 @@ class Scheduler:
         async with s.deliver_lock:  # FIFO: blocks of one session are delivered in order
             if not s.accepts_output():
                 return
-            assert r.emitted_block is not None
+            number = r.emitted_block
+            assert number is not None
             dropped = s.make_room(s.fpb)
             if dropped:
                 self.metrics.frames_dropped.inc(dropped)
@@ -254,7 +255,7 @@ class Scheduler:
             if r.anchor_similarity is not None:
                 self.metrics.anchor_similarity.observe(r.anchor_similarity)
                 self._drift_alert(s, s.observe_similarity(r.anchor_similarity, self.drift_floor))
-            s.queue_block(r.emitted_block, blk, encoded)
+            s.queue_block(number, blk, encoded)
         self.kick()  # backpressured sessions may be ready again
 
     def _drift_alert(self, s: Session, mean: float | None) -> None:

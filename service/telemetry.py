@@ -44,8 +44,9 @@ class Metrics:
                                         registry=r)
         self.step_duration = Histogram(p + "step_duration_seconds", "Engine step wall time (one batched pass)",
                                        buckets=_STEP, registry=r)
-        self.decode_encode_duration = Histogram(p + "encode_duration_seconds", "Encoding time of one block (with overlap_decode: from the end of its step, "
-                                                "its decoding's remainder too)",
+        self.decode_encode_duration = Histogram(p + "encode_duration_seconds",
+                                                "Encoding time of one block (with overlap_decode: from the end of "
+                                                "its step, the rest of its decoding too)",
                                                 buckets=_STEP, registry=r)
         self.batch_size = Histogram(p + "batch_size", "Sessions per engine step",
                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
