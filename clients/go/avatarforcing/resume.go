@@ -399,9 +399,10 @@ func (s *Session) onFrame(f *pb.VideoFrame) bool {
 	return !s.tracking || s.rs.onFrame(int64(f.GetIndex()), int64(s.started.GetFramesPerBlock()))
 }
 
-// onAudio does the resume bookkeeping of an AudioOut; false: a duplicate.
-func (s *Session) onAudio(a *pb.AudioOut) bool {
+// onAudio does the resume bookkeeping of an AudioOut: false, a duplicate; and where its stream's
+// audio starts in the session's audio.
+func (s *Session) onAudio(a *pb.AudioOut) (bool, int64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return !s.tracking || s.rs.onAudioOut(a.GetBlockIndex(), int64(a.GetSourceEndSample()))
+	return !s.tracking || s.rs.onAudioOut(a.GetBlockIndex(), int64(a.GetSourceEndSample())), s.rs.streamBase
 }

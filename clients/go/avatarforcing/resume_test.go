@@ -42,6 +42,7 @@ type received struct {
 	frames []uint64
 	audio  []uint32 // AudioOut block indices
 	pcm    []byte   // AudioOut data, concatenated
+	ends   []int64  // AudioOut: StreamStartSample + SourceEndSample, the session's audio covered
 	end    *pb.End
 }
 
@@ -54,6 +55,7 @@ func readAll(s *avatarforcing.Session) received {
 		case ev.Audio != nil:
 			r.audio = append(r.audio, ev.Audio.BlockIndex)
 			r.pcm = append(r.pcm, ev.Audio.Data...)
+			r.ends = append(r.ends, ev.StreamStartSample+int64(ev.Audio.SourceEndSample))
 		case ev.End != nil:
 			r.end = ev.End
 		}
@@ -111,6 +113,18 @@ func TestFleetResumeAfterUnavailable(t *testing.T) {
 	}
 	if s.Resumes() != 1 || s.Started().GetNodeId() != "B" {
 		t.Errorf("Resumes = %d, node %q; want 1 resume, to B", s.Resumes(), s.Started().GetNodeId())
+	}
+	// Each stream counts SourceEndSample from its own start; with StreamStartSample the positions
+	// continue across the resume: block k's audio ends at sample (k+1)*2560 of the session's.
+	wantEnds := make([]int64, 13)
+	for k := range wantEnds {
+		wantEnds[k] = min(int64(k+1)*2560, 32000)
+	}
+	if !slices.Equal(got.ends, wantEnds) {
+		t.Errorf("AudioOut ends in the session's audio %v, want %v", got.ends, wantEnds)
+	}
+	if s.StreamStartSample() != 3*2560 {
+		t.Errorf("StreamStartSample = %d, want %d (B's stream starts at block 3's audio)", s.StreamStartSample(), 3*2560)
 	}
 	streams := f.streamsOf(b)
 	if len(streams) != 1 {

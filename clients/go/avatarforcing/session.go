@@ -38,6 +38,11 @@ type Event struct {
 	// plays with one block of frames, silence the server inserted included; the samples that
 	// came from the client are Data[2*RealOffset : 2*(RealOffset+RealSamples)] (bytes).
 	Audio *pb.AudioOut
+	// StreamStartSample, with Audio: where the stream that delivered it starts in the session's
+	// audio (samples from the first sent; 0 until a resume), so StreamStartSample +
+	// Audio.SourceEndSample is a position that holds across resumes, comparable with the samples
+	// sent over the whole session.
+	StreamStartSample int64
 	// Stats are the session's periodic counters.
 	Stats *pb.Stats
 	// End is the last event: why the session ended.
@@ -207,6 +212,15 @@ func (s *Session) Started() *pb.SessionStarted {
 
 // Resumes returns how many times the session resumed after its stream broke.
 func (s *Session) Resumes() int { return int(s.resumes.Load()) }
+
+// StreamStartSample is where the current stream's audio starts in the session's audio (samples
+// from the first sent; 0 until a resume). Event.StreamStartSample is the same, as it was when that
+// event's stream delivered it.
+func (s *Session) StreamStartSample() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.rs.streamBase
+}
 
 // SampleRate is the sample rate of the audio the session takes (SessionOptions.SampleRate).
 func (s *Session) SampleRate() int { return s.opts.SampleRate }
@@ -603,10 +617,11 @@ func (s *Session) recvLoop() {
 			}
 			ev.Frame = m.Frame
 		case *pb.StreamResponse_Audio:
-			if !s.onAudio(m.Audio) {
+			ok, base := s.onAudio(m.Audio)
+			if !ok {
 				continue
 			}
-			ev.Audio = m.Audio
+			ev.Audio, ev.StreamStartSample = m.Audio, base
 		case *pb.StreamResponse_Stats:
 			ev.Stats = m.Stats
 		case *pb.StreamResponse_End:
