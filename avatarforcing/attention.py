@@ -12,6 +12,11 @@ mask), so it is made once, before any CUDA graph capture, and never inside one.
 window pass and the clean-history pass have different shapes and need not share a kernel. Which flash
 kernel "flash" is can be switched process-wide to FlashAttention-3/4 where that package is installed
 (``use_flash_impl``).
+
+``emulate_fp8()`` makes ``attend`` compute with the numerics of an FP8 attention kernel (FlashAttention-3's FP8
+forward: q, k and v in e4m3 with a scale per batch row and head, the softmax's probabilities rounded to e4m3 for
+the product with v, everything accumulated in float32), in float32 on any device: a study of what FP8 attention
+would cost in quality, not a fast path (``fp8_bench.compare_fp8``'s ``fp8_attention``).
 """
 
 from __future__ import annotations
@@ -146,8 +151,47 @@ def prefer(name: str) -> Iterator[None]:
         _local.preferred = before
 
 
+E4M3_MAX = 448.0
+
+
+def _e4m3_per_head(x: torch.Tensor) -> torch.Tensor:
+    """x [n, heads, N, d] rounded to e4m3 with one scale per (row, head) (amax to e4m3's largest), in float32."""
+    scale = x.float().abs().amax(dim=(-2, -1), keepdim=True).clamp(min=1e-12) / E4M3_MAX
+    return (x.float() / scale).to(torch.float8_e4m3fn).float() * scale
+
+
+def attend_fp8_emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``attend`` with an FP8 kernel's rounding (module doc), computed in float32; the output in q's dtype.
+    The scores are made a block of queries at a time (at most about 256 MiB of them), so long passes fit."""
+    qd, kd, vd = _e4m3_per_head(q), _e4m3_per_head(k), _e4m3_per_head(v)
+    n, h, nq, d = q.shape
+    rows = max(1, (256 << 20) // (4 * n * h * k.shape[-2]))
+    out = torch.empty(n, h, nq, vd.shape[-1], dtype=torch.float32, device=q.device)
+    for i in range(0, nq, rows):
+        s = (qd[:, :, i:i + rows] @ kd.transpose(-1, -2)) * d**-0.5
+        if mask is not None:
+            s = s.masked_fill(~(mask[..., i:i + rows, :] if mask.shape[-2] > 1 else mask), float("-inf"))
+        p = torch.exp(s - s.amax(dim=-1, keepdim=True))  # in (0, 1]: e4m3 without a scale, as the kernel keeps it
+        out[:, :, i:i + rows] = (p.to(torch.float8_e4m3fn).float() @ vd) / p.sum(dim=-1, keepdim=True)
+    return out.to(q.dtype)
+
+
+@contextlib.contextmanager
+def emulate_fp8(on: bool = True) -> Iterator[None]:
+    """Within (this thread): ``attend`` rounds as an FP8 attention kernel would (``attend_fp8_emulated``)."""
+    old = getattr(_local, "fp8_emulated", False)
+    _local.fp8_emulated = on
+    try:
+        yield
+    finally:
+        _local.fp8_emulated = old
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for q [n, heads, Nq, d], k/v [n, heads, Nk, d]; mask True where a key counts."""
+    if getattr(_local, "fp8_emulated", False):
+        return attend_fp8_emulated(q, k, v, mask)
     pref = getattr(_local, "preferred", "auto")
     if pref == "auto" or not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

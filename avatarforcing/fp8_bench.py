@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import attention as attention_kernels
 from .config import StreamConfig
 from .engine import Autoencoder, StreamEngine
 from .fp8 import FP8Linear, fp8_error
@@ -60,7 +61,8 @@ def _run(engine: _RecordingEngine, steps: int, sessions: int, seed: int, face: n
 
 def compare_fp8(model_factory: Callable[[], AvatarDiT], vae: Autoencoder, stream: StreamConfig, *,
                 device: str | torch.device = "cuda", dtype: str = "bfloat16", steps: int = 12, sessions: int = 1,
-                seed: int = 0, face: np.ndarray | None = None, **engine_kw: Any) -> dict[str, Any]:
+                seed: int = 0, face: np.ndarray | None = None, fp8_products: bool = True,
+                fp8_attention: bool = False, **engine_kw: Any) -> dict[str, Any]:
     """Runs the same streams (avatar, audio, noise) through an engine of ``dtype`` and one of ``dtype`` with FP8
     products, one after the other (one model in memory at a time), and compares them.
 
@@ -70,18 +72,25 @@ def compare_fp8(model_factory: Callable[[], AvatarDiT], vae: Autoencoder, stream
     trained model's error is its own on a real face). Returns ``fp8_error``'s measures under "error", the median
     ms of a step past the warm-up for each engine (a whole ``step``: denoising, decoding, frames to the host),
     their ratio, and how many linears FP8 replaced.
+
+    What the second engine runs in FP8: its products (``fp8_products``), and with ``fp8_attention`` its attention
+    with an FP8 kernel's rounding, emulated in float32 (``attention.emulate_fp8``: a statement of the error such a
+    kernel would add, not of its speed; the step times then measure the emulation).
     """
     if "fp8" in engine_kw:
         raise ValueError("compare_fp8 runs both engines itself: do not pass fp8")
+    if not (fp8_products or fp8_attention):
+        raise ValueError("compare_fp8 needs something in FP8: fp8_products, fp8_attention or both")
     runs: dict[bool, tuple[np.ndarray, torch.Tensor, list[float]]] = {}
     layers, skip = 0, 0
     for fp8 in (False, True):
         torch.manual_seed(seed)
         eng = _RecordingEngine(model_factory(), vae, stream, max_sessions=sessions, device=device, dtype=dtype,
-                               fp8=fp8, **engine_kw)
+                               fp8=fp8 and fp8_products, **engine_kw)
         if fp8:
             layers = sum(isinstance(m, FP8Linear) for m in eng.model.modules())
-        runs[fp8] = _run(eng, steps, sessions, seed, face)
+        with attention_kernels.emulate_fp8(fp8 and fp8_attention):
+            runs[fp8] = _run(eng, steps, sessions, seed, face)
         skip = eng.warmup_steps + 1  # the masked warm-up passes and the first steady one (first calls)
         del eng
         gc.collect()
@@ -95,6 +104,7 @@ def compare_fp8(model_factory: Callable[[], AvatarDiT], vae: Autoencoder, stream
         "steps": steps,
         "sessions": sessions,
         "fp8_layers": layers,
+        "fp8_attention": "emulated" if fp8_attention else None,
         "error": fp8_error(f0, f1, l0, l1),
         "reference_ms_per_step": ref_ms,
         "fp8_ms_per_step": fp8_ms,
