@@ -105,7 +105,11 @@ def ceilings(device: torch.device, smoke: bool) -> dict[str, Any]:
 
 def attention_kernels(device: torch.device, cfg: ModelConfig, stream: StreamConfig, smoke: bool) -> dict[str, Any]:
     """Each fused attention kernel alone on the window pass's and the clean pass's shapes (one session,
-    no mask), in the layout the model hands it ([n, heads, N, d] views of [n, N, heads, d]) and contiguous."""
+    no mask): in the layout of [n, heads, N, d] views of [n, N, heads, d] ("model"), heads-first contiguous (what
+    the compiled stages hand it), and with only the queries token-first ("q-token-first"). A kernel whose output
+    follows the queries' layout (cuDNN's does) returns a heads-first output for heads-first queries, which the
+    output projection's reshape then copies: each case also times that copy ("out_copy_ms"; 0 where the output is
+    token-first already), so the layouts compare whole."""
     import warnings
 
     import torch.nn.functional as F
@@ -116,7 +120,7 @@ def attention_kernels(device: torch.device, cfg: ModelConfig, stream: StreamConf
     prefix = 1 + stream.history_frames
     shapes = {"window": (stream.window_frames * p, (prefix + stream.window_frames) * p),
               "clean": (stream.block_frames * p, (prefix + stream.block_frames) * p)}
-    cases = [("window", "model"), ("window", "contiguous"), ("clean", "model")]
+    cases = [("window", "model"), ("window", "contiguous"), ("window", "q-token-first"), ("clean", "model")]
     rows: list[list[Any]] = []
     res: dict[str, dict[str, Any]] = {}
     names: list[tuple[str, str, str | None]] = [(b, b, None) for b in attn.CANDIDATES] if device.type == "cuda" \
@@ -139,6 +143,9 @@ def attention_kernels(device: torch.device, cfg: ModelConfig, stream: StreamConf
             if layout == "model":
                 q = torch.randn(1, nq, h, d, device=device, dtype=dtype).transpose(1, 2)
                 k = torch.randn(1, nk, h, d, device=device, dtype=dtype).transpose(1, 2)
+            elif layout == "q-token-first":
+                q = torch.randn(1, nq, h, d, device=device, dtype=dtype).transpose(1, 2)
+                k = torch.randn(1, h, nk, d, device=device, dtype=dtype)
             else:
                 q = torch.randn(1, h, nq, d, device=device, dtype=dtype)
                 k = torch.randn(1, h, nk, d, device=device, dtype=dtype)
@@ -150,13 +157,19 @@ def attention_kernels(device: torch.device, cfg: ModelConfig, stream: StreamConf
                     warnings.simplefilter("always")
                     t = clock.median(partial(F.scaled_dot_product_attention, q, k, v),
                                      repeats=3 if smoke else 10, warmup=2)
+                    o = F.scaled_dot_product_attention(q, k, v)
             except RuntimeError as e:
                 why = "; ".join(str(w.message) for w in caught) or str(e).splitlines()[0]
                 rec[key] = {"error": why[:600]}
                 row.append("refused")
                 continue
-            rec[key] = {"queries": nq, "keys": nk, "ms": t * 1000, "tflops": flops / t / 1e12}
-            row.append(f"{t * 1000:.2f} ms {flops / t / 1e12:.0f}")
+            token_first = o.transpose(1, 2).is_contiguous()
+            copy_t = 0.0 if token_first else clock.median(
+                lambda o=o, nq=nq: o.transpose(1, 2).reshape(1, nq, h * d), repeats=3 if smoke else 10, warmup=1)
+            rec[key] = {"queries": nq, "keys": nk, "ms": t * 1000, "tflops": flops / t / 1e12,
+                        "out_token_first": token_first, "out_copy_ms": copy_t * 1000}
+            row.append(f"{t * 1000:.2f} ms {flops / t / 1e12:.0f}" + ("" if token_first else
+                                                                        f" +{copy_t * 1000:.2f} copy"))
         if impl is not None:
             attn.use_flash_impl(None)
         res[label] = rec
@@ -164,6 +177,8 @@ def attention_kernels(device: torch.device, cfg: ModelConfig, stream: StreamConf
     # Per pass: the fastest kernel on its own shape (what attention "fastest" picks at run time).
     fastest: dict[str, str] = {}
     for pass_name, layout in cases:
+        if layout == "q-token-first":  # a layout study: not what the engine hands the kernels
+            continue
         key = f"{pass_name}/{layout}"
         t_of = {k: r[key]["ms"] for k, r in res.items() if "ms" in r.get(key, {})}
         if t_of:
@@ -179,6 +194,11 @@ def attention_kernels(device: torch.device, cfg: ModelConfig, stream: StreamConf
             if "error" in r:
                 print(f"  {name} refused {key}: {r['error'][:300]}")
     print(f"  fastest per pass: {fastest}; flash attention implementations this PyTorch offers: {impls}")
+    for name, rec in res.items():  # the window pass with its output copy: heads-first queries vs token-first ones
+        a, b = rec.get("window/contiguous", {}), rec.get("window/q-token-first", {})
+        if "ms" in a and "ms" in b:
+            print(f"  {name}, window with the output's copy: heads-first {a['ms'] + a['out_copy_ms']:.2f} ms, "
+                  f"token-first queries {b['ms'] + b['out_copy_ms']:.2f} ms")
     return {"shapes": shapes, "kernels": res, "best": best, "fastest": fastest, "flash_impls": impls}
 
 
