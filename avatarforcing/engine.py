@@ -162,7 +162,7 @@ class StreamEngine:
                  cuda_graphs: bool = False, attention: str = "auto", audio: Wav2VecFeatures | None = None,
                  context: torch.Tensor | None = None, audio_context_s: float | None = None,
                  decoder: TinyAutoencoder | None = None, half_split_rope: bool = True,
-                 fp8: bool = False, overlap_decode: bool = False) -> None:
+                 fp8: bool = False, overlap_decode: bool = False, token_first_queries: bool = False) -> None:
         """``audio``: the wav2vec2 features of a model whose ``audio_source`` is wav2vec2, run on a sliding
         window of ``audio_context_s`` seconds before each block (default ``wav2vec.DEFAULT_CONTEXT_S``);
         ``context``: the default umT5 text context [text_len, text_dim] of a model with an external one;
@@ -173,7 +173,9 @@ class StreamEngine:
         ``fp8``: the blocks' per-token linears run as FP8 products (``fp8.quantize_blocks``, which changes the model;
         with ``compile`` their activations are quantized by fused kernels);
         ``overlap_decode`` (CUDA): emitted blocks decode on a second stream, overlapped with the next step's
-        denoising when the caller takes deferred results (``step(..., deferred=True)``)."""
+        denoising when the caller takes deferred results (``step(..., deferred=True)``);
+        ``token_first_queries``: with ``compile``, the self-attention queries are written token-first
+        (``model.compiled_ops``; the model's setting, like the RoPE layout)."""
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         if attention not in attention_kernels.BACKENDS:
@@ -190,6 +192,7 @@ class StreamEngine:
             raise ValueError("overlap_decode needs a CUDA device (it decodes on a second CUDA stream)")
         self.model = model.to(self.device, self.dtype).eval()
         self.model.set_half_split_rope(half_split_rope)
+        self.model.token_first_queries = token_first_queries
         from .fp8 import FP8Linear, quantize_blocks
 
         quantized = any(isinstance(m, FP8Linear) for m in self.model.blocks.modules())

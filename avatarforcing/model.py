@@ -117,6 +117,7 @@ class BlockOps:
     modulated_norm: Callable[..., torch.Tensor]
     rms_heads: Callable[..., torch.Tensor]
     norm_rope: Callable[..., tuple[torch.Tensor | None, torch.Tensor]]
+    norm_rope_q: Callable[..., tuple[torch.Tensor | None, torch.Tensor]]  # the self-attention queries'
     rope: Callable[..., torch.Tensor]
     ffn: Callable[[nn.Sequential, torch.Tensor], torch.Tensor]
     residual_layer_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -124,25 +125,34 @@ class BlockOps:
 
 
 EAGER_OPS = BlockOps(_modulated_norm, partial(_rms_heads, contiguous=False), partial(_norm_rope, contiguous=False),
-                     partial(_rope, contiguous=False), _ffn, _residual_layer_norm, _residual_modulated_norm)
-_compiled_ops: BlockOps | None = None
+                     partial(_norm_rope, contiguous=False), partial(_rope, contiguous=False), _ffn,
+                     _residual_layer_norm, _residual_modulated_norm)
+_compiled_ops: dict[bool, BlockOps] = {}  # token_first_queries -> the fused stages
+_fused: dict[str, Callable[..., Any]] = {}  # the compiled functions, shared by both
 
 
-def compiled_ops() -> BlockOps:
+def compiled_ops(token_first_queries: bool = False) -> BlockOps:
     """The same stages fused: the norms, modulation and RoPE through ``torch.compile`` (one kernel per
     call, which also writes the attention inputs in the heads-first layout the cuDNN kernel runs fastest
     on; compiled once for every shape with ``dynamic=True``, so batch size and resolution cause no
     recompilation), the residual adds inside the norms that follow them, and the FFN's GELU inside its
-    first matrix product."""
-    global _compiled_ops
-    if _compiled_ops is None:
-        def fuse(fn: Callable[..., Any]) -> Callable[..., Any]:
-            return torch.compile(fn, dynamic=True, fullgraph=True)
+    first matrix product.
 
-        _compiled_ops = BlockOps(fuse(_modulated_norm), partial(fuse(_rms_heads), contiguous=True),
-                                 partial(fuse(_norm_rope), contiguous=True), partial(fuse(_rope), contiguous=True),
-                                 _ffn_fused_gelu, fuse(_residual_layer_norm), fuse(_residual_modulated_norm))
-    return _compiled_ops
+    ``token_first_queries``: the self-attention queries are written token-first instead ([n, heads, N, d] views
+    of [n, N, heads, d]). cuDNN's attention returns its output in the queries' layout, so the output projection
+    then reads it without the transposing copy that heads-first queries cost (while cuDNN may run slower on
+    them: ``avatarforcing bench --gpu`` measures both)."""
+    ops = _compiled_ops.get(token_first_queries)
+    if ops is None:
+        if not _fused:
+            for fn in (_modulated_norm, _rms_heads, _norm_rope, _rope, _residual_layer_norm, _residual_modulated_norm):
+                _fused[fn.__name__] = torch.compile(fn, dynamic=True, fullgraph=True)
+        f = _fused
+        ops = _compiled_ops[token_first_queries] = BlockOps(
+            f["_modulated_norm"], partial(f["_rms_heads"], contiguous=True), partial(f["_norm_rope"], contiguous=True),
+            partial(f["_norm_rope"], contiguous=not token_first_queries), partial(f["_rope"], contiguous=True),
+            _ffn_fused_gelu, f["_residual_layer_norm"], f["_residual_modulated_norm"])
+    return ops
 
 
 @dataclass
@@ -247,8 +257,8 @@ class Block(nn.Module):
         h = ops.modulated_norm(x, sh_a, sc_a, self.norm1.eps).reshape(n, f * p, d)
         # Attention inputs are [n, heads, tokens, hd]; keys/values kept for the cache are [n, tokens, heads, hd].
         hs = self.half_split
-        _, q = ops.norm_rope(self.q(h), self.norm_q.weight, self.norm_q.eps, rope.cos, rope.sin, self.heads, False,
-                             half_split=hs)
+        _, q = ops.norm_rope_q(self.q(h), self.norm_q.weight, self.norm_q.eps, rope.cos, rope.sin, self.heads,
+                               False, half_split=hs)
         k, kr = ops.norm_rope(self.k(h), self.norm_k.weight, self.norm_k.eps, rope.cos, rope.sin, self.heads,
                               kv_keep != 0, half_split=hs)
         v = self._heads(self.v(h))
@@ -298,6 +308,8 @@ class AvatarDiT(nn.Module):
                 self.null_context = nn.Parameter(torch.randn(1, cfg.text_len, cfg.text_dim) * 0.02)
         # The published model's features come from wav2vec2 beside the transformer (avatarforcing.wav2vec).
         self.audio_frontend = AudioFrontEnd(cfg) if cfg.audio_source == "logmel" else None
+        # The compiled path's self-attention queries: heads-first (False) or token-first (``compiled_ops``).
+        self.token_first_queries = False
         self.audio_token = nn.Sequential(
             nn.Linear(cfg.frames_per_latent * cfg.audio_feature_dim, cfg.audio_token_dim),
             nn.LayerNorm(cfg.audio_token_dim),
@@ -421,7 +433,7 @@ class AvatarDiT(nn.Module):
         e = self.time_projection(e0).reshape(n, f, 6, self.cfg.dim)
         if cross_kv is None:
             cross_kv = self.cross_kv(context)
-        ops = compiled_ops() if compiled else EAGER_OPS
+        ops = compiled_ops(self.token_first_queries) if compiled else EAGER_OPS
         kvs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, blk in enumerate(self.blocks):
             x, kv = blk(x, e, rope, None if prefix is None else prefix[i], prefix_rope, key_mask, audio,

@@ -63,13 +63,38 @@ def _rel(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
     StreamConfig(block_frames=2, window_blocks=3, level_steps=(300, 700, 1000)),  # block >= history
     StreamConfig(),  # one-frame blocks: the history keeps frames of two blocks
 ], ids=["B2-L3", "B1-L4"])
-def test_compiled_path_matches_plain_float32(stream: StreamConfig) -> None:
-    plain, fast = _engines(stream, compile=True)
+@pytest.mark.parametrize("token_first_queries", [False, True], ids=["heads-first-q", "token-first-q"])
+def test_compiled_path_matches_plain_float32(stream: StreamConfig, token_first_queries: bool) -> None:
+    plain, fast = _engines(stream, compile=True, token_first_queries=token_first_queries)
     f0, w0 = _run(plain, 8)
     f1, w1 = _run(fast, 8)
     assert f0.shape == f1.shape and len(f0) > 0
     assert np.abs(f0 - f1).max() <= 1  # uint8 rounding at most
     assert _rel(w1, w0) < 1e-5
+
+
+def test_token_first_queries_reach_attention_token_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layout switch does what it says: the self-attention queries arrive as [n, heads, N, d] views of
+    token-first memory with it, heads-first contiguous without it (the compiled path), and the keys stay
+    heads-first either way."""
+    import avatarforcing.model as model_mod
+
+    layouts: list[tuple[bool, bool]] = []
+    attend = model_mod.attend
+    stream = StreamConfig(block_frames=2, window_blocks=3, level_steps=(300, 700, 1000))
+    window = stream.window_frames * CFG.tokens_per_frame
+
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if q.shape[-2] == window and k.shape[-2] > CFG.text_len:  # the window pass's self-attention
+            layouts.append((q.is_contiguous(), k.is_contiguous()))
+        return attend(q, k, v, mask)
+
+    monkeypatch.setattr(model_mod, "attend", spy)
+    for token_first, want in ((False, (True, True)), (True, (False, True))):
+        layouts.clear()
+        _, fast = _engines(stream, compile=True, token_first_queries=token_first)
+        _run(fast, 3)
+        assert layouts and set(layouts) == {want}, (token_first, set(layouts))
 
 
 def test_bfloat16_path_within_stated_tolerance() -> None:
