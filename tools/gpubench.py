@@ -106,7 +106,8 @@ def ceilings(device: torch.device, smoke: bool) -> dict[str, Any]:
 def attention_kernels(device: torch.device, cfg: ModelConfig, stream: StreamConfig, smoke: bool) -> dict[str, Any]:
     """Each fused attention kernel alone on the window pass's and the clean pass's shapes (one session,
     no mask): in the layout of [n, heads, N, d] views of [n, N, heads, d] ("model"), heads-first contiguous (what
-    the compiled stages hand it), and with only the queries token-first ("q-token-first"). A kernel whose output
+    the compiled stages hand it), and with only the queries, or only the values, token-first ("q-token-first",
+    "v-token-first": what the values' concatenation would cost without its transposing copy). A kernel whose output
     follows the queries' layout (cuDNN's does) returns a heads-first output for heads-first queries, which the
     output projection's reshape then copies: each case also times that copy ("out_copy_ms"; 0 where the output is
     token-first already), so the layouts compare whole."""
@@ -120,7 +121,8 @@ def attention_kernels(device: torch.device, cfg: ModelConfig, stream: StreamConf
     prefix = 1 + stream.history_frames
     shapes = {"window": (stream.window_frames * p, (prefix + stream.window_frames) * p),
               "clean": (stream.block_frames * p, (prefix + stream.block_frames) * p)}
-    cases = [("window", "model"), ("window", "contiguous"), ("window", "q-token-first"), ("clean", "model")]
+    cases = [("window", "model"), ("window", "contiguous"), ("window", "q-token-first"), ("window", "v-token-first"),
+             ("clean", "model")]
     rows: list[list[Any]] = []
     res: dict[str, dict[str, Any]] = {}
     names: list[tuple[str, str, str | None]] = [(b, b, None) for b in attn.CANDIDATES] if device.type == "cuda" \
@@ -150,6 +152,8 @@ def attention_kernels(device: torch.device, cfg: ModelConfig, stream: StreamConf
                 q = torch.randn(1, h, nq, d, device=device, dtype=dtype)
                 k = torch.randn(1, h, nk, d, device=device, dtype=dtype)
             v = torch.randn_like(k)
+            if layout == "v-token-first":  # the cached values' concatenation without its transposing copy
+                v = torch.randn(1, nk, h, d, device=device, dtype=dtype).transpose(1, 2)
             flops = 4 * nq * nk * cfg.dim
             key = f"{pass_name}/{layout}"
             try:
@@ -177,7 +181,7 @@ def attention_kernels(device: torch.device, cfg: ModelConfig, stream: StreamConf
     # Per pass: the fastest kernel on its own shape (what attention "fastest" picks at run time).
     fastest: dict[str, str] = {}
     for pass_name, layout in cases:
-        if layout == "q-token-first":  # a layout study: not what the engine hands the kernels
+        if layout in ("q-token-first", "v-token-first"):  # layout studies: not what the engine hands the kernels
             continue
         key = f"{pass_name}/{layout}"
         t_of = {k: r[key]["ms"] for k, r in res.items() if "ms" in r.get(key, {})}
