@@ -316,7 +316,8 @@ def test_fp8_engine_within_stated_error_of_bf16() -> None:
     assert r["reference_ms_per_step"] > 0 and r["fp8_ms_per_step"] > 0
 
 
-def test_fp8_engine_within_stated_error_of_bf16_trained_model() -> None:
+def _trained(**kw: Any) -> dict[str, Any]:
+    """``compare_fp8`` on the shipped trained model with the bundled face, 5 steps (``kw``: what runs in FP8)."""
     lm = load_default()
     assert lm.trained, "the shipped checkpoint is missing"
     state = {k: v.clone() for k, v in lm.model.state_dict().items()}
@@ -329,7 +330,11 @@ def test_fp8_engine_within_stated_error_of_bf16_trained_model() -> None:
     c = lm.model_cfg
     img = Image.open(Path(fp8mod.__file__).parent / "assets" / "reference_face.png").convert("RGB")
     face = np.array(img.resize((c.width, c.height)))
-    r = compare_fp8(factory, lm.vae, lm.stream_cfg, device="cpu", dtype="bfloat16", steps=5, face=face)
+    return compare_fp8(factory, lm.vae, lm.stream_cfg, device="cpu", dtype="bfloat16", steps=5, face=face, **kw)
+
+
+def test_fp8_engine_within_stated_error_of_bf16_trained_model() -> None:
+    r = _trained()
     e = r["error"]
     assert e["latent_frames"] == 2 and e["frames"] == 8
     assert 1e-3 < e["latent_rel"] < TRAINED_LATENT_REL_TOL
@@ -369,20 +374,8 @@ def test_emulated_fp8_attention_rounds_as_stated() -> None:
 def test_fp8_attention_study_on_the_trained_model() -> None:
     """What FP8 attention would cost the shipped model (emulated numerics; no fast kernel here): within the bounds
     stated for FP8 products, alone and with them."""
-    lm = load_default()
-    state = {k: v.clone() for k, v in lm.model.state_dict().items()}
-
-    def factory() -> AvatarDiT:
-        m = AvatarDiT(lm.model_cfg)
-        m.load_state_dict(state)
-        return m
-
-    c = lm.model_cfg
-    img = Image.open(Path(fp8mod.__file__).parent / "assets" / "reference_face.png").convert("RGB")
-    face = np.array(img.resize((c.width, c.height)))
     for products in (False, True):
-        r = compare_fp8(factory, lm.vae, lm.stream_cfg, device="cpu", dtype="bfloat16", steps=5, face=face,
-                        fp8_products=products, fp8_attention=True)
+        r = _trained(fp8_products=products, fp8_attention=True)
         e = r["error"]
         assert r["fp8_attention"] == "emulated" and (r["fp8_layers"] > 0) == products
         assert 1e-3 < e["latent_rel"] < TRAINED_LATENT_REL_TOL and e["latent_rel_max"] < TRAINED_LATENT_REL_TOL
