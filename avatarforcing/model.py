@@ -8,6 +8,7 @@ request each layer's un-rotated keys and values of the query tokens so that they
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,10 +128,16 @@ class BlockOps:
 EAGER_OPS = BlockOps(_modulated_norm, partial(_rms_heads, contiguous=False), partial(_norm_rope, contiguous=False),
                      partial(_norm_rope, contiguous=False), partial(_rope, contiguous=False), _ffn,
                      _residual_layer_norm, _residual_modulated_norm)
-_compiled_ops: dict[bool, BlockOps] = {}  # token_first_queries -> the fused stages
-_fused: dict[str, Callable[..., Any]] = {}  # the compiled functions, shared by both
 
 
+@functools.cache
+def _fused() -> dict[str, Callable[..., Any]]:
+    """The elementwise stages compiled (once per process, for every shape: ``dynamic=True``), by name."""
+    return {fn.__name__: torch.compile(fn, dynamic=True, fullgraph=True)
+            for fn in (_modulated_norm, _rms_heads, _norm_rope, _rope, _residual_layer_norm, _residual_modulated_norm)}
+
+
+@functools.cache
 def compiled_ops(token_first_queries: bool = False) -> BlockOps:
     """The same stages fused: the norms, modulation and RoPE through ``torch.compile`` (one kernel per
     call, which also writes the attention inputs in the heads-first layout the cuDNN kernel runs fastest
@@ -142,17 +149,12 @@ def compiled_ops(token_first_queries: bool = False) -> BlockOps:
     of [n, N, heads, d]). cuDNN's attention returns its output in the queries' layout, so the output projection
     then reads it without the transposing copy that heads-first queries cost (while cuDNN may run slower on
     them: ``avatarforcing bench --gpu`` measures both)."""
-    ops = _compiled_ops.get(token_first_queries)
-    if ops is None:
-        if not _fused:
-            for fn in (_modulated_norm, _rms_heads, _norm_rope, _rope, _residual_layer_norm, _residual_modulated_norm):
-                _fused[fn.__name__] = torch.compile(fn, dynamic=True, fullgraph=True)
-        f = _fused
-        ops = _compiled_ops[token_first_queries] = BlockOps(
-            f["_modulated_norm"], partial(f["_rms_heads"], contiguous=True), partial(f["_norm_rope"], contiguous=True),
-            partial(f["_norm_rope"], contiguous=not token_first_queries), partial(f["_rope"], contiguous=True),
-            _ffn_fused_gelu, f["_residual_layer_norm"], f["_residual_modulated_norm"])
-    return ops
+    f = _fused()
+    return BlockOps(f["_modulated_norm"], partial(f["_rms_heads"], contiguous=True),
+                    partial(f["_norm_rope"], contiguous=True),
+                    partial(f["_norm_rope"], contiguous=not token_first_queries),
+                    partial(f["_rope"], contiguous=True), _ffn_fused_gelu, f["_residual_layer_norm"],
+                    f["_residual_modulated_norm"])
 
 
 @dataclass
