@@ -69,6 +69,9 @@ class ServerConfig:
     # Routing (docs/routing.md). Empty redis_url: the in-process router (one node, no store).
     redis_url: str = ""
     redis_prefix: str = "af:"
+    # How long one Redis connect or command may take before the store counts as unreachable (outage placement,
+    # docs/routing.md). Raise it for a distant or TLS Redis on a loaded node; below node_ttl_s.
+    redis_timeout_s: float = 0.5
     node_id: str = ""  # empty: <hostname>-<random>
     advertise_address: str = ""  # host:port clients are sent to; empty: the bound host and port
     heartbeat_s: float = 0.5
@@ -112,6 +115,8 @@ class ServerConfig:
              "redis_url must start with redis://, rediss:// or unix://"),
             (0 < self.heartbeat_s < self.node_ttl_s, ("heartbeat_s", "node_ttl_s"),
              "heartbeat_s must be > 0 and below node_ttl_s"),
+            (0 < self.redis_timeout_s < self.node_ttl_s, ("redis_timeout_s", "node_ttl_s"),
+             "redis_timeout_s must be > 0 and below node_ttl_s (a heartbeat must fail before its entry expires)"),
             (self.session_ttl_s > self.heartbeat_s and self.reservation_ttl_s > 0 and self.resume_ttl_s > 0,
              ("session_ttl_s", "reservation_ttl_s", "resume_ttl_s"),
              "routing TTLs must be > 0 (session_ttl_s above heartbeat_s)"),

@@ -399,7 +399,8 @@ class App:
             from .routing.redis_store import RedisRouter
 
             router = RedisRouter(node, limits, lambda: self.engine.free_slots, url=cfg.redis_url,
-                                 prefix=cfg.redis_prefix, avatar_quota=cfg.tenant_max_avatars)
+                                 prefix=cfg.redis_prefix, avatar_quota=cfg.tenant_max_avatars,
+                                 op_timeout_s=cfg.redis_timeout_s)
         else:
             router = LocalRouter(node, limits, lambda: self.engine.free_slots)
         router.on_lost = self._on_lost

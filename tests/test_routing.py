@@ -281,6 +281,21 @@ async def test_redis_ops_per_session_are_bounded(make_app: AppFactory, redis_ser
     assert calls1 - calls0 <= beats + 2, (calls1 - calls0, beats)
 
 
+async def test_redis_timeout_setting_reaches_the_store_client(make_app: AppFactory,
+                                                                redis_server: RedisServer) -> None:
+    """``redis_timeout_s`` bounds each connect and command of the replica's Redis client (the default 0.5 s, or what
+    a distant or TLS Redis needs); a value that would let a heartbeat outlive its node entry is refused."""
+    from avatarforcing_service.config import ConfigError, ServerConfig
+
+    (app,) = await replicas(make_app, redis_server, 1, redis_timeout_s=1.5)
+    kw = app.router.r.connection_pool.connection_kwargs  # type: ignore[attr-defined]
+    assert kw["socket_timeout"] == 1.5 and kw["socket_connect_timeout"] == 1.5
+    with pytest.raises(ConfigError, match="redis_timeout_s must be > 0 and below node_ttl_s"):
+        ServerConfig(redis_timeout_s=2.0, node_ttl_s=2.0)
+    with pytest.raises(ConfigError, match="redis_timeout_s"):
+        ServerConfig(redis_timeout_s=0)
+
+
 # ---- one node (the in-process router) ------------------------------------------------------------------
 async def test_resume_on_one_node_continues_frame_and_audio_positions(make_app: AppFactory, png: bytes) -> None:
     app = await make_app()
