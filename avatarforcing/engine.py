@@ -91,18 +91,15 @@ class _Decoded:
     already there). The first ``row`` waits for them and copies them out once, for every slot of the step (the
     pinned buffers then go back to PyTorch's host allocator); it may be called from any thread."""
 
-    def __init__(self, done: torch.cuda.Event | None, frames: torch.Tensor, sims: torch.Tensor) -> None:
+    def __init__(self, done: torch.cuda.Event | None = None,
+                 tensors: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 host: tuple[np.ndarray, list[float]] | None = None) -> None:
+        """Either the (pinned) host ``tensors`` that the copy fills once ``done`` has fired, or ``host``: blocks
+        already copied out (of any buffer the engine reuses)."""
         self._done = done
-        self._tensors: tuple[torch.Tensor, torch.Tensor] | None = (frames, sims)
-        self._host: tuple[np.ndarray, list[float]] | None = None
+        self._tensors = tensors
+        self._host = host
         self._lock = threading.Lock()
-
-    @classmethod
-    def ready(cls, frames: np.ndarray, sims: list[float]) -> _Decoded:
-        """Blocks already on the host (copied out of any buffer the engine reuses)."""
-        d = cls(None, torch.empty(0), torch.empty(0))
-        d._tensors, d._host = None, (frames, sims)
-        return d
 
     def row(self, e: int) -> tuple[np.ndarray, float]:
         with self._lock:
@@ -539,7 +536,7 @@ class StreamEngine:
             frames = self._host_frames[:m].copy_(frames, non_blocking=True)
             sims = self._host_sims[:m].copy_(sims, non_blocking=True)
             self._compute.synchronize()
-        return _Decoded.ready(frames.cpu().numpy().copy(), sims.cpu().tolist())
+        return _Decoded(host=(frames.cpu().numpy().copy(), sims.cpu().tolist()))
 
     def _decode_beside(self, idx: torch.Tensor, clean: torch.Tensor, sims: torch.Tensor) -> _Decoded:
         """Queues the decoding and the copy to the host on the decode stream, behind this step's denoising, and
@@ -566,7 +563,7 @@ class StreamEngine:
             done.record(ds)
         self._decodes.append(done)
         denoised.synchronize()
-        return _Decoded(done, host_frames, host_sims)
+        return _Decoded(done, (host_frames, host_sims))
 
     @torch.inference_mode()
     def denoise_step(self, slots: Sequence[int], pcm: np.ndarray | torch.Tensor) -> torch.Tensor:
