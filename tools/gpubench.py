@@ -123,6 +123,15 @@ def attention_kernels(device: torch.device, cfg: ModelConfig, stream: StreamConf
               "clean": (stream.block_frames * p, (prefix + stream.block_frames) * p)}
     cases = [("window", "model"), ("window", "contiguous"), ("window", "q-token-first"), ("window", "v-token-first"),
              ("clean", "model")]
+    # Per layout, which of q, k, v are token-first ([n, heads, N, d] views of [n, N, heads, d]); the rest heads-first.
+    token_first_of = {"model": (True, True, True), "contiguous": (False, False, False),
+                      "q-token-first": (True, False, False), "v-token-first": (False, False, True)}
+
+    def operand(n: int, token_first: bool) -> torch.Tensor:
+        if token_first:
+            return torch.randn(1, n, h, d, device=device, dtype=dtype).transpose(1, 2)
+        return torch.randn(1, h, n, d, device=device, dtype=dtype)
+
     rows: list[list[Any]] = []
     res: dict[str, dict[str, Any]] = {}
     names: list[tuple[str, str, str | None]] = [(b, b, None) for b in attn.CANDIDATES] if device.type == "cuda" \
@@ -142,18 +151,8 @@ def attention_kernels(device: torch.device, cfg: ModelConfig, stream: StreamConf
                 continue
         for pass_name, layout in cases:
             nq, nk = shapes[pass_name]
-            if layout == "model":
-                q = torch.randn(1, nq, h, d, device=device, dtype=dtype).transpose(1, 2)
-                k = torch.randn(1, nk, h, d, device=device, dtype=dtype).transpose(1, 2)
-            elif layout == "q-token-first":
-                q = torch.randn(1, nq, h, d, device=device, dtype=dtype).transpose(1, 2)
-                k = torch.randn(1, h, nk, d, device=device, dtype=dtype)
-            else:
-                q = torch.randn(1, h, nq, d, device=device, dtype=dtype)
-                k = torch.randn(1, h, nk, d, device=device, dtype=dtype)
-            v = torch.randn_like(k)
-            if layout == "v-token-first":  # the cached values' concatenation without its transposing copy
-                v = torch.randn(1, nk, h, d, device=device, dtype=dtype).transpose(1, 2)
+            tq, tk, tv = token_first_of[layout]
+            q, k, v = operand(nq, tq), operand(nk, tk), operand(nk, tv)
             flops = 4 * nq * nk * cfg.dim
             key = f"{pass_name}/{layout}"
             try:
