@@ -16,7 +16,7 @@ from avatarforcing_proto.wire import retry_trailers
 
 from .avatars import Avatar, AvatarDir, AvatarRegistry, RateLimited, TenantRateLimiter, content_digest, decode_pool
 from .config import ServerConfig
-from .failure import SessionFailure
+from .failure import SessionFailure, UnknownAvatar
 from .images import ImageError, load_reference_image
 from .routing import Router
 from .security import DEFAULT_TENANT
@@ -32,7 +32,7 @@ class AvatarSource:
     def __init__(self, cfg: ServerConfig, engine: StreamEngine) -> None:
         self.cfg = cfg
         self.engine = engine
-        self.registry = AvatarRegistry(cfg.max_avatars, cfg.tenant_max_avatars)
+        self.registry = AvatarRegistry(cfg.max_avatars, cfg.tenant_max_avatars, int(cfg.avatar_memory_mb * 2**20))
         self.avatar_dir = AvatarDir(cfg.avatar_dir) if cfg.avatar_dir else None
         # Decoding an image costs up to a second of CPU (4096x4096): rate-limited per tenant, run one at a time
         # on a low-priority thread, so that one tenant's uploads cannot stall the other sessions' frames.
@@ -135,10 +135,7 @@ class AvatarSource:
             if avatar is None:  # registered on another replica: its image is in the routing store
                 avatar = await self.load(spec.avatar_id, tenant)
             if avatar is None:
-                raise SessionFailure(grpc.StatusCode.NOT_FOUND,
-                                     f"avatar {spec.avatar_id!r} is not registered (or was removed); register it "
-                                     "again with RegisterAvatar (the same image gets the same id) or send "
-                                     "reference_image")
+                raise UnknownAvatar(spec.avatar_id)
             return avatar
         try:
             return await self.from_image(spec.reference_image, "", tenant)

@@ -53,16 +53,26 @@ class Avatar:
 
 
 class AvatarRegistry:
-    """Prepared avatars (anchors computed once). Each tenant keeps at most ``per_tenant`` of them (its own least
-    recently used go first), and when the whole registry is past ``capacity`` the least recently used avatar of the
-    tenant holding the most goes: one tenant cannot push another's avatars out."""
+    """Prepared avatars (anchors computed once, held in device memory). Each tenant keeps at most ``per_tenant`` of
+    them (its own least recently used go first). When the whole registry is past ``capacity`` avatars, or its
+    anchors past ``max_bytes``, the least recently used avatar of the tenant holding the most (avatars, or bytes)
+    goes: one tenant cannot push another's avatars out. The avatar just added is never the one that goes (a session
+    is about to use it). An evicted avatar is prepared again from its image (the routing store's, or the avatar
+    volume's) when a session names it; live sessions keep a copy of their anchor in their slot."""
 
-    def __init__(self, capacity: int, per_tenant: int = 0) -> None:
+    def __init__(self, capacity: int, per_tenant: int = 0, max_bytes: int = 0) -> None:
         self.capacity = capacity
         self.per_tenant = per_tenant or capacity
+        self.max_bytes = max_bytes  # 0: no byte budget
         self._by_id: collections.OrderedDict[str, Avatar] = collections.OrderedDict()
         self._by_digest: dict[str, str] = {}
         self._count: collections.Counter[str] = collections.Counter()
+        self._bytes: collections.Counter[str] = collections.Counter()
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory the registered avatars' anchors take."""
+        return sum(self._bytes.values())
 
     def get(self, avatar_id: str, tenant: str = DEFAULT_TENANT) -> Avatar | None:
         """The avatar, if registered here by ``tenant`` (another tenant's avatar is not found)."""
@@ -85,23 +95,41 @@ class AvatarRegistry:
         self._by_id[a.id] = a
         self._by_digest[f"{tenant}\0{digest}"] = a.id
         self._count[tenant] += 1
+        self._bytes[tenant] += anchor.nbytes()
         if self._count[tenant] > self.per_tenant:
-            self._evict(tenant)
-        while len(self._by_id) > self.capacity:
-            self._evict(self._count.most_common(1)[0][0])
+            self._evict(tenant, keep=a.id)
+        while len(self._by_id) > self.capacity and self._evict(self._largest(self._count, a.id), keep=a.id):
+            pass
+        while (self.max_bytes and self.nbytes > self.max_bytes
+               and self._evict(self._largest(self._bytes, a.id), keep=a.id)):
+            pass
+        if self.max_bytes and self.nbytes > self.max_bytes:
+            log.warning("one avatar's anchor alone is over the avatar memory budget: kept, as a session needs it",
+                        avatar_id=a.id, anchor_bytes=anchor.nbytes(), budget_bytes=self.max_bytes)
         return a
 
-    def _evict(self, tenant: str) -> None:
-        oldest = next(aid for aid, a in self._by_id.items() if a.tenant == tenant)
+    def _largest(self, by: collections.Counter[str], keep: str) -> str:
+        """The tenant holding the most (of ``by``) among those with an avatar other than ``keep``; "" if none."""
+        tenants = {a.tenant for aid, a in self._by_id.items() if aid != keep}
+        return max(tenants, key=lambda t: by[t], default="")
+
+    def _evict(self, tenant: str, keep: str) -> bool:
+        """Removes ``tenant``'s least recently used avatar other than ``keep``; False if it has none."""
+        oldest = next((aid for aid, a in self._by_id.items() if a.tenant == tenant and aid != keep), None)
+        if oldest is None:
+            return False
         log.info("avatar evicted from this replica's registry", avatar_id=oldest, tenant=tenant)
         self._remove(oldest)
+        return True
 
     def _remove(self, avatar_id: str) -> None:
         a = self._by_id.pop(avatar_id)
         self._by_digest.pop(f"{a.tenant}\0{a.digest}", None)
         self._count[a.tenant] -= 1
+        self._bytes[a.tenant] -= a.anchor.nbytes()
         if self._count[a.tenant] <= 0:
             del self._count[a.tenant]
+            del self._bytes[a.tenant]
 
     def count(self, tenant: str) -> int:
         return self._count.get(tenant, 0)

@@ -143,6 +143,9 @@ class FrameEncoder(abc.ABC):
     def force_keyframe(self) -> None:  # noqa: B027 - intentionally a no-op by default
         """Make the next encoded frame a keyframe (IDR). No-op for intra-only encodings."""
 
+    def force_keyframes(self, n: int) -> None:  # noqa: B027 - intentionally a no-op by default
+        """Make each of the next ``n`` encoded frames a keyframe (IDR). No-op for intra-only encodings."""
+
     def close(self) -> None:
         """Free the encoder. Idempotent; :meth:`encode` raises ``RuntimeError`` afterwards."""
         if self._closed:
@@ -231,18 +234,23 @@ class _X264EncoderBase(FrameEncoder):
         self._rate = _frame_rate(fps)
         self._pts = 0
         self._force_next = False
+        self._keyframes_left = 0
 
     def force_keyframe(self) -> None:
         self._force_next = True
+
+    def force_keyframes(self, n: int) -> None:
+        self._keyframes_left = max(int(n), 0)
 
     def _encode_one(self, ctx: Any, rgb: np.ndarray) -> av.Packet:
         """Encode one frame and return its single packet (zero-latency contract)."""
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
         frame.pts = self._pts
         frame.time_base = ctx.time_base
-        if self._force_next:
+        if self._force_next or self._keyframes_left > 0:
             frame.pict_type = av.video.frame.PictureType.I
             self._force_next = False
+            self._keyframes_left = max(self._keyframes_left - 1, 0)
         packets = ctx.encode(frame)
         if len(packets) != 1:
             raise RuntimeError(

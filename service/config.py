@@ -62,6 +62,9 @@ class ServerConfig:
     max_image_pixels: int = 4096 * 4096
     max_avatars: int = 256  # prepared avatars held by one replica (a cache: the store keeps the images)
     tenant_max_avatars: int = 64  # avatars per tenant, here and in the store: its least recently used go first
+    # Device memory the registered avatars' anchors may take on one replica (0: no bound but max_avatars): an
+    # avatar of the published model at 480x832 holds 274 MiB (364 with its own prompt), the tiny model's a few KiB.
+    avatar_memory_mb: float = 4096.0
     avatar_dir: str = ""  # a volume every replica mounts: registered avatars survive the routing store's restarts
     image_rate_per_s: float = 1.0  # new images (RegisterAvatar, reference_image) a tenant may send per second...
     image_burst: int = 5  # ...in bursts of this many (a known image costs nothing); 0 rate: no limit
@@ -126,6 +129,7 @@ class ServerConfig:
             (-1 <= self.health_port < 65536, ("health_port",), "health_port must be -1 (off) or in 0..65535"),
             (self.tenant_max_sessions >= 0, ("tenant_max_sessions",), "tenant_max_sessions must be >= 0"),
             (self.max_avatars >= 1, ("max_avatars",), "max_avatars must be >= 1 and tenant_max_avatars >= 0"),
+            (self.avatar_memory_mb >= 0, ("avatar_memory_mb",), "avatar_memory_mb must be >= 0 (0: no bound)"),
             (self.tenant_max_avatars >= 0, ("tenant_max_avatars",),
              "max_avatars must be >= 1 and tenant_max_avatars >= 0"),
             (self.image_rate_per_s >= 0, ("image_rate_per_s",), "image_rate_per_s must be >= 0, image_burst >= 1"),

@@ -13,3 +13,13 @@ class SessionFailure(Exception):
         self.code = code
         self.message = message
         self.trailers = trailers
+
+
+class UnknownAvatar(SessionFailure):
+    """A session names an avatar that no replica knows (never registered, removed, or expired). Clients register it
+    again and retry on the same placement (the SDKs do, once)."""
+
+    def __init__(self, avatar_id: str) -> None:
+        super().__init__(grpc.StatusCode.NOT_FOUND,
+                         f"avatar {avatar_id!r} is not registered (or was removed); register it again with "
+                         "RegisterAvatar (the same image gets the same id) or send reference_image")

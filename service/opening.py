@@ -1,10 +1,16 @@
 """Opening a stream's session, as a sequence of steps that each undo themselves when a later one fails.
 
-check the config -> resolve the avatar -> audio input -> routing record -> (supersede an older stream of the
-same session) -> engine slot -> video encoder -> still ours? -> the Session, registered. Every step that takes
-something (the routing record, the slot, the encoder) pushes its undo on an :class:`~contextlib.AsyncExitStack`;
-a failure (or a cancellation) anywhere after it unwinds exactly what was taken, newest first. A session that
-opens disarms the stack: from then on :meth:`App.close_session` owns the release.
+(not draining) -> check the config -> resolve the avatar -> audio input -> routing record -> (supersede an older
+stream of the same session) -> engine slot -> video encoder -> still ours? -> the Session, registered. Every step
+that takes something (the routing record, the slot, the encoder) pushes its undo on an
+:class:`~contextlib.AsyncExitStack`; a failure (or a cancellation) anywhere after it unwinds exactly what was taken,
+newest first. A session that opens disarms the stack: from then on :meth:`App.close_session` owns the release.
+
+A stream refused before the routing step (or cancelled there) attached nothing, but the reservation that
+CreateSession made for it still holds a slot of this replica and a place in its tenant's quota: it is given back
+(:meth:`Router.give_back`), since a client that is refused asks for placement again (or gives up), except after a
+refusal for an unknown avatar, which the SDKs answer by registering the avatar and attaching again on the same
+placement.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from .audio_in import AudioError, AudioInput
 from .avatars import Avatar
 from .codecs import FrameEncoder, make_encoder
 from .config import ServerConfig
-from .failure import SessionFailure
+from .failure import SessionFailure, UnknownAvatar
 from .routing import Router, RoutingError
 from .scheduler import Scheduler
 from .session import Session, Timeline
@@ -48,12 +54,15 @@ class SessionOpener:
     owned: dict[str, Session]  # session id -> the Session streaming it here (shared with the App)
     resolve_avatar: Callable[[SessionSpec, str], Awaitable[Avatar]]
     hook: Callable[[str], Awaitable[None]]  # App.hooks' test seam
+    draining: Callable[[], bool] = lambda: False  # the replica takes no new streams
 
     async def open(self, sc: pb.SessionConfig, tenant: str, tenant_limit: int) -> Session:
-        c = self.engine.cfg
-        spec = check_config(sc, model_rate=c.audio_sample_rate, fps=c.fps)
-        avatar = await self.resolve_avatar(spec, tenant)
-        audio = self._audio_input(spec)
+        try:
+            spec, avatar, audio = await self._prepare(sc, tenant)
+        except BaseException as e:
+            if sc.session_id and not _attaches_again(e):
+                await asyncio.shield(self._give_back(sc.session_id, sc.session_token, tenant))
+            raise
         seed = spec.seed or secrets.randbits(63)
         sid, epoch, token = await self._route(spec, tenant, tenant_limit)
         await self.hook("attached")
@@ -82,6 +91,24 @@ class SessionOpener:
         return s
 
     # ---- the steps ---------------------------------------------------------------------------------
+    async def _prepare(self, sc: pb.SessionConfig, tenant: str) -> tuple[SessionSpec, Avatar, AudioInput]:
+        """The steps that take nothing: the replica still takes streams, the config, the avatar, the audio input."""
+        if self.draining():
+            raise SessionFailure(grpc.StatusCode.UNAVAILABLE, "this replica is shutting down; connect to another")
+        c = self.engine.cfg
+        spec = check_config(sc, model_rate=c.audio_sample_rate, fps=c.fps)
+        avatar = await self.resolve_avatar(spec, tenant)
+        return spec, avatar, self._audio_input(spec)
+
+    async def _give_back(self, sid: str, token: str, tenant: str) -> None:
+        """The reservation of a stream refused before it attached, given back (a store that cannot be reached now
+        lets it expire instead)."""
+        try:
+            if await self.router.give_back(sid, token, tenant):
+                log.info("reservation given back: its stream was refused before it started", session_id=sid)
+        except Exception as e:
+            log.warning("could not give the reservation back; it expires instead", session_id=sid, error=str(e))
+
     def _audio_input(self, spec: SessionSpec) -> AudioInput:
         c = self.engine.cfg
         try:
@@ -123,19 +150,30 @@ class SessionOpener:
     def _encoder(self, spec: SessionSpec, route: _RouteUndo) -> FrameEncoder:
         c = self.engine.cfg
         try:
-            return make_encoder(spec.video_encoding, c.width, c.height, c.fps, jpeg_quality=spec.jpeg_quality,
-                                bitrate_bps=spec.video_bitrate_bps)
+            encoder = make_encoder(spec.video_encoding, c.width, c.height, c.fps, jpeg_quality=spec.jpeg_quality,
+                                   bitrate_bps=spec.video_bitrate_bps)
         except Exception as e:
             route.resumable = False  # a config this server cannot encode: resuming it would fail the same way
             raise SessionFailure(grpc.StatusCode.INVALID_ARGUMENT, f"cannot create the video encoder: {e}") from None
+        if spec.resume_block > 0:
+            # A resumed stream starts at the first block its client did not receive whole, whose first frames the
+            # client may have had already and drops as duplicates: every frame of that block is a keyframe, so
+            # the first frame it keeps decodes on its own (an inter-coded one would need the dropped keyframe).
+            encoder.force_keyframes(self.engine.frames_per_block)
+        return encoder
 
     def _still_ours(self, sid: str, epoch: int, route: _RouteUndo) -> None:
-        rec = self.router.local.get(sid)
-        if rec is None or rec.epoch != epoch:
+        if not self.router.holds(sid, epoch):
             # A newer stream attached while this one was being set up, or the session moved: this one yields, and
             # leaves the record alone (it is the newer stream's now).
             route.armed = False
             raise SessionFailure(grpc.StatusCode.ABORTED, "another stream attached to this session; this one ends")
+
+
+def _attaches_again(e: BaseException) -> bool:
+    """A refusal that the client answers by attaching again on the same placement: an unknown avatar, which the
+    SDKs register again (RegisterAvatar) before they retry the stream."""
+    return isinstance(e, UnknownAvatar)
 
 
 class _RouteUndo:

@@ -363,8 +363,10 @@ class App:
         self.metrics.ready = lambda: not self.draining and not self.stopped  # /readyz follows the health status
         await self.router.start()
         self.metrics.routing_store_up.set_function(lambda: float(self.router.healthy))
+        self.metrics.avatar_bytes.set_function(lambda: float(self.avatars.nbytes))
         self._opener = SessionOpener(self.engine, self.scheduler, self.router, self.cfg, self.timeline, self.metrics,
-                                     self.owned, self.avatar_source.for_session, self._hook)
+                                     self.owned, self.avatar_source.for_session, self._hook,
+                                     lambda: self.draining)
         self._watchdog = asyncio.create_task(self.watchdog(), name="watchdog")
         self.freeze.start()
         log.info("serving", address=f"{self.cfg.host}:{self.port}", metrics_port=self.metrics_port,
@@ -543,8 +545,6 @@ class App:
     async def open_session(self, sc: pb.SessionConfig, tenant: Tenant | None = None) -> Session:
         """The session a stream's SessionConfig asks for, opened on this replica (see :mod:`.opening`)."""
         tenant = tenant or Tenant(DEFAULT_TENANT)
-        if self.draining:
-            raise SessionFailure(grpc.StatusCode.UNAVAILABLE, "this replica is shutting down; connect to another")
         assert self._opener is not None, "App.start() first"
         return await self._opener.open(sc, tenant.name, self.tenant_limit(tenant))
 

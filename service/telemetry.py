@@ -81,6 +81,8 @@ class Metrics:
                                      "invalid, rate_limited (refused unchecked while the peer is locked out)",
                                      ["reason"], registry=r)
         self.slot_bytes = Gauge(p + "slot_memory_bytes", "Device memory of one session slot", registry=r)
+        self.avatar_bytes = Gauge(p + "avatar_memory_bytes", "Device memory of the registered avatars' anchors on "
+                                  "this replica (bounded by avatar_memory_mb)", registry=r)
         self.placements = Counter(p + "placements", "CreateSession answers, by result (local: placed on this replica, "
                                   "remote: on another, resumed, refused)", ["result"], registry=r)
         self.routing_store_up = Gauge(p + "routing_store_up", "1 while the routing store (Redis) is reachable "

@@ -129,6 +129,21 @@ def test_h264_access_units_and_forced_keyframe(frames: np.ndarray) -> None:
     assert min(psnr(tail[i], frames[17 + i]) for i in range(len(tail))) > 25.0
 
 
+@pytest.mark.parametrize("encoding", [H264, FMP4])
+def test_forced_keyframes_let_decoding_start_at_any_of_them(frames: np.ndarray, encoding: int) -> None:
+    """A resumed stream's first block (service/opening.py): each of its frames a keyframe, so a client that already
+    had the first of them starts decoding at whichever it keeps; then the encoder's own GOP goes on."""
+    with make_encoder(encoding, W, H, FPS, gop=100) as enc:
+        enc.force_keyframes(4)
+        out = enc.encode(frames[:10])
+        init = enc.init_segment
+    assert [i for i, f in enumerate(out) if f.keyframe] == [0, 1, 2, 3]
+    for start in (1, 2, 3):
+        tail = decode_video_frames(encoding, [f.data for f in out[start:]], W, H, init)
+        assert tail.shape == (10 - start, H, W, 3)
+        assert min(psnr(tail[i], frames[start + i]) for i in range(len(tail))) > 25.0
+
+
 def test_h264_gop() -> None:
     with make_encoder(H264, 64, 48, FPS, gop=5) as enc:
         out = enc.encode(moving_pattern(12, 48, 64))

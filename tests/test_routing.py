@@ -350,6 +350,52 @@ async def test_resume_on_one_node_continues_frame_and_audio_positions(make_app: 
         assert ei.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_a_resumed_h264_stream_starts_with_a_block_of_keyframes(make_app: AppFactory, png: bytes) -> None:
+    """The resumed stream starts at the first block its client did not receive whole; the client drops that block's
+    frames it already had. Every frame of the block is a keyframe, so the first one it keeps decodes on its own
+    (before, only the block's first was, and the client dropped it as a duplicate)."""
+    app = await make_app()
+    async with AvatarForcingClient(addr(app)) as c:
+        p = await c.create_session()
+        ch, call = await open_raw(p.address, config(png, session_id=p.session_id, session_token=p.session_token))
+        assert (await call.read()).HasField("started")
+        call.cancel()  # the client vanishes mid-stream: the session is kept for a resume
+        await ch.close()
+        await wait_slots_free([app])
+        await c.create_session(p.session_id, p.session_token)
+        pcm = speechlike_pcm(0.5)
+
+        async def gen(resume_block: int) -> Any:
+            cfg = config(png, session_id=p.session_id, session_token=p.session_token, resume_block=resume_block,
+                         pacing=pb.PACING_ASAP)
+            cfg.video_encoding = pb.VIDEO_ENCODING_H264
+            yield pb.StreamRequest(config=cfg)
+            yield pb.StreamRequest(audio=pb.AudioChunk(data=pcm.tobytes()))
+            yield pb.StreamRequest(end_of_audio={})
+
+        async with grpc.aio.insecure_channel(addr(app)) as ch:
+            resps = [x async for x in pb_grpc.AvatarForcingStub(ch).Stream(gen(2))]
+    frames = [x.frame for x in resps if x.HasField("frame")]
+    assert frames[0].index == 2 * FPB and len(frames) == 16
+    assert [f.keyframe for f in frames[:8]] == [True] * FPB + [False] * FPB
+    from avatarforcing_client.media import decode_video_frames
+
+    for start in range(1, FPB):  # the client had the block's first `start` frames
+        tail = decode_video_frames(pb.VIDEO_ENCODING_H264, [f.data for f in frames[start:]], 128, 128)
+        assert tail.shape[0] == len(frames) - start
+    # A new session's stream is not affected: one keyframe, then the GOP.
+    async with AvatarForcingClient(addr(app)) as c:
+        s = c.session(image=png, video_encoding=pb.VIDEO_ENCODING_H264, pacing=pb.PACING_ASAP)
+        keys = []
+        async with s:
+            await s.send_audio(pcm.tobytes())
+            await s.end_of_audio()
+            async for ev in s.events():
+                if isinstance(ev, pb.VideoFrame):
+                    keys.append(ev.keyframe)
+    assert keys[:8] == [True] + [False] * 7
+
+
 async def test_drain_command(make_app: AppFactory) -> None:
     app = await make_app()
     proc = await asyncio.create_subprocess_exec(

@@ -71,6 +71,9 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="a folder every replica mounts: registered avatars outlive a Redis restart (default: none)")
     p.add_argument("--tenant-max-avatars", type=int, default=None,
                    help=f"avatars per tenant; its least recently used go first (default {d.tenant_max_avatars})")
+    p.add_argument("--avatar-memory-mb", type=float, default=None,
+                   help="device memory (MiB) the registered avatars' anchors may take, 0 = no bound; the least "
+                        f"recently used go first (default {d.avatar_memory_mb:g})")
     p.add_argument("--image-rate", type=float, default=None, dest="image_rate_per_s",
                    help=f"new reference images a tenant may send per second, 0 = no limit (default "
                         f"{d.image_rate_per_s:g}, bursts of {d.image_burst})")

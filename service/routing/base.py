@@ -283,6 +283,14 @@ class Router(abc.ABC):
         """The stream that attached ``session_id`` with ``epoch`` ended on this node: the record is deleted,
         or kept ``detached`` for resuming. False (nothing changed) when a newer attach or a move holds it."""
 
+    @abc.abstractmethod
+    async def give_back(self, session_id: str, token: str, tenant: str) -> bool:
+        """A Stream for ``session_id`` was refused here before it attached: the reservation placement made for it
+        (``pending`` on this node, ``token`` and ``tenant`` its own) is given back at once instead of holding a slot
+        and the tenant's quota until it expires. A session never attached (a fresh CreateSession) is deleted; one
+        that ran before (a resume's reservation) goes back to ``detached``, resumable as it was. False (nothing
+        changed) for any other record: live, detached, another node's, or a token or tenant not its own."""
+
     # ---- avatars ---------------------------------------------------------------------------------
     async def put_avatar(self, avatar_id: str, tenant: str, image: bytes,  # noqa: B027
                          text_context: bytes = b"") -> None:
@@ -311,6 +319,19 @@ class Router(abc.ABC):
                             now + self.limits.reservation_ttl_s, epoch=1 if state == LIVE else 0, attached_at=now)
         self.local[rec.session_id] = rec
         return rec, token
+
+    def holds(self, session_id: str, epoch: int) -> bool:
+        """Whether this node's record of ``session_id`` is the one attached with ``epoch`` (no newer stream attached
+        it, here or elsewhere, and it did not move away)."""
+        rec = self.local.get(session_id)
+        return rec is not None and rec.epoch == epoch
+
+    def _pending_local(self, session_id: str, token: str, tenant: str) -> SessionRecord | None:
+        """This node's ``pending`` record of ``session_id``, if ``token`` and ``tenant`` are its own."""
+        rec = self.local.get(session_id)
+        if rec is None or rec.state != PENDING or rec.tenant != tenant or not check_token(rec.token_hash, token):
+            return None
+        return rec
 
     def _drop_local(self, session_id: str, epoch: int) -> bool:
         """Forgets the local copy if ``epoch`` still holds it."""

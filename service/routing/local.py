@@ -111,5 +111,15 @@ class LocalRouter(Router):
             del self.local[session_id]
         return True
 
+    async def give_back(self, session_id: str, token: str, tenant: str) -> bool:
+        rec = self._pending_local(session_id, token, tenant)
+        if rec is None:
+            return False
+        if rec.epoch == 0:  # never attached
+            del self.local[session_id]
+        else:
+            self._detach(rec)
+        return True
+
 
 __all__ = ["LocalRouter", "Denied"]

@@ -221,6 +221,25 @@ end
 return 1
 """
 
+# ARGV: prefix, sid, token_hash, tenant, node, resume_ttl_ms
+# A stream refused before it attached gives its reservation back: only a pending record of `node` whose token and
+# tenant match. Never attached (epoch 0): deleted; a resume's reservation: detached again, for the resume TTL.
+_GIVE_BACK = """
+local p, sid, th, tenant, node, rttl = unpack(ARGV)
+local key = p .. 'session:' .. sid
+local r = redis.call('HMGET', key, 'node', 'tenant', 'token', 'state', 'epoch')
+if not r[1] or r[1] ~= node or r[2] ~= tenant or r[3] ~= th or r[4] ~= 'pending' then return 0 end
+redis.call('ZREM', p .. 'pending:' .. node, sid)
+redis.call('ZREM', p .. 'tenant:' .. tenant, sid)
+if tonumber(r[5] or 0) == 0 then
+  redis.call('DEL', key)
+else
+  redis.call('HSET', key, 'state', 'detached')
+  redis.call('PEXPIRE', key, tonumber(rttl))
+end
+return 1
+"""
+
 # ARGV: prefix, node, addr, state, capacity, active, node_ttl_ms, session_ttl_ms, resume_ttl_ms, grace_ms,
 #       window_ms, stale_ms, then sid, epoch pairs of the sessions this node streams.
 # Returns {missing, moved, behind, swept, tenant counts (flat name, n), serving nodes}:
@@ -339,6 +358,7 @@ class RedisRouter(Router):
         self._resume = self.r.register_script(_RESUME)
         self._attach = self.r.register_script(_ATTACH)
         self._release = self.r.register_script(_RELEASE)
+        self._give_back = self.r.register_script(_GIVE_BACK)
         self._heartbeat = self.r.register_script(_HEARTBEAT)
         self._put_avatar = self.r.register_script(_PUT_AVATAR)
         self._task: asyncio.Task[None] | None = None
@@ -673,6 +693,20 @@ class RedisRouter(Router):
             self._unreleased[session_id] = (epoch, resumable)
             return True
         return bool(done)
+
+    async def give_back(self, session_id: str, token: str, tenant: str) -> bool:
+        if not token:
+            return False
+        mine = self._pending_local(session_id, token, tenant) is not None
+        if mine:
+            del self.local[session_id]
+        try:
+            done = await self._give_back(args=[self.prefix, session_id, token_hash(token), tenant, self.node.node_id,
+                                               int(self.limits.resume_ttl_s * 1000)])
+        except RedisError as e:  # the store's record (if any) expires with its reservation TTL
+            self._down(e)
+            return mine
+        return bool(done) or mine
 
     # ---- avatars ---------------------------------------------------------------------------------
     async def put_avatar(self, avatar_id: str, tenant: str, image: bytes, text_context: bytes = b"") -> None:

@@ -336,6 +336,8 @@ type SessionConfig struct {
 	// Resume: the first block of the resumed stream. Frame indices then start at
 	// resume_block * frames_per_block and AudioOut.start_sample at resume_block * (samples per
 	// block at the input rate); the window starts fresh from the avatar's anchor. 0: a new session.
+	// With H264 and FMP4 every frame of the resumed stream's first block is a keyframe: a client
+	// that drops the frames of that block it already had decodes from the first one it keeps.
 	ResumeBlock   uint64 `protobuf:"varint,12,opt,name=resume_block,json=resumeBlock,proto3" json:"resume_block,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2053,7 +2055,10 @@ type CreateSessionResponse struct {
 	// host:port of the replica that runs the session: open the Stream there.
 	Address string `protobuf:"bytes,3,opt,name=address,proto3" json:"address,omitempty"`
 	NodeId  string `protobuf:"bytes,4,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
-	// The reserved slot is released unless a Stream attaches within this many milliseconds.
+	// The reserved slot is released unless a Stream attaches within this many milliseconds. A Stream
+	// refused before it starts (an invalid config or image, an image over the rate limit, a draining
+	// replica) releases it at once, and a new placement is needed; except a refusal for an unknown
+	// avatar_id (NOT_FOUND), after which the client may register the avatar and attach again.
 	ReservationTtlMs float64 `protobuf:"fixed64,5,opt,name=reservation_ttl_ms,json=reservationTtlMs,proto3" json:"reservation_ttl_ms,omitempty"`
 	// True when resume_session_id was given and the session was found.
 	Resumed       bool `protobuf:"varint,6,opt,name=resumed,proto3" json:"resumed,omitempty"`

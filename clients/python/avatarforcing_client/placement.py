@@ -175,9 +175,10 @@ class Placement:
                     raise
                 if target and e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     silent.add(target)
-                if time.monotonic() + delay > deadline:
-                    raise
-                address = owner  # dial the owner next; otherwise ask for placement again
                 wait = retry_after(e, delay) if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else delay
-                await asyncio.sleep(min(wait * (0.5 + random.random()), max(deadline - time.monotonic(), 0)))
+                wait *= 0.5 + random.random()
+                if time.monotonic() + wait > deadline:
+                    raise  # the server's own answer, not a DEADLINE_EXCEEDED after waiting out the time left
+                address = owner  # dial the owner next; otherwise ask for placement again
+                await asyncio.sleep(wait)
                 delay = min(delay * 2, 0.5)
