@@ -17,7 +17,7 @@ COPY clients/python ./clients/python
 COPY avatarforcing ./avatarforcing
 COPY service ./service
 COPY tools ./tools
-RUN pip install ./proto/python ./clients/python . \
+RUN pip install ./proto/python ./clients/python ".[hopper]" \
     && useradd --uid 10001 --user-group --home-dir /tmp --no-create-home --shell /usr/sbin/nologin avatarforcing
 
 # Non-root (the chart's securityContext runs as 10001 with a read-only root filesystem and /tmp as an

@@ -13,6 +13,11 @@ window pass and the clean-history pass have different shapes and need not share 
 kernel "flash" is can be switched process-wide to FlashAttention-3/4 where that package is installed
 (``use_flash_impl``).
 
+``prefer("fa3")`` runs the unmasked calls on CUDA through FlashAttention-3's own kernels (``avatarforcing.fa3``, from
+the ``fa3-fwd`` wheel; "fastest" times them too where they load), and ``fp8_attention()`` runs them with e4m3
+inputs, the FP8 attention the engine's ``fp8_attention`` setting turns on. Masked calls (warm-up passes) keep
+``scaled_dot_product_attention`` in both.
+
 ``emulate_fp8()`` makes ``attend`` compute with the numerics of an FP8 attention kernel (FlashAttention-3's FP8
 forward: q, k and v in e4m3 with a scale per batch row and head, the softmax's probabilities rounded to e4m3 for
 the product with v, everything accumulated in float32), in float32 on any device: a study of what FP8 attention
@@ -30,10 +35,13 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from . import fa3
+
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "fastest", "flash", "cudnn", "efficient", "math")
-# The kernels "fastest" chooses among (math is never the fastest on a GPU and holds the whole score matrix).
+BACKENDS = ("auto", "fastest", "flash", "cudnn", "efficient", "math", "fa3")
+# The kernels "fastest" chooses among (math is never the fastest on a GPU and holds the whole score matrix), and
+# FlashAttention-3's own where it loads (unmasked calls).
 CANDIDATES = ("cudnn", "flash", "efficient")
 
 _local = threading.local()  # .preferred: this thread's preferred kernel (engines may run on several threads)
@@ -91,16 +99,32 @@ def _time_kernel(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with only(name):
-            F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            _call(name, q, k, v, mask)
             ts = []
             for _ in range(repeats):
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
-                F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                _call(name, q, k, v, mask)
                 b.record()
                 b.synchronize()
                 ts.append(a.elapsed_time(b) / 1000)
     return sorted(ts)[len(ts) // 2]
+
+
+def _call(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One call with kernel ``name`` (inside ``only(name)``): FlashAttention-3's own, or PyTorch's fused attention."""
+    if name == "fa3":
+        if mask is not None:
+            raise RuntimeError("FlashAttention-3 is called here without a mask")
+        return fa3.attend(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def candidates(q: torch.Tensor, mask: torch.Tensor | None) -> tuple[str, ...]:
+    """The kernels "fastest" times for these inputs: PyTorch's fused ones, and FlashAttention-3's where it runs."""
+    if mask is None and q.shape[-1] in fa3.HEAD_DIMS and fa3.unavailable(q.device) is None:
+        return (*CANDIDATES, "fa3")
+    return CANDIDATES
 
 
 def _attend_fastest(sig: tuple[object, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -108,7 +132,7 @@ def _attend_fastest(sig: tuple[object, ...], q: torch.Tensor, k: torch.Tensor, v
     if sig not in _fastest:
         if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: PyTorch's choice there
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        best, times = choose_fastest(lambda name: _time_kernel(name, q, k, v, mask))
+        best, times = choose_fastest(lambda name: _time_kernel(name, q, k, v, mask), candidates(q, mask))
         _fastest[sig] = best
         timings[repr(sig[1:])] = times
         log.info("fastest attention for %s: %s (%s)", sig[1:], best, times)
@@ -116,7 +140,7 @@ def _attend_fastest(sig: tuple[object, ...], q: torch.Tensor, k: torch.Tensor, v
     if best is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     with only(best):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return _call(best, q, k, v, mask)
 
 
 def _backend(name: str) -> object:
@@ -128,8 +152,9 @@ def _backend(name: str) -> object:
 
 @contextlib.contextmanager
 def only(name: str) -> Iterator[None]:
-    """Allows one kernel alone (``auto``: PyTorch's choice); a call it cannot run raises."""
-    if name == "auto":
+    """Allows one kernel alone (``auto``: PyTorch's choice; ``fa3``: none of PyTorch's, FlashAttention-3 being
+    called directly); a call it cannot run raises."""
+    if name in ("auto", "fa3"):
         yield
         return
     from torch.nn.attention import sdpa_kernel
@@ -178,14 +203,24 @@ def attend_fp8_emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 @contextlib.contextmanager
-def emulate_fp8(on: bool = True) -> Iterator[None]:
-    """Within (this thread): ``attend`` rounds as an FP8 attention kernel would (``attend_fp8_emulated``)."""
-    old = getattr(_local, "fp8_emulated", False)
-    _local.fp8_emulated = on
+def _thread_flag(name: str, on: bool) -> Iterator[None]:
+    """Sets this thread's flag ``name`` within, and restores it after."""
+    old = getattr(_local, name, False)
+    setattr(_local, name, on)
     try:
         yield
     finally:
-        _local.fp8_emulated = old
+        setattr(_local, name, old)
+
+
+def fp8_attention(on: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Within (this thread): unmasked calls on CUDA run FlashAttention-3's FP8 kernel (``fa3.attend(fp8=True)``)."""
+    return _thread_flag("fp8", on)
+
+
+def emulate_fp8(on: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Within (this thread): ``attend`` rounds as an FP8 attention kernel would (``attend_fp8_emulated``)."""
+    return _thread_flag("fp8_emulated", on)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -193,7 +228,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if getattr(_local, "fp8_emulated", False):
         return attend_fp8_emulated(q, k, v, mask)
     pref = getattr(_local, "preferred", "auto")
-    if pref == "auto" or not q.is_cuda:
+    if q.is_cuda and mask is None and (pref == "fa3" or getattr(_local, "fp8", False)):
+        return fa3.attend(q, k, v, fp8=getattr(_local, "fp8", False))
+    if pref in ("auto", "fa3") or not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     sig = (pref, tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), v.stride(), q.dtype,
            None if mask is None else (tuple(mask.shape), mask.dtype))

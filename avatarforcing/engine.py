@@ -159,7 +159,8 @@ class StreamEngine:
                  cuda_graphs: bool = False, attention: str = "auto", audio: Wav2VecFeatures | None = None,
                  context: torch.Tensor | None = None, audio_context_s: float | None = None,
                  decoder: TinyAutoencoder | None = None, half_split_rope: bool = True,
-                 fp8: bool = False, overlap_decode: bool = False, token_first_queries: bool = False) -> None:
+                 fp8: bool = False, overlap_decode: bool = False, token_first_queries: bool = False,
+                 fp8_attention: bool = False) -> None:
         """``audio``: the wav2vec2 features of a model whose ``audio_source`` is wav2vec2, run on a sliding
         window of ``audio_context_s`` seconds before each block (default ``wav2vec.DEFAULT_CONTEXT_S``);
         ``context``: the default umT5 text context [text_len, text_dim] of a model with an external one;
@@ -172,7 +173,9 @@ class StreamEngine:
         ``overlap_decode`` (CUDA): emitted blocks decode on a second stream, overlapped with the next step's
         denoising when the caller takes deferred results (``step(..., deferred=True)``);
         ``token_first_queries``: with ``compile``, the self-attention queries are written token-first
-        (``model.compiled_ops``; the model's setting, like the RoPE layout)."""
+        (``model.compiled_ops``; the model's setting, like the RoPE layout);
+        ``fp8_attention`` (CUDA, Hopper, the ``fa3-fwd`` wheel): the unmasked attention passes run FlashAttention-3's
+        FP8 kernel (``attention.fp8_attention``; the warm-up's masked passes keep their kernel)."""
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         if attention not in attention_kernels.BACKENDS:
@@ -187,6 +190,15 @@ class StreamEngine:
             raise ValueError("cuda_graphs needs a CUDA device")
         if overlap_decode and not self.cuda:
             raise ValueError("overlap_decode needs a CUDA device (it decodes on a second CUDA stream)")
+        from . import fa3
+
+        for wanted, what in ((fp8_attention, "fp8_attention"), (attention == "fa3", "attention fa3")):
+            why = fa3.unavailable(self.device) if wanted else None
+            if why is not None:
+                raise ValueError(f"{what} cannot run: {why}")
+        if (fp8_attention or attention == "fa3") and model.cfg.head_dim not in fa3.HEAD_DIMS:
+            raise ValueError(f"FlashAttention-3's kernels take head dims {fa3.HEAD_DIMS}, not {model.cfg.head_dim}")
+        self.fp8_attention = fp8_attention
         self.model = model.to(self.device, self.dtype).eval()
         self.model.set_half_split_rope(half_split_rope)
         self.model.token_first_queries = token_first_queries
@@ -310,6 +322,7 @@ class StreamEngine:
             if self._compute is not None:
                 st.enter_context(torch.cuda.stream(self._compute))
             st.enter_context(attention_kernels.prefer(self.attention))
+            st.enter_context(attention_kernels.fp8_attention(self.fp8_attention))
             yield
 
     def synchronize(self) -> None:

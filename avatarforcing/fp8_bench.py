@@ -62,7 +62,7 @@ def _run(engine: _RecordingEngine, steps: int, sessions: int, seed: int, face: n
 def compare_fp8(model_factory: Callable[[], AvatarDiT], vae: Autoencoder, stream: StreamConfig, *,
                 device: str | torch.device = "cuda", dtype: str = "bfloat16", steps: int = 12, sessions: int = 1,
                 seed: int = 0, face: np.ndarray | None = None, fp8_products: bool = True,
-                fp8_attention: bool = False, **engine_kw: Any) -> dict[str, Any]:
+                fp8_attention: bool | str = False, **engine_kw: Any) -> dict[str, Any]:
     """Runs the same streams (avatar, audio, noise) through an engine of ``dtype`` and one of ``dtype`` with FP8
     products, one after the other (one model in memory at a time), and compares them.
 
@@ -73,23 +73,27 @@ def compare_fp8(model_factory: Callable[[], AvatarDiT], vae: Autoencoder, stream
     ms of a step past the warm-up for each engine (a whole ``step``: denoising, decoding, frames to the host),
     their ratio, and how many linears FP8 replaced.
 
-    What the second engine runs in FP8: its products (``fp8_products``), and with ``fp8_attention`` its attention
-    with an FP8 kernel's rounding, emulated in float32 (``attention.emulate_fp8``: a statement of the error such a
-    kernel would add, not of its speed; the step times then measure the emulation).
+    What the second engine runs in FP8: its products (``fp8_products``), and its attention with ``fp8_attention``:
+    "kernel" runs FlashAttention-3's FP8 kernel (the engine's ``fp8_attention``: CUDA, Hopper, the fa3-fwd
+    package), "emulated" (or True) rounds as such a kernel would, in float32 (``attention.emulate_fp8``: a statement
+    of the error it would add, not of its speed; the step times then measure the emulation).
     """
-    if "fp8" in engine_kw:
-        raise ValueError("compare_fp8 runs both engines itself: do not pass fp8")
-    if not (fp8_products or fp8_attention):
+    if "fp8" in engine_kw or "fp8_attention" in engine_kw:
+        raise ValueError("compare_fp8 runs both engines itself: do not pass fp8 or fp8_attention")
+    if fp8_attention not in (False, True, "emulated", "kernel"):
+        raise ValueError(f"fp8_attention must be False, 'emulated' or 'kernel', not {fp8_attention!r}")
+    kernel, emulated = fp8_attention == "kernel", fp8_attention in (True, "emulated")
+    if not (fp8_products or kernel or emulated):
         raise ValueError("compare_fp8 needs something in FP8: fp8_products, fp8_attention or both")
     runs: dict[bool, tuple[np.ndarray, torch.Tensor, list[float]]] = {}
     layers, skip = 0, 0
     for fp8 in (False, True):
         torch.manual_seed(seed)
         eng = _RecordingEngine(model_factory(), vae, stream, max_sessions=sessions, device=device, dtype=dtype,
-                               fp8=fp8 and fp8_products, **engine_kw)
+                               fp8=fp8 and fp8_products, fp8_attention=fp8 and kernel, **engine_kw)
         if fp8:
             layers = sum(isinstance(m, FP8Linear) for m in eng.model.modules())
-        with attention_kernels.emulate_fp8(fp8 and fp8_attention):
+        with attention_kernels.emulate_fp8(fp8 and emulated):
             runs[fp8] = _run(eng, steps, sessions, seed, face)
         skip = eng.warmup_steps + 1  # the masked warm-up passes and the first steady one (first calls)
         del eng
@@ -104,7 +108,7 @@ def compare_fp8(model_factory: Callable[[], AvatarDiT], vae: Autoencoder, stream
         "steps": steps,
         "sessions": sessions,
         "fp8_layers": layers,
-        "fp8_attention": "emulated" if fp8_attention else None,
+        "fp8_attention": "kernel" if kernel else "emulated" if emulated else None,
         "error": fp8_error(f0, f1, l0, l1),
         "reference_ms_per_step": ref_ms,
         "fp8_ms_per_step": fp8_ms,

@@ -25,9 +25,12 @@ class ServerConfig:
     # (auto: on CUDA, where it saves 15% of a step; on a CPU it only adds start-up time).
     compile: str = "auto"  # auto | on | off
     cuda_graphs: bool = False  # replay steady-state steps from CUDA graphs (about 1% at 1.3B; memory per batch size)
-    attention: str = "auto"  # auto (PyTorch's choice) | fastest (timed per shape) | cudnn | flash | efficient | math
+    # auto (PyTorch's choice) | fastest (timed per shape) | cudnn | flash | efficient | math | fa3 (FlashAttention-3's
+    # own kernels from the fa3-fwd wheel, Hopper)
+    attention: str = "auto"
     flash_impl: str = ""  # the "flash" kernel: "" PyTorch's own | FA3 | FA4 (FlashAttention-3/4, where installed)
     fp8: bool = False  # the blocks' per-token linears as FP8 (e4m3) products (avatarforcing/fp8.py; Hopper: 2x rate)
+    fp8_attention: bool = False  # the unmasked attention passes by FlashAttention-3's FP8 kernel (Hopper, fa3-fwd)
     # Decode emitted blocks on a second CUDA stream while the next step denoises (CUDA only; for Wan's VAE decoder).
     overlap_decode: bool = False
     # The published model (docs/published-model.md). decoder: auto (the checkpoint's: Wan's VAE for a
@@ -137,8 +140,11 @@ class ServerConfig:
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), ("dtype",),
              "unknown dtype (auto, float32, bfloat16, float16)"),
             (self.compile in ("auto", "on", "off"), ("compile",), "compile must be auto, on or off"),
-            (self.attention in ("auto", "fastest", "cudnn", "flash", "efficient", "math"), ("attention",),
-             "unknown attention kernel (auto, fastest, cudnn, flash, efficient, math)"),
+            (self.attention in ("auto", "fastest", "cudnn", "flash", "efficient", "math", "fa3"), ("attention",),
+             "unknown attention kernel (auto, fastest, cudnn, flash, efficient, math, fa3)"),
+            (isinstance(self.fp8_attention, bool), ("fp8_attention",), "fp8_attention must be true or false"),
+            (not self.fp8_attention or self.resolved_device().startswith("cuda"), ("fp8_attention", "device"),
+             "fp8_attention needs a CUDA device (Hopper, with the fa3-fwd package)"),
             (self.flash_impl in ("", "FA3", "FA4"), ("flash_impl",), "flash_impl must be empty, FA3 or FA4"),
             (isinstance(self.fp8, bool), ("fp8",), "fp8 must be true or false"),
             (isinstance(self.overlap_decode, bool), ("overlap_decode",), "overlap_decode must be true or false"),

@@ -272,7 +272,7 @@ class App:
                                    attention=cfg.attention, audio=self.loaded.audio, context=self.loaded.context,
                                    audio_context_s=None if cfg.audio_context_s < 0 else cfg.audio_context_s,
                                    decoder=choose_decoder(self.loaded, cfg.decoder, cfg.decoder_path or None),
-                                   fp8=cfg.fp8, overlap_decode=cfg.overlap_decode)
+                                   fp8=cfg.fp8, overlap_decode=cfg.overlap_decode, fp8_attention=cfg.fp8_attention)
         self.metrics = Metrics()
         self.metrics.sessions_capacity.set(cfg.max_sessions)
         self.metrics.slot_bytes.set(self.engine.slot_bytes())

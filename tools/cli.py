@@ -28,13 +28,17 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="fuse the elementwise stages with torch.compile (default auto: on CUDA)")
     p.add_argument("--cuda-graphs", action="store_true", default=None,
                    help="replay steady-state steps from CUDA graphs (CUDA only)")
-    p.add_argument("--attention", default=None, choices=["auto", "fastest", "cudnn", "flash", "efficient", "math"],
+    p.add_argument("--attention", default=None,
+                   choices=["auto", "fastest", "cudnn", "flash", "efficient", "math", "fa3"],
                    help="preferred fused attention kernel (default auto: PyTorch's choice; fastest: each shape's "
-                        "fastest kernel, timed once)")
+                        "fastest kernel, timed once; fa3: FlashAttention-3's own, Hopper, the fa3-fwd package)")
     p.add_argument("--flash-impl", default=None, choices=["FA3", "FA4"],
                    help="make the flash kernel FlashAttention-3 or -4 (their package installed; default PyTorch's)")
     p.add_argument("--fp8", action="store_true", default=None,
                    help="the transformer blocks' per-token linears as FP8 products (2x rate on Hopper; default off)")
+    p.add_argument("--fp8-attention", action="store_true", default=None,
+                   help="attention by FlashAttention-3's FP8 kernel (Hopper, the fa3-fwd package: pip install "
+                        "'avatarforcing-serve[hopper]'; default off)")
     p.add_argument("--overlap-decode", action="store_true", default=None,
                    help="decode emitted blocks on a second CUDA stream while the next step denoises (CUDA only; "
                         "for Wan's VAE decoder; default off)")
