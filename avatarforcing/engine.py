@@ -198,6 +198,9 @@ class StreamEngine:
                 raise ValueError(f"{what} cannot run: {why}")
         if (fp8_attention or attention == "fa3") and model.cfg.head_dim not in fa3.HEAD_DIMS:
             raise ValueError(f"FlashAttention-3's kernels take head dims {fa3.HEAD_DIMS}, not {model.cfg.head_dim}")
+        if (fp8_attention or attention == "fa3") and self.dtype != torch.bfloat16:
+            raise ValueError(f"FlashAttention-3's kernels run a bfloat16 model (the fa3-fwd wheel has no float16 or "
+                             f"float32 ones), not {dtype}: use dtype bfloat16")
         self.fp8_attention = fp8_attention
         self.model = model.to(self.device, self.dtype).eval()
         self.model.set_half_split_rope(half_split_rope)

@@ -3,7 +3,8 @@
 ``fa3-fwd`` packages upstream FlashAttention-3's forward pass for SM90 (head dims 64 to 256; bf16 inputs, or e4m3
 inputs with a float32 descale per batch row and key/value head, bf16 out), built on PyTorch's stable C ABI so that
 one wheel loads on later PyTorch releases; it registers ``torch.ops.fa3_fwd``. Install it with the ``hopper`` extra
-(``pip install 'avatarforcing-serve[hopper]'``). PyTorch's own FA3 switch (``--flash-impl FA3``) looks for another
+(``pip install 'avatarforcing-serve[hopper]'``); its kernels take bf16 (no float16 or float32 ones: the engine runs
+them in a bfloat16 model only). PyTorch's own FA3 switch (``--flash-impl FA3``) looks for another
 package (``flash_attn_interface``, built from source), so this module calls the kernel itself.
 
 ``attend(q, k, v, fp8=...)`` takes the engine's layout, [n, heads, N, d] (any strides with a contiguous last

@@ -97,6 +97,21 @@ def test_the_settings_are_refused_where_they_cannot_run() -> None:
         compare_fp8(lambda: loaded.model, loaded.vae, loaded.stream_cfg, device="cpu", fp8_attention="fast")
 
 
+def test_where_the_kernels_load_they_still_need_their_head_dims_and_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from avatarforcing.model import AvatarDiT
+
+    monkeypatch.setattr(fa3, "unavailable", lambda device=None: None)  # as on a Hopper card with the wheel
+    loaded = random_init("tiny")
+    assert loaded.model_cfg.head_dim == 32
+    with pytest.raises(ValueError, match=r"head dims \(64, 96, 128, 192, 256\), not 32"):
+        StreamEngine(loaded.model, loaded.vae, loaded.stream_cfg, max_sessions=1, fp8_attention=True)
+    cfg = dataclasses.replace(loaded.model_cfg, heads=2)  # head dim 64
+    with pytest.raises(ValueError, match="run a bfloat16 model .* not float32: use dtype bfloat16"):
+        StreamEngine(AvatarDiT(cfg), loaded.vae, loaded.stream_cfg, max_sessions=1, attention="fa3")
+
+
 hopper = torch.cuda.is_available() and fa3.unavailable("cuda") is None
 
 
