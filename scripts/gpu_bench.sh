@@ -2,7 +2,8 @@
 # The GPU measurements of `avatarforcing bench --gpu`, as one script for a machine whose Python already
 # has torch (a lent GPU box, or a CUDA node): installs nothing unless wheels are given, writes the JSON
 # and the log under OUT (default bench/results).
-#   WHEELS=.whl   optional folder of wheels for what the box lacks (PyAV, protobuf, grpcio: the encoder)
+#   WHEELS=.whl   optional folder of wheels for what the box lacks (PyAV, protobuf, grpcio: the encoder;
+#                 fa3-fwd: FlashAttention-3's rows); scripts/gpu_wheels.sh downloads them
 #   OUT=dir       where gpu-*.json and gpu-bench.log go
 #   PYTHON=python3  the interpreter with torch
 #   ARGS="..."    extra arguments for the bench (e.g. --sections denoise --steps 4)
