@@ -479,3 +479,38 @@ async def test_a_vanished_client_s_half_close_does_not_end_its_session_for_good(
         with pytest.raises(grpc.aio.AioRpcError) as ei:
             await c.create_session(p.session_id, p.session_token)
         assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# ---- a replica's stop while a Redis command is timing out ------------------------------------------------------
+async def test_stop_ends_the_heartbeat_even_when_a_redis_call_absorbs_the_cancellation(
+        redis_server: RedisServer) -> None:
+    """Seen with Redis frozen (SIGSTOP): stop() cancelled the heartbeat while one of its commands was timing out, the
+    client raised its own timeout instead of the cancellation, the loop went on, and stop() waited for it forever.
+    The heartbeat is held inside a command that answers a cancellation that way."""
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    from avatarforcing_service.routing import NodeInfo, RoutingLimits
+    from avatarforcing_service.routing.redis_store import RedisRouter
+
+    router = RedisRouter(NodeInfo("n0", "127.0.0.1:1000", 1), RoutingLimits(heartbeat_s=0.05), lambda: 1,
+                         url=redis_server.url)
+    await router.start()
+    entered = asyncio.Event()
+    absorbed: list[bool] = []
+
+    async def beat_inside_a_timing_out_command() -> None:
+        entered.set()
+        try:
+            await asyncio.Event().wait()  # the command, in flight
+        except asyncio.CancelledError:
+            if absorbed:  # (once: so that the test's own teardown can still end the task)
+                raise
+            absorbed.append(True)
+            raise RedisTimeout("Timeout reading from the store") from None  # what the client raised instead
+
+    router.beat = beat_inside_a_timing_out_command  # type: ignore[method-assign]
+    await asyncio.wait_for(entered.wait(), 10)
+    stop = asyncio.create_task(router.stop())
+    done, _ = await asyncio.wait([stop], timeout=10)
+    assert done, "stop() did not return: the heartbeat loop went on after its cancellation was absorbed"
+    assert router._task is not None and router._task.done()

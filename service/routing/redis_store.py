@@ -374,6 +374,7 @@ class RedisRouter(Router):
         self._unreleased: dict[str, tuple[int, bool]] = {}
         self.swept = 0  # live records released by the sweeper (their stream's release never ran)
         self.on_store_lost: Callable[[], Awaitable[None]] | None = None  # Redis came back without our records
+        self._stopping = False
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -384,7 +385,10 @@ class RedisRouter(Router):
         self._task = asyncio.create_task(self._loop(), name="routing-heartbeat")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
+            # A cancellation that lands while a Redis command is timing out can be absorbed by the client, which then
+            # raises its own timeout instead: the loop would go on (and this wait with it) but for ``_stopping``.
             self._task.cancel()
             try:
                 await self._task
@@ -415,7 +419,7 @@ class RedisRouter(Router):
         self.healthy = False
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.limits.heartbeat_s)
             try:
                 await self.beat()
