@@ -227,9 +227,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """softmax(q k^T / sqrt(d)) v for q [n, heads, Nq, d], k/v [n, heads, Nk, d]; mask True where a key counts."""
     if getattr(_local, "fp8_emulated", False):
         return attend_fp8_emulated(q, k, v, mask)
-    pref = getattr(_local, "preferred", "auto")
-    if q.is_cuda and mask is None and (pref == "fa3" or getattr(_local, "fp8", False)):
-        return fa3.attend(q, k, v, fp8=getattr(_local, "fp8", False))
+    pref, fp8 = getattr(_local, "preferred", "auto"), getattr(_local, "fp8", False)
+    if q.is_cuda and mask is None and (pref == "fa3" or fp8):
+        return fa3.attend(q, k, v, fp8=fp8)
     if pref in ("auto", "fa3") or not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     sig = (pref, tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), v.stride(), q.dtype,

@@ -192,15 +192,15 @@ class StreamEngine:
             raise ValueError("overlap_decode needs a CUDA device (it decodes on a second CUDA stream)")
         from . import fa3
 
-        for wanted, what in ((fp8_attention, "fp8_attention"), (attention == "fa3", "attention fa3")):
-            why = fa3.unavailable(self.device) if wanted else None
+        if fp8_attention or attention == "fa3":
+            why = fa3.unavailable(self.device)
             if why is not None:
-                raise ValueError(f"{what} cannot run: {why}")
-        if (fp8_attention or attention == "fa3") and model.cfg.head_dim not in fa3.HEAD_DIMS:
-            raise ValueError(f"FlashAttention-3's kernels take head dims {fa3.HEAD_DIMS}, not {model.cfg.head_dim}")
-        if (fp8_attention or attention == "fa3") and self.dtype != torch.bfloat16:
-            raise ValueError(f"FlashAttention-3's kernels run a bfloat16 model (the fa3-fwd wheel has no float16 or "
-                             f"float32 ones), not {dtype}: use dtype bfloat16")
+                raise ValueError(f"{'fp8_attention' if fp8_attention else 'attention fa3'} cannot run: {why}")
+            if model.cfg.head_dim not in fa3.HEAD_DIMS:
+                raise ValueError(f"FlashAttention-3's kernels take head dims {fa3.HEAD_DIMS}, not {model.cfg.head_dim}")
+            if self.dtype != torch.bfloat16:
+                raise ValueError(f"FlashAttention-3's kernels run a bfloat16 model (the fa3-fwd wheel has no float16 "
+                                 f"or float32 ones), not {dtype}: use dtype bfloat16")
         self.fp8_attention = fp8_attention
         self.model = model.to(self.device, self.dtype).eval()
         self.model.set_half_split_rope(half_split_rope)
